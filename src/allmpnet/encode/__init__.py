@@ -1,0 +1,5 @@
+"""Turning texts into vectors: tokenization, batching and the `Encoder` front door."""
+from allmpnet.encode.encoder import Encoder, TruncationWarning
+from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
+
+__all__ = ["Encoder", "TextTokenizer", "Tokenized", "TruncationWarning"]

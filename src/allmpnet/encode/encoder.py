@@ -1,0 +1,181 @@
+"""`Encoder`: texts in, sentence vectors out, from a sentence-transformers model directory."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
+from allmpnet.model import MPNet, Pooling
+from allmpnet.weights import DEFAULT_MODEL, resolve, verify_weights
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# texts tokenized and length-sorted together: bounds memory for huge inputs while keeping padding low
+SORT_WINDOW = 16384
+
+
+class TruncationWarning(UserWarning):
+    pass
+
+
+class Encoder(torch.nn.Module):
+    """all-mpnet-base-v2 (or any MPNet sentence-embedding directory): MPNet -> pooling -> optional L2 normalize."""
+
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device | None = None,
+                 precision: str = "fp32", max_seq_length: int | None = None):
+        super().__init__()
+        self.model_dir = resolve(model)
+        self.name = str(model)
+        verify_weights(self.model_dir)
+        modules = read_modules(self.model_dir)
+        self.network = MPNet.from_pretrained(self.model_dir)
+        pooling_dir = modules.get("sentence_transformers.models.Pooling")
+        self.pooling = (Pooling.load(self.model_dir / pooling_dir) if pooling_dir is not None
+                        else Pooling(word_embedding_dimension=self.network.cfg.hidden_size))
+        self.normalize = "sentence_transformers.models.Normalize" in modules
+        sbert_config = self.model_dir / "sentence_bert_config.json"
+        configured = json.loads(sbert_config.read_text()).get("max_seq_length") if sbert_config.is_file() else None
+        limit = self.network.cfg.max_position_embeddings - self.network.cfg.pad_token_id - 1
+        self.tokenizer = TextTokenizer.from_dir(self.model_dir, min(max_seq_length or configured or limit, limit),
+                                                self.network.cfg.pad_token_id)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.to(self.device)
+        self.eval()
+
+    @property
+    def dim(self) -> int:
+        return self.pooling.output_dim
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.tokenizer.max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.tokenizer.max_seq_length = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask -> (B, dim) sentence vectors, normalized if the model lists Normalize."""
+        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
+                            enabled=self.precision != "fp32"):
+            tokens = self.network(input_ids, attention_mask)  # (B, T, C)
+        pooled = self.pooling(tokens.float(), attention_mask)
+        return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+
+    def tokenize(self, texts: Sequence[str]) -> Tokenized:
+        return self.tokenizer(check_texts(texts))
+
+    def truncated_indices(self, texts: Sequence[str]) -> list[int]:
+        """Positions of the texts longer than max_seq_length word pieces (their tails are not embedded)."""
+        return [i for i, t in enumerate(self.tokenize(texts).truncated) if t]
+
+    @torch.inference_mode()
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None,
+               convert_to: Literal["numpy", "torch"] = "numpy",
+               show_progress_bar: bool | None = None) -> np.ndarray | torch.Tensor:
+        """Embed texts in length-sorted batches; the result keeps the caller's order.
+
+        A single string gives a 1-D vector. normalize=None follows the model directory (True for all-mpnet-base-v2);
+        normalize=False returns the raw pooled vectors of a model that normalizes.
+        """
+        single = isinstance(texts, str)
+        texts = check_texts([texts] if single else texts)
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        truncated = 0
+        show = len(texts) > 256 if show_progress_bar is None else show_progress_bar
+        with tqdm(total=len(texts), desc="encoding", unit="text", disable=not show) as bar:
+            for start in range(0, len(texts), SORT_WINDOW):
+                window = self.tokenizer(texts[start:start + SORT_WINDOW])
+                truncated += sum(window.truncated)
+                for rows in length_sorted_batches(window.lengths, batch_size):
+                    ids, mask = self.tokenizer.pad([window.ids[r] for r in rows])
+                    vectors = self.embed(ids.to(self.device), mask.to(self.device), normalize)
+                    out[torch.from_numpy(rows + start)] = vectors.float().cpu()
+                    bar.update(len(rows))
+        if truncated:
+            warnings.warn(f"{truncated} of {len(texts)} texts were longer than {self.max_seq_length} word pieces and "
+                          "were truncated; Encoder.truncated_indices(texts) lists them", TruncationWarning,
+                          stacklevel=2)
+        result = out[0] if single else out
+        return result.numpy() if convert_to == "numpy" else result
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              normalize: bool | None = None) -> torch.Tensor:
+        if normalize is None or normalize == self.normalize:
+            return self(input_ids, attention_mask)
+        saved, self.normalize = self.normalize, normalize
+        try:
+            return self(input_ids, attention_mask)
+        finally:
+            self.normalize = saved
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write the sentence-transformers layout: a directory both libraries load with the same vectors."""
+        out = Path(out_dir)
+        self.network.save_pretrained(out)
+        for name in TextTokenizer.FILES + ("README.md",):
+            if (self.model_dir / name).is_file() and self.model_dir.resolve() != out.resolve():
+                shutil.copyfile(self.model_dir / name, out / name)
+        self.pooling.save(out / "1_Pooling")
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.normalize:
+            (out / "2_Normalize").mkdir(exist_ok=True)
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        write_json(out / "modules.json", modules)
+        write_json(out / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length, "do_lower_case": False})
+        write_json(out / "config_sentence_transformers.json",
+                   {"__version__": {"allmpnet": "0.1.0", "pytorch": torch.__version__},
+                    "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+        return out
+
+
+def read_modules(model_dir: Path) -> dict[str, str]:
+    """modules.json as {module type: its sub-directory}; a plain transformers directory means mean pooling alone."""
+    path = model_dir / "modules.json"
+    if not path.is_file():
+        return {}
+    modules = {m["type"]: m.get("path", "") for m in json.loads(path.read_text())}
+    supported = {"sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+                 "sentence_transformers.models.Normalize"}
+    unknown = sorted(set(modules) - supported)
+    if unknown:
+        raise ValueError(f"{path} lists modules allmpnet does not implement: {unknown}")
+    return modules
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):
+        raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    return texts
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Row indices grouped longest-first so each batch pads only to lengths close to its own."""
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")

@@ -1,0 +1,63 @@
+"""Word-piece tokenization with the model's own tokenizer.json, truncated at max_seq_length and never silently."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+
+@dataclass
+class Tokenized:
+    ids: list[list[int]]  # one id list per text, special tokens included, already truncated
+    truncated: list[bool]  # True where the text had more word pieces than max_seq_length allowed
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(i) for i in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+class TextTokenizer:
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+    def __init__(self, tokenizer: Tokenizer, max_seq_length: int, pad_id: int):
+        self._tok = tokenizer
+        # tokenizer.json carries the fixed 128-token padding/truncation of training: inference must not inherit it
+        self._tok.no_padding()
+        self.pad_id = pad_id
+        self.max_seq_length = max_seq_length
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, max_seq_length: int, pad_id: int) -> "TextTokenizer":
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the model directory needs a tokenizer.json")
+        return cls(Tokenizer.from_file(str(path)), max_seq_length, pad_id)
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        if value < 2:
+            raise ValueError(f"max_seq_length must leave room for the two special tokens, got {value}")
+        self._max_seq_length = int(value)
+        self._tok.enable_truncation(self._max_seq_length)
+
+    def __call__(self, texts: Sequence[str]) -> Tokenized:
+        encodings = self._tok.encode_batch(list(texts))
+        return Tokenized([e.ids for e in encodings], [bool(e.overflowing) for e in encodings])
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to the longest item: (B, T) input ids and (B, T) attention mask."""
+        width = max(len(i) for i in ids)
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        return torch.from_numpy(input_ids), torch.from_numpy(mask)

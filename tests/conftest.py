@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random model (fast tests) and the published weights (real-weights tests)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from allmpnet.testing import build_random_model
+from allmpnet.weights import STAMP, published_dir
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_random_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The verified published weights; in CI their absence is a failure, elsewhere a skip."""
+    path = published_dir()
+    if not (path / STAMP).is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"published weights missing at {path}: `make test` runs `allmpnet download` first")
+        pytest.skip("published weights not downloaded (run `allmpnet download`)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_encoder(real_model_dir):
+    from allmpnet import Encoder
+    return Encoder(real_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{DATA} missing")
+        pytest.skip(f"{DATA} missing")
+    return DATA

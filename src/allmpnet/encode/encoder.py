@@ -37,12 +37,11 @@ class Encoder(torch.nn.Module):
         verify_weights(self.model_dir)
         modules = read_modules(self.model_dir)
         self.network = MPNet.from_pretrained(self.model_dir)
-        pooling_dir = modules.get("sentence_transformers.models.Pooling")
+        pooling_dir = modules.get("Pooling")
         self.pooling = (Pooling.load(self.model_dir / pooling_dir) if pooling_dir is not None
                         else Pooling(word_embedding_dimension=self.network.cfg.hidden_size))
-        self.normalize = "sentence_transformers.models.Normalize" in modules
-        sbert_config = self.model_dir / "sentence_bert_config.json"
-        configured = json.loads(sbert_config.read_text()).get("max_seq_length") if sbert_config.is_file() else None
+        self.normalize = "Normalize" in modules
+        configured = configured_max_seq_length(self.model_dir)
         limit = self.network.cfg.max_position_embeddings - self.network.cfg.pad_token_id - 1
         self.tokenizer = TextTokenizer.from_dir(self.model_dir, min(max_seq_length or configured or limit, limit),
                                                 self.network.cfg.pad_token_id)
@@ -147,17 +146,28 @@ class Encoder(torch.nn.Module):
 
 
 def read_modules(model_dir: Path) -> dict[str, str]:
-    """modules.json as {module type: its sub-directory}; a plain transformers directory means mean pooling alone."""
+    """modules.json as {module kind: its sub-directory}; a plain transformers directory means mean pooling alone.
+
+    Kinds are the class names (Transformer, Pooling, Normalize): sentence-transformers moved the classes between
+    releases (``sentence_transformers.models.Pooling`` became ``…modules.pooling.Pooling``) but kept the names.
+    """
     path = model_dir / "modules.json"
     if not path.is_file():
         return {}
-    modules = {m["type"]: m.get("path", "") for m in json.loads(path.read_text())}
-    supported = {"sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
-                 "sentence_transformers.models.Normalize"}
-    unknown = sorted(set(modules) - supported)
+    modules = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in json.loads(path.read_text())}
+    unknown = sorted(set(modules) - {"Transformer", "Pooling", "Normalize"})
     if unknown:
         raise ValueError(f"{path} lists modules allmpnet does not implement: {unknown}")
     return modules
+
+
+def configured_max_seq_length(model_dir: Path) -> int | None:
+    """sentence_bert_config.json's max_seq_length; newer sentence-transformers keep it as the tokenizer's limit."""
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        path = model_dir / name
+        if path.is_file() and isinstance(value := json.loads(path.read_text()).get(key), int):
+            return value
+    return None
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:

@@ -49,12 +49,23 @@ class Pooling:
 
     @classmethod
     def load(cls, pooling_dir: str | Path) -> "Pooling":
-        raw = json.loads((Path(pooling_dir) / "config.json").read_text())
-        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        unsupported = [k for k, v in raw.items() if k.startswith("pooling_mode") and v and k not in known]
+        """Either layout: legacy ``pooling_mode_*`` booleans, or sentence-transformers 6's ``pooling_mode`` name(s)."""
+        path = Path(pooling_dir) / "config.json"
+        raw = json.loads(path.read_text())
+        dim = raw.get("word_embedding_dimension", raw.get("embedding_dimension"))
+        if "pooling_mode" in raw:
+            names = [raw["pooling_mode"]] if isinstance(raw["pooling_mode"], str) else list(raw["pooling_mode"])
+            by_name = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens",
+                       "mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
+            unsupported = [n for n in names if n not in by_name]
+            enabled = {by_name[n] for n in names if n in by_name}
+        else:
+            unsupported = [k for k, v in raw.items() if k.startswith("pooling_mode") and v
+                           and k.removeprefix("pooling_mode_") not in MODES]
+            enabled = {m for m in MODES if raw.get(f"pooling_mode_{m}")}
         if unsupported:
-            raise ValueError(f"{pooling_dir}/config.json asks for pooling modes we do not support: {unsupported}")
-        return cls(**known)
+            raise ValueError(f"{path} asks for pooling modes allmpnet does not support: {unsupported}")
+        return cls(word_embedding_dimension=dim, **{f"pooling_mode_{m}": m in enabled for m in MODES})
 
     def save(self, pooling_dir: str | Path) -> None:
         Path(pooling_dir).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,5 @@
+import sys
+
+from allmpnet.cli import main
+
+sys.exit(main())

@@ -6,20 +6,45 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from allmpnet.encode.batching import prefetched, token_budget_batches, windows
+from allmpnet.encode.fused import inference_network
 from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
 from allmpnet.model import MPNet, Pooling
 from allmpnet.weights import DEFAULT_MODEL, resolve, verify_weights
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # texts tokenized and length-sorted together: bounds memory for huge inputs while keeping padding low
 SORT_WINDOW = 16384
+# padded tokens per batch: big enough that matmuls run at full speed, small enough that a batch of 384-token
+# passages keeps its activations (and the heads x T x T attention bias) to a few hundred MB
+DEFAULT_BATCH_TOKENS = 16384
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 where the hardware computes it natively (AMX / AVX512-BF16 CPUs, bf16 GPUs), fp16 on older
+    GPUs, else fp32. Explicit choices are returned as given after validation."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to ask, so stay on the exact path
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 class TruncationWarning(UserWarning):
@@ -30,7 +55,12 @@ class Encoder(torch.nn.Module):
     """all-mpnet-base-v2 (or any MPNet sentence-embedding directory): MPNet -> pooling -> optional L2 normalize."""
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device | None = None,
-                 precision: str = "fp32", max_seq_length: int | None = None):
+                 precision: str = "fp32", max_seq_length: int | None = None,
+                 max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS):
+        """precision: "fp32" (exact, matches sentence-transformers), "bf16", "fp16", or "auto" (the fastest the
+        hardware computes natively). Inference in bf16/fp16 runs a separate frozen copy of the network (on CPU
+        with oneDNN-fused layers); training and gradients always go through the fp32 weights under autocast.
+        max_batch_tokens caps the padded tokens of one encode() batch (None: batch_size alone decides)."""
         super().__init__()
         self.model_dir = resolve(model)
         self.name = str(model)
@@ -45,12 +75,41 @@ class Encoder(torch.nn.Module):
         limit = self.network.cfg.max_position_embeddings - self.network.cfg.pad_token_id - 1
         self.tokenizer = TextTokenizer.from_dir(self.model_dir, min(max_seq_length or configured or limit, limit),
                                                 self.network.cfg.pad_token_id)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1 or None, got {max_batch_tokens}")
+        self.max_batch_tokens = max_batch_tokens
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._fast = None  # (weights signature, network) — the low-precision inference copy, built on first use
+        self.precision = resolve_precision(precision, self.device)
         self.to(self.device)
         self.eval()
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = resolve_precision(value, self.device)
+        self._fast = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half() …: the fast copy no longer matches
+        self._fast = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _weights_signature(self) -> tuple:
+        # in-place updates (optimizer steps, load_state_dict) bump a tensor's version: a cheap staleness check
+        return tuple((id(p), p._version) for p in self.network.parameters())
+
+    def inference_network(self) -> MPNet:
+        """The network encode() runs: the fp32 weights themselves, or a frozen copy in the chosen precision."""
+        if self.precision == "fp32":
+            return self.network
+        signature = self._weights_signature()
+        if self._fast is None or self._fast[0] != signature:
+            self._fast = None  # free the stale copy before building the new one
+            self._fast = (signature, inference_network(self.network, PRECISIONS[self.precision], self.device))
+        return self._fast[1]
 
     @property
     def dim(self) -> int:
@@ -66,9 +125,12 @@ class Encoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask -> (B, dim) sentence vectors, normalized if the model lists Normalize."""
-        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
-                            enabled=self.precision != "fp32"):
-            tokens = self.network(input_ids, attention_mask)  # (B, T, C)
+        if self.precision != "fp32" and not self.training and not torch.is_grad_enabled():
+            tokens = self.inference_network()(input_ids, attention_mask)  # (B, T, C)
+        else:  # training, or gradients wanted: fp32 master weights, autocast for low precision
+            with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
+                                enabled=self.precision != "fp32"):
+                tokens = self.network(input_ids, attention_mask)  # (B, T, C)
         pooled = self.pooling(tokens.float(), attention_mask)
         return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
 
@@ -98,10 +160,11 @@ class Encoder(torch.nn.Module):
         truncated = 0
         show = len(texts) > 256 if show_progress_bar is None else show_progress_bar
         with tqdm(total=len(texts), desc="encoding", unit="text", disable=not show) as bar:
-            for start in range(0, len(texts), SORT_WINDOW):
-                window = self.tokenizer(texts[start:start + SORT_WINDOW])
+            # the next window is tokenized on a background thread while this one runs through the model
+            for (start, _), window in prefetched(windows(len(texts), SORT_WINDOW),
+                                                    lambda span: self.tokenizer(texts[span[0]:span[1]])):
                 truncated += sum(window.truncated)
-                for rows in length_sorted_batches(window.lengths, batch_size):
+                for rows in token_budget_batches(window.lengths, batch_size, self.max_batch_tokens):
                     ids, mask = self.tokenizer.pad([window.ids[r] for r in rows])
                     vectors = self.embed(ids.to(self.device), mask.to(self.device), normalize)
                     out[torch.from_numpy(rows + start)] = vectors.float().cpu()
@@ -178,13 +241,6 @@ def check_texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
     return texts
-
-
-def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Row indices grouped longest-first so each batch pads only to lengths close to its own."""
-    order = np.argsort(-lengths, kind="stable")
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
 
 
 def write_json(path: Path, value: object) -> None:

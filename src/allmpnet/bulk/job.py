@@ -1,0 +1,264 @@
+"""`embed_corpus`: a whole corpus to Parquet shards of embeddings, on Ray Data with one model per actor.
+
+The driver plans shards (plan.py), skips those already finished and verified (shards.py), and streams the
+rest through an actor pool: each actor loads one Encoder, then reads, checks, embeds and writes one shard at
+a time, returning only a small report. Nothing corpus-sized passes through the driver or the object store,
+so memory stays flat however large the corpus is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
+
+from allmpnet.bulk.plan import ShardSpec, find_inputs, plan_shards
+from allmpnet.bulk.readers import read_shard
+from allmpnet.bulk.shards import JOB, MANIFEST, SUMMARY, OutputDir, shard_table
+from allmpnet.weights import DEFAULT_MODEL
+
+ON_BAD = ("fail", "skip")
+
+
+@dataclass
+class BulkConfig:
+    model: str = DEFAULT_MODEL
+    id_field: str = "id"
+    text_field: str = "text"
+    keep: tuple[str, ...] = ()  # input columns copied next to each embedding
+    shard_rows: int = 10_000  # rows per output shard: the unit of work and of resuming
+    batch_size: int = 32
+    on_bad: str = "fail"  # a bad row stops the job ("fail") or is left out and counted ("skip")
+    workers: int = 2  # actors, each holding one model
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0  # > 0 puts each actor's model on a GPU
+    precision: str = "fp32"
+    max_seq_length: int | None = None
+
+    def check(self) -> None:
+        if self.on_bad not in ON_BAD:
+            raise ValueError(f"on_bad must be one of {ON_BAD}, got {self.on_bad!r}")
+        for name in ("shard_rows", "batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ValueError("cpus_per_worker must be positive and gpus_per_worker not negative")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.id_field == self.text_field or {"id", "embedding"} & set(self.keep):
+            raise ValueError("the id and text fields must differ, and kept columns cannot be named id or embedding")
+
+
+@dataclass
+class BulkResult:
+    out_dir: str
+    shards: int = 0
+    skipped: int = 0  # finished by an earlier run and verified
+    written: int = 0
+    rows: int = 0  # embedded rows in the whole output
+    bad_rows: int = 0
+    bad_examples: list[tuple[str, str]] = field(default_factory=list)
+    truncated: int = 0
+    seconds: float = 0.0
+    # "host:pid" -> rows, seconds (wall), cpu_seconds (all its threads), peak_rss_mb
+    workers: dict[str, dict] = field(default_factory=dict)
+
+
+class BadRowsError(ValueError):
+    """Bad rows under on_bad="fail"; the message lists their locations."""
+
+
+class BulkJobError(RuntimeError):
+    """A worker could not embed or write a shard (the message names the shard and the cause)."""
+
+
+def embed_corpus(inputs: str | list[str], out_dir: str, config: BulkConfig | None = None,
+                 address: str | None = None, overwrite: bool = False, progress: bool = True) -> BulkResult:
+    """Embed every row of the inputs into Parquet shards under out_dir; a re-run finishes what is missing.
+
+    Ray is started locally for the call unless it is already running or address names a cluster to join
+    ("auto" finds a local one). Bad rows (no id, no text, not a string, unreadable) stop the job naming their
+    location, or with on_bad="skip" are left out and listed in the manifest.
+    """
+    config = config or BulkConfig()
+    config.check()
+    started = time.perf_counter()
+    files = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs])
+    shards = plan_shards(files, config.shard_rows, config.id_field, config.text_field, tuple(config.keep))
+    out = OutputDir(str(out_dir))
+    job = _job_record(files, shards, config)
+    _claim(out, job, overwrite)
+
+    result = BulkResult(out_dir=str(out_dir), shards=len(shards))
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL
+        done = dict(zip([s.name for s in shards], pool.map(out.finished, [s.name for s in shards])))
+    pending = [s for s in shards if done[s.name] is None]
+    for entry in filter(None, done.values()):
+        _absorb(result, entry)
+        result.skipped += 1
+    if result.bad_rows and config.on_bad == "fail":
+        raise _bad_rows_error(result)
+    if pending:
+        _run_on_ray(pending, out, config, address, progress, result)
+    result.seconds = time.perf_counter() - started
+    out.write_json(SUMMARY, {k: v for k, v in asdict(result).items() if k != "bad_examples"}
+                   | {"bad_examples": result.bad_examples[:100]})
+    return result
+
+
+def _job_record(files, shards: list[ShardSpec], config: BulkConfig) -> dict:
+    """What the output depends on; a re-run into the same directory must match it."""
+    from allmpnet.weights import resolve
+    model_dir = resolve(config.model)
+    weights = model_dir / "model.safetensors"
+    return {"inputs": [asdict(f) for f in files],
+            "model": {"name": config.model, "directory": str(model_dir),
+                      "weights_bytes": weights.stat().st_size if weights.is_file() else None},
+            "settings": {k: getattr(config, k) for k in ("id_field", "text_field", "shard_rows", "precision",
+                                                         "max_seq_length")} | {"keep": list(config.keep)},
+            "shards": [s.name for s in shards]}
+
+
+def _claim(out: OutputDir, job: dict, overwrite: bool) -> None:
+    previous = out.read_json(JOB)
+    if previous is not None and previous != job:
+        if not overwrite:
+            changed = [k for k in ("inputs", "model", "settings", "shards") if previous.get(k) != job.get(k)]
+            raise ValueError(f"{out.uri} holds a run over different {', '.join(changed)}; resume needs the same "
+                             "inputs and settings. Use another output directory, or overwrite=True "
+                             "(--overwrite) to replace it")
+        out.remove_outputs()
+    elif previous is not None and overwrite:
+        out.remove_outputs()
+    out.makedirs()
+    out.write_json(JOB, job)
+
+
+def _absorb(result: BulkResult, entry: dict) -> None:
+    result.rows += entry["rows"]
+    result.bad_rows += len(entry["bad"])
+    result.bad_examples += [tuple(b) for b in entry["bad"][: max(0, 20 - len(result.bad_examples))]]
+    result.truncated += entry["truncated"]
+    worker = result.workers.setdefault(entry["worker"], {"rows": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+                                                         "peak_rss_mb": 0.0})
+    worker["rows"] += entry["rows"]
+    worker["seconds"] += entry["seconds"]
+    worker["cpu_seconds"] += entry.get("cpu_seconds", 0.0)
+    worker["peak_rss_mb"] = max(worker["peak_rss_mb"], entry["peak_rss_mb"])
+
+
+def _bad_rows_error(result: BulkResult) -> BadRowsError:
+    shown = "; ".join(f"{where}: {why}" for where, why in result.bad_examples[:5])
+    more = f" (and {result.bad_rows - 5} more)" if result.bad_rows > 5 else ""
+    return BadRowsError(f"{result.bad_rows} bad row(s): {shown}{more}; fix them, or pass on_bad='skip' "
+                        "(--on-bad skip) to leave them out and count them")
+
+
+def _run_on_ray(pending: list[ShardSpec], out: OutputDir, config: BulkConfig, address: str | None,
+                progress: bool, result: BulkResult) -> None:
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise ImportError("embed_corpus needs Ray: pip install 'allmpnet[ray]'") from e
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 logging_level="WARNING", configure_logging=True)
+    try:
+        _check_resources(ray.cluster_resources(), config, strict=owns_ray)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # ours below counts rows, not blocks
+        context.print_on_execution_start = False
+        items = [{"spec": json.dumps(s.to_dict())} for s in pending]  # one block each: shards spread over actors
+        actors = ray.data.ActorPoolStrategy(size=min(config.workers, len(pending)))
+        results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardWorker, fn_constructor_kwargs={"config": asdict(config), "out_uri": out.uri}, batch_size=1,
+            batch_format="numpy", compute=actors, num_cpus=config.cpus_per_worker,
+            num_gpus=config.gpus_per_worker or None)
+        total = sum(s.rows for s in pending)
+        rows = iter(results.iter_rows())  # a generator: closing it stops the pipeline early
+        with tqdm(total=total, desc="embedding", unit="row", disable=not progress) as bar, closing(rows):
+            for row in rows:
+                entry = json.loads(row["report"])
+                if entry.get("error"):
+                    raise BulkJobError(f"worker {entry['worker']} failed on {entry['shard']}: {entry['error']}")
+                _absorb(result, entry)
+                if entry.get("refused"):  # bad rows under on_bad="fail": nothing was written
+                    raise _bad_rows_error(result)
+                result.written += 1
+                bar.update(entry["rows"] + len(entry["bad"]))
+                bar.set_postfix(shards=f"{result.written + result.skipped}/{result.shards}", bad=result.bad_rows)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _check_resources(available: dict, config: BulkConfig, strict: bool) -> None:
+    """A pool the cluster cannot hold would wait forever; say so instead (a cluster may still scale up)."""
+    need = {"CPU": config.workers * config.cpus_per_worker, "GPU": config.workers * config.gpus_per_worker}
+    short = [f"{need[k]:g} {k}s (the cluster has {available.get(k, 0):g})" for k in need
+             if need[k] > available.get(k, 0)]
+    if short:
+        message = (f"{config.workers} workers need {' and '.join(short)}; lower workers or the per-worker "
+                   "resources")
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message + "; waiting for the cluster to provide them", RuntimeWarning, stacklevel=3)
+
+
+class ShardWorker:
+    """A Ray Data actor: one Encoder, then one shard per call."""
+
+    def __init__(self, config: dict, out_uri: str):
+        import torch
+        from allmpnet.encode import Encoder
+        self.config = BulkConfig(**config)
+        self.config.keep = tuple(self.config.keep)
+        torch.set_num_threads(max(1, int(self.config.cpus_per_worker)))
+        device = "cuda" if self.config.gpus_per_worker > 0 else "cpu"
+        self.encoder = Encoder(self.config.model, device=device, precision=self.config.precision,
+                               max_seq_length=self.config.max_seq_length)
+        self.out = OutputDir(out_uri)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        reports = []
+        for raw in batch["spec"]:
+            spec = ShardSpec(**json.loads(raw))
+            try:
+                reports.append(self.run(spec))
+            except Exception as e:  # reported to the driver with its shard, rather than as a Ray traceback
+                reports.append({"shard": spec.name, "worker": self.name, "error": f"{type(e).__name__}: {e}"})
+        return {"report": np.array([json.dumps(r) for r in reports], dtype=object)}
+
+    def run(self, spec: ShardSpec) -> dict:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        cfg = self.config
+        rows = read_shard(spec, cfg.id_field, cfg.text_field, cfg.keep)
+        entry = {"source": spec.uri, "rows": len(rows.ids), "bad": rows.bad, "truncated": 0, "worker": self.name}
+        if rows.bad and cfg.on_bad == "fail":
+            return entry | {"shard": spec.name, "refused": True, "seconds": time.perf_counter() - started,
+                            "cpu_seconds": time.process_time() - cpu_started, "peak_rss_mb": peak_rss_mb()}
+        table = None
+        if rows.ids:
+            entry["truncated"] = len(self.encoder.truncated_indices(rows.texts))
+            with warnings.catch_warnings():  # counted above and summed by the driver
+                warnings.simplefilter("ignore")
+                vectors = self.encoder.encode(rows.texts, batch_size=cfg.batch_size, show_progress_bar=False)
+            table = shard_table(rows.ids, vectors, rows.meta)
+        entry |= {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+                  "peak_rss_mb": peak_rss_mb()}
+        return self.out.commit_shard(spec.name, table, entry)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,62 @@
+"""embed-corpus: a whole corpus to resumable Parquet shards of embeddings, on Ray."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from allmpnet.weights import DEFAULT_MODEL
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "embed-corpus", help="embed Parquet/JSONL/CSV files into Parquet shards on Ray (resumable)",
+        description="Embed every row of the inputs into Parquet shards of (id, embedding, kept columns) under "
+                    "--out. Runs on a local Ray instance started for the job, or joins a cluster with --address. "
+                    "Running the same command again skips the shards already written and verified.")
+    p.add_argument("input", nargs="+", help="files or directories (.parquet, .jsonl, .csv; local or any "
+                                            "filesystem pyarrow opens, e.g. s3://bucket/dir)")
+    p.add_argument("--out", "-o", required=True, help="output directory (local or s3://…)")
+    p.add_argument("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start one here")
+    p.add_argument("--workers", type=int, default=2, help="actors, each holding one model (default 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="> 0 runs each model on a GPU")
+    p.add_argument("--on-bad", choices=["fail", "skip"], default="fail",
+                   help="a bad row (no id, no text, not a string, unreadable) stops the job, or is skipped and "
+                        "counted (default fail)")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--keep", action="append", default=[], metavar="COLUMN",
+                   help="copy this input column next to each embedding (repeatable)")
+    p.add_argument("--shard-rows", type=int, default=10_000, help="rows per output shard (default 10000)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out made with different inputs or settings")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
+    p.add_argument("--precision", default="fp32", help="fp32 or bf16")
+    p.set_defaults(func=cmd_embed_corpus)
+
+
+def cmd_embed_corpus(args: argparse.Namespace) -> int:
+    from allmpnet.bulk import BadRowsError, BulkConfig, BulkJobError, embed_corpus
+    config = BulkConfig(model=args.model, id_field=args.id_field, text_field=args.text_field,
+                        keep=tuple(args.keep), shard_rows=args.shard_rows, batch_size=args.batch_size,
+                        on_bad=args.on_bad, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                        gpus_per_worker=args.gpus_per_worker, precision=args.precision)
+    try:
+        result = embed_corpus(args.input, args.out, config, address=args.address, overwrite=args.overwrite)
+    except BadRowsError as e:
+        print(f"allmpnet embed-corpus: {e}", file=sys.stderr)
+        print("finished shards are kept: the same command with --on-bad skip resumes from them", file=sys.stderr)
+        return 1
+    except (BulkJobError, ImportError) as e:
+        print(f"allmpnet embed-corpus: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{result.rows} rows embedded into {result.shards} shards in {args.out} "
+          f"({result.written} written now, {result.skipped} already done) in {result.seconds:.1f}s")
+    if result.bad_rows:
+        where, why = result.bad_examples[0]
+        print(f"skipped {result.bad_rows} bad row(s) (first: {where}: {why}); all are listed in "
+              f"{args.out}/_manifest")
+    if result.truncated:
+        print(f"{result.truncated} text(s) were longer than the model's max_seq_length and were truncated")
+    return 0

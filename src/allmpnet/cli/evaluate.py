@@ -1,0 +1,86 @@
+"""eval: MTEB tasks from local folders, scored by the mteb 1.0 protocol and set beside the model card."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from allmpnet.cli.core import add_model_args, load_encoder
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate on MTEB tasks held locally and compare with the model card",
+                              description="Evaluate a model on MTEB task folders (task.json + data files) with "
+                                          "the protocol of mteb 1.0, and compare each main score with the model "
+                                          "card's.")
+    p.add_argument("tasks", nargs="+", metavar="TASK",
+                   help="task folder names under --data, paths to task folders, or MTEB names to fetch from the hub "
+                        "(needs `datasets`); 'all' runs every task in --data")
+    p.add_argument("--data", type=Path, default=os.environ.get("ALLMPNET_EVAL_DATA"),
+                   help="folder holding one sub-folder per task (default: $ALLMPNET_EVAL_DATA)")
+    p.add_argument("--card", type=Path, help="model card to compare with (default: the model directory's README.md)")
+    p.add_argument("--out", type=Path, default=Path("eval-results"),
+                   help="where TASK.json files and table.md go (default: ./eval-results)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-cache", action="store_true", help="encode everything again instead of reusing vectors")
+    p.add_argument("--cache-dir", type=Path, help="embedding cache folder (default: ~/.cache/allmpnet/embeddings)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def task_dirs(names: list[str], data: Path | None) -> list[Path]:
+    if names == ["all"]:
+        if data is None or not data.is_dir():
+            raise FileNotFoundError(f"'all' needs --data pointing at a folder of tasks (got {data})")
+        found = sorted(d for d in data.iterdir() if (d / "task.json").is_file())
+        if not found:
+            raise FileNotFoundError(f"{data} holds no task folders (sub-folders with a task.json)")
+        return found
+    from allmpnet.evaluate.hub import HUB_TASKS, fetch_task
+
+    dirs = []
+    for name in names:
+        candidates = ([data / name] if data is not None else []) + [Path(name)]
+        match = next((c for c in candidates if c.is_dir()), None)
+        if match is None and name in HUB_TASKS:
+            match = fetch_task(name)  # by MTEB name: needs `datasets` and the hub, says so otherwise
+        if match is None:
+            known = sorted(d.name for d in data.iterdir() if d.is_dir()) if data is not None and data.is_dir() else []
+            hint = f"; tasks in {data}: {', '.join(known)}" if known else "; pass --data DIR"
+            raise FileNotFoundError(f"no task folder {name!r}{hint}")
+        dirs.append(match)
+    return dirs
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from allmpnet.evaluate import CachedEncoder, evaluate_task, load_task, read_card, save_results, table_rows
+    from allmpnet.evaluate.card import markdown_table
+    from allmpnet.evaluate.data import read_task
+
+    tasks = [load_task(d) for d in task_dirs(args.tasks, args.data)]
+    for task in tasks:
+        read_task(task)  # every file checked before the first (slow) encoding, not after it
+    encoder = load_encoder(args)
+    card_path = args.card or (encoder.model_dir / "README.md")
+    card = None
+    if args.card or card_path.is_file():
+        try:
+            card = read_card(card_path)
+        except ValueError as e:
+            if args.card:
+                raise
+            print(f"no card comparison: {e}", file=sys.stderr)
+    model = encoder if args.no_cache else CachedEncoder(encoder, args.cache_dir)
+    results = []
+    for i, task in enumerate(tasks, start=1):
+        print(f"[{i}/{len(tasks)}] {task.name} ({task.type})", file=sys.stderr, flush=True)
+        result = evaluate_task(task, model, batch_size=args.batch_size, show_progress_bar=True)
+        result["model"] = encoder.name
+        results.append(result)
+        print(f"  {result['main_score']} = {result['main_score_value']:.2f}  ({result['seconds']:.0f} s)",
+              file=sys.stderr, flush=True)
+        save_results(results, args.out, card)  # after each task, so a long run keeps what it finished
+    print(markdown_table(table_rows(results, card)), end="")
+    print(f"results: {args.out}/<task>.json and {args.out}/table.md", file=sys.stderr)
+    return 0

@@ -1,0 +1,90 @@
+"""serve: the HTTP server (OpenAI-compatible embeddings, similarity, tokenize, search, health, metrics)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+from allmpnet.cli.core import add_model_args
+from allmpnet.weights import PUBLISHED
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from allmpnet.serve.config import API_KEY_ENV, ServeConfig
+    d = ServeConfig()
+    p = subparsers.add_parser("serve", help="HTTP server: OpenAI-compatible /v1/embeddings, /similarity, /search …")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV}); /health and /metrics stay open")
+    p.add_argument("--index", type=Path, default=None, help="an index directory (allmpnet index build) for /search")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id for /v1/models and responses (default: the hub id of the published model)")
+    p.add_argument("--max-items", type=int, default=d.max_items, help="texts per request (more: 413; default %(default)s)")
+    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters per text (more: 413; default %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size (more: 413; default %(default)s)")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="refuse texts over the model's max_seq_length with 413 instead of truncating them")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens (rows x longest row) per forward pass (default 16384 on a GPU, 4096 on CPU)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="texts per forward pass (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="texts waiting to be embedded; when full, new requests get 503 + Retry-After (default %(default)s)")
+    p.add_argument("--no-dynamic-batching", action="store_true",
+                   help="one request per forward pass (for comparison; slower under concurrency)")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="skip the full-budget forward pass at startup (faster start, slower first requests)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    p.set_defaults(func=cmd_serve)
+
+
+def served_name(model: str) -> str:
+    if model in PUBLISHED:
+        return PUBLISHED[model].hub_id
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from allmpnet.cli.core import load_encoder
+    from allmpnet.serve import ServeConfig, create_app
+
+    config = ServeConfig(model_name=args.served_model_name or served_name(args.model),
+                         api_key=args.api_key or ServeConfig.api_key_from_env(), max_items=args.max_items,
+                         max_chars=args.max_chars, max_body_bytes=args.max_body_bytes, truncate=not args.no_truncate,
+                         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
+                         max_queue=args.max_queue, dynamic_batching=not args.no_dynamic_batching,
+                         warm_up=not args.no_warm_up)
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    encoder = load_encoder(args)
+    index = load_index(args.index, encoder) if args.index is not None else None
+    app = create_app(encoder, config, index)
+    if config.api_key is None and not is_loopback(args.host):
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it "
+              "(set --api-key or $ALLMPNET_API_KEY)", file=sys.stderr)
+    print(f"serving {config.model_name} ({encoder.dim}-d, {encoder.device}) on http://{args.host}:{args.port} "
+          f"— {'API key required' if config.api_key else 'no API key'}"
+          f"{', index ' + str(args.index) if index is not None else ''}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log)
+
+
+def load_index(path: Path, encoder):
+    from allmpnet.search import Index
+    return Index.open(path, encoder=encoder)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,1 @@
+"""Exporting the encoder to other runtimes."""

@@ -1,0 +1,258 @@
+"""The HTTP API: OpenAI-compatible embeddings plus similarity, tokenize, search, health and metrics.
+
+`create_app(encoder, config, index)` builds a FastAPI app around one `Encoder`; every route that embeds
+goes through the shared `DynamicBatcher`, so concurrent requests share forward passes.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tokenizers import Tokenizer
+
+from allmpnet import __version__
+from allmpnet.encode import Encoder, Tokenized
+from allmpnet.serve.batching import BatcherClosed, DynamicBatcher, QueueFull
+from allmpnet.serve.config import ServeConfig
+from allmpnet.serve.errors import APIError, BodyLimit, error_response, install_error_handlers, log
+from allmpnet.serve.metrics import ServerMetrics
+from allmpnet.serve.schemas import (EmbeddingsRequest, SearchRequest, SimilarityRequest, TokenizeRequest,
+                                    as_texts)
+from allmpnet.similarity import cos_sim
+
+if TYPE_CHECKING:
+    from allmpnet.search import Index
+
+# above this many characters in one request, tokenize off the event loop so other requests keep flowing
+TOKENIZE_INLINE_CHARS = 20_000
+
+
+class Service:
+    """What the routes share: the encoder, its batcher, limits and metrics."""
+
+    def __init__(self, encoder: Encoder, config: ServeConfig, index: "Index | None"):
+        self.encoder = encoder
+        self.config = config
+        self.index = index
+        self.metrics = ServerMetrics()
+        self.batcher = DynamicBatcher(encoder, config.batch_tokens_for(encoder.device.type), config.max_batch_size,
+                                      config.max_queue, merge_requests=config.dynamic_batching,
+                                      on_batch=self.metrics.record_batch)
+        self.metrics.queue.set_function(lambda: self.batcher.queued)
+        self.model_names = {config.model_name, encoder.name, Path(config.model_name).name}
+        self._index_lock = threading.Lock()
+
+    def check_limits(self, texts: list[str], field: str) -> None:
+        if len(texts) > self.config.max_items:
+            raise APIError(413, f"{len(texts)} texts in one request; this server takes at most "
+                                f"{self.config.max_items}: split the request", "too_many_items", field)
+        for i, text in enumerate(texts):
+            if len(text) > self.config.max_chars:
+                raise APIError(413, f"{field}[{i}] has {len(text)} characters; this server takes at most "
+                                    f"{self.config.max_chars} per text", "text_too_long", field)
+
+    async def tokenize(self, texts: list[str], field: str, truncate: bool | None) -> Tokenized:
+        self.check_limits(texts, field)
+        if sum(map(len, texts)) > TOKENIZE_INLINE_CHARS:
+            tokenized = await anyio.to_thread.run_sync(self.encoder.tokenize, texts)
+        else:
+            tokenized = self.encoder.tokenize(texts)
+        refuse = not (self.config.truncate if truncate is None else truncate)
+        if refuse and any(tokenized.truncated):
+            over = [i for i, t in enumerate(tokenized.truncated) if t]
+            raise APIError(413, f"{len(over)} text(s) exceed the model's limit of {self.encoder.max_seq_length} "
+                                f"word pieces and truncation is off: {field}{over[:10]}"
+                                f"{' …' if len(over) > 10 else ''}", "text_too_long", field)
+        return tokenized
+
+    async def embed(self, texts: list[str], field: str, truncate: bool | None) -> tuple[torch.Tensor, Tokenized]:
+        """(n, dim) float32 vectors of texts, batched with whatever else is in flight."""
+        tokenized = await self.tokenize(texts, field, truncate)
+        try:
+            future = self.batcher.submit(tokenized.ids)
+        except BatcherClosed as e:
+            raise APIError(503, str(e), "shutting_down") from None
+        except QueueFull as e:
+            self.metrics.rejected.inc()
+            raise APIError(503, str(e), "queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+        try:
+            vectors = await asyncio.wrap_future(future)
+        except BatcherClosed as e:
+            raise APIError(503, str(e), "shutting_down") from None
+        self.metrics.texts.inc(len(texts))
+        self.metrics.tokens.inc(int(tokenized.lengths.sum()))
+        self.metrics.truncated.inc(sum(tokenized.truncated))
+        return vectors, tokenized
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[dict]]:
+        """Top-k hits of each (Q, dim) query vector as JSON-ready dicts; runs on a worker thread."""
+        with self._index_lock:
+            if self.index.is_stale():  # `allmpnet index add` committed a new version while we were serving
+                try:
+                    self.index = type(self.index).open(self.index.root, encoder=self.encoder)
+                except Exception:  # keep answering from the version we have rather than failing every search
+                    log.exception("could not open the new version of %s; still serving the previous one",
+                                  self.index.root)
+            index = self.index
+        return [[{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in row]
+                for row in index.search(vectors, k)]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise APIError(404, f"model {model!r} is not served here; this server serves "
+                                f"{self.config.model_name!r}", "model_not_found", "model")
+
+
+def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Index | None" = None) -> FastAPI:
+    """A FastAPI app serving `encoder`; pass an index (allmpnet.search) to enable POST /search."""
+    config = config or ServeConfig()
+    service = Service(encoder, config, index)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await asyncio.wrap_future(service.batcher.start(warm_up=config.warm_up).ready)
+        yield
+        await anyio.to_thread.run_sync(service.batcher.close)
+
+    app = FastAPI(title="allmpnet", version=__version__, lifespan=lifespan,
+                  description=f"Sentence embeddings from {config.model_name}")
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+
+    async def require_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(require_key)]
+    token_strings = Tokenizer.from_file(str(encoder.model_dir / "tokenizer.json"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not service.batcher.alive:
+            return error_response(503, "the embedding worker is not running", "unhealthy")
+        return JSONResponse({"status": "ok", "model": config.model_name, "dimensions": encoder.dim,
+                             "max_seq_length": encoder.max_seq_length, "queued": service.batcher.queued,
+                             "queue_capacity": config.max_queue, "dynamic_batching": config.dynamic_batching,
+                             "index": None if service.index is None else len(service.index)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "allmpnet"}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def get_model(model_id: str) -> JSONResponse:
+        service.check_model(model_id)
+        return JSONResponse(model_card())
+
+    @app.post("/v1/embeddings", dependencies=guarded)
+    async def embeddings(body: EmbeddingsRequest) -> JSONResponse:
+        service.check_model(body.model)
+        if body.dimensions is not None and body.dimensions != encoder.dim:
+            raise APIError(422, f"dimensions={body.dimensions} is not available: {config.model_name} gives "
+                                f"{encoder.dim}-d vectors", "invalid_dimensions", "dimensions")
+        texts = as_texts(body.input)
+        vectors, tokenized = await service.embed(texts, "input", body.truncate)
+        if body.encoding_format == "base64":
+            little_endian = vectors.numpy().astype("<f4", copy=False)
+            values = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian]
+        else:
+            values = vectors.tolist()
+        tokens = int(tokenized.lengths.sum())
+        return JSONResponse({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)],
+            "model": config.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "truncated": [i for i, t in enumerate(tokenized.truncated) if t],
+        })
+
+    @app.post("/similarity", dependencies=guarded)
+    async def similarity(body: SimilarityRequest) -> JSONResponse:
+        a, b = as_texts(body.a, "a"), as_texts(body.b, "b")
+        vectors, tokenized = await service.embed(a + b, "a+b", body.truncate)
+        scores = cos_sim(vectors[: len(a)], vectors[len(a):])  # (len(a), len(b))
+        return JSONResponse({"scores": scores.tolist(), "model": config.model_name,
+                             "truncated": {"a": [i for i, t in enumerate(tokenized.truncated[: len(a)]) if t],
+                                           "b": [i for i, t in enumerate(tokenized.truncated[len(a):]) if t]}})
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        texts = as_texts(body.input)
+        tokenized = await service.tokenize(texts, "input", body.truncate)
+        return JSONResponse({
+            "max_seq_length": encoder.max_seq_length,
+            "data": [{"index": i, "count": len(ids), "truncated": cut, "ids": ids,
+                      "tokens": [token_strings.id_to_token(t) for t in ids]}
+                     for i, (ids, cut) in enumerate(zip(tokenized.ids, tokenized.truncated))],
+        })
+
+    @app.post("/search", dependencies=guarded)
+    async def search(body: SearchRequest) -> JSONResponse:
+        if service.index is None:
+            raise APIError(404, "no index loaded: start the server with --index DIR", "no_index")
+        if body.k > config.max_search_k:
+            raise APIError(413, f"k={body.k} is above this server's limit of {config.max_search_k}", "k_too_large",
+                           "k")
+        queries = as_texts(body.query, "query")
+        vectors, tokenized = await service.embed(queries, "query", body.truncate)
+        hits = await anyio.to_thread.run_sync(service.search, vectors.numpy(), body.k)
+        return JSONResponse({"model": config.model_name, "k": body.k,
+                             "truncated": [i for i, t in enumerate(tokenized.truncated) if t],
+                             "results": [{"query": q, "hits": h} for q, h in zip(queries, hits)]})
+
+    return app
+
+
+class RequestMetrics:
+    """Counts requests by route template and status, and times them (pure ASGI: no per-request task overhead)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            # unmatched paths share one label so random URLs cannot grow the metric without bound
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)

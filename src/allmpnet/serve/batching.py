@@ -1,0 +1,229 @@
+"""Dynamic batching: texts from concurrent requests share forward passes, cut by a padded-token budget.
+
+Requests hand in already-tokenized texts and get a future. One worker thread owns the model: it takes rows
+first-come first-served across requests until the next row would push the batch past `max_batch_tokens`
+(rows x longest row, the memory a padded batch really costs) or `max_batch_size`, runs one forward pass
+and hands each request its vectors when its last row is done. The queue is bounded in texts: a submit that
+would overflow it raises `QueueFull` at once (the server answers 503) rather than letting memory grow.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from allmpnet.encode import Encoder
+
+
+class QueueFull(RuntimeError):
+    """The batcher holds as many waiting texts as it may; try again after `retry_after` seconds."""
+
+    def __init__(self, queued: int, capacity: int, retry_after: int):
+        super().__init__(f"the server queue is full ({queued} of {capacity} texts waiting); retry in {retry_after}s")
+        self.retry_after = retry_after
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was shut down; no more work is accepted."""
+
+
+@dataclass
+class BatchStats:
+    rows: int
+    padded_tokens: int
+    real_tokens: int
+    requests: int  # how many requests this forward pass served
+    seconds: float
+
+
+@dataclass
+class _Job:
+    ids: list[list[int]]
+    order: np.ndarray  # rows longest-first, so the rows of one big request batch with little padding
+    out: torch.Tensor  # (n, dim) filled in as batches finish
+    future: Future = field(default_factory=Future)
+    next: int = 0  # position in `order` of the next row to schedule
+    done: int = 0
+
+    @property
+    def abandoned(self) -> bool:
+        # cancelled when the client went away, done early when a batch holding its rows failed
+        return self.future.done()
+
+
+class DynamicBatcher:
+    def __init__(self, encoder: Encoder, max_batch_tokens: int = 16_384, max_batch_size: int = 256,
+                 max_queue: int = 8192, merge_requests: bool = True,
+                 on_batch: Callable[[BatchStats], None] | None = None):
+        if max_batch_tokens < encoder.max_seq_length:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must hold one full-length text "
+                             f"({encoder.max_seq_length} tokens)")
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        self.encoder = encoder
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.capacity = max_queue
+        self.merge_requests = merge_requests
+        self.on_batch = on_batch
+        self._jobs: deque[_Job] = deque()
+        self._queued = 0  # rows submitted and not yet taken into a batch
+        self._cond = threading.Condition()
+        self._closed = False
+        self._rows_per_s = 0.0  # moving average, for Retry-After
+        self._thread: threading.Thread | None = None
+        self.ready: Future = Future()  # done once the worker takes requests; holds the warm-up's error if it failed
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    def start(self, warm_up: bool = False) -> "DynamicBatcher":
+        """Start the worker; with warm_up it first runs `warm_up()` on its own thread (see `ready`)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(warm_up,), name="allmpnet-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def warm_up(self) -> None:
+        """Run the largest batch the budget allows once, before serving.
+
+        The first passes are the slow ones (lazy initialisation) and the largest decides peak memory; doing both
+        up front means the first clients are not slowed and the resident size at startup is the working size.
+        """
+        length = self.encoder.max_seq_length
+        rows = max(1, min(self.max_batch_size, self.max_batch_tokens // length))
+        ids = torch.full((rows, length), self.encoder.tokenizer.pad_id + 1, dtype=torch.long)  # any real token
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            self.encoder.embed(ids.to(self.encoder.device), mask.to(self.encoder.device))
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the batch in flight, fail whatever still waits, stop the worker."""
+        with self._cond:
+            self._closed = True
+            waiting, self._jobs = list(self._jobs), deque()
+            self._queued = 0
+            self._cond.notify_all()
+        for job in waiting:
+            _fail(job, BatcherClosed("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, ids: Sequence[Sequence[int]]) -> Future:
+        """Queue tokenized texts; the future gives their (n, dim) float32 vectors in the order given."""
+        if len(ids) == 0:
+            future: Future = Future()
+            future.set_result(torch.empty((0, self.encoder.dim), dtype=torch.float32))
+            return future
+        if len(ids) > self.capacity:
+            raise ValueError(f"{len(ids)} texts can never fit a queue of {self.capacity}")
+        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+        job = _Job(ids=[list(i) for i in ids], order=np.argsort(-lengths, kind="stable"),
+                   out=torch.empty((len(ids), self.encoder.dim), dtype=torch.float32))
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed("the batcher is closed: the server is shutting down")
+            if self._queued + len(ids) > self.capacity:
+                raise QueueFull(self._queued, self.capacity, self._retry_after(len(ids)))
+            self._jobs.append(job)
+            self._queued += len(ids)
+            self._cond.notify()
+        return job.future
+
+    def _retry_after(self, rows: int) -> int:
+        # time for the queue to drain enough to take this request, from recent throughput
+        if self._rows_per_s <= 0:
+            return 1
+        return max(1, math.ceil((self._queued + rows - self.capacity) / self._rows_per_s))
+
+    def _take(self) -> list[tuple[_Job, int]]:
+        """Rows for the next forward pass, oldest request first; called with the lock held."""
+        batch: list[tuple[_Job, int]] = []
+        longest = 0
+        while self._jobs:
+            job = self._jobs[0]
+            if job.abandoned:
+                self._queued -= len(job.ids) - job.next
+                self._jobs.popleft()
+                continue
+            if batch and batch[-1][0] is not job and not self.merge_requests:
+                break
+            row = int(job.order[job.next])
+            width = max(longest, len(job.ids[row]))
+            if batch and (width * (len(batch) + 1) > self.max_batch_tokens or len(batch) >= self.max_batch_size):
+                break
+            batch.append((job, row))
+            longest = width
+            job.next += 1
+            self._queued -= 1
+            if job.next == len(job.ids):
+                self._jobs.popleft()
+        return batch
+
+    def _run(self, warm_up: bool) -> None:
+        try:
+            if warm_up:
+                # on this thread, so the memory it settles is the allocator arena that serving will reuse
+                self.warm_up()
+        except Exception as e:
+            self.ready.set_exception(RuntimeError(
+                f"the warm-up pass ({self.max_batch_tokens} padded tokens) failed: {e}; lower max_batch_tokens"))
+            with self._cond:
+                self._closed = True
+            return
+        self.ready.set_result(None)
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch = self._take()
+            if batch:
+                self._forward(batch)
+
+    def _forward(self, batch: list[tuple[_Job, int]]) -> None:
+        start = time.perf_counter()
+        seqs = [job.ids[row] for job, row in batch]
+        try:
+            ids, mask = self.encoder.tokenizer.pad(seqs)  # (B, T) each
+            with torch.inference_mode():
+                vectors = self.encoder.embed(ids.to(self.encoder.device), mask.to(self.encoder.device))
+            vectors = vectors.float().cpu()  # (B, dim)
+        except Exception as e:  # a failed pass fails its requests, never the worker
+            for job in {id(job): job for job, _ in batch}.values():
+                _fail(job, e)
+            return
+        for (job, row), vector in zip(batch, vectors):
+            job.out[row] = vector
+            job.done += 1
+            if job.done == len(job.ids) and not job.future.done():
+                try:
+                    job.future.set_result(job.out)
+                except InvalidStateError:  # cancelled in the meantime
+                    pass
+        seconds = time.perf_counter() - start
+        self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (len(batch) / max(seconds, 1e-6))
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(rows=len(batch), padded_tokens=int(ids.numel()), real_tokens=int(mask.sum()),
+                                     requests=len({id(job) for job, _ in batch}), seconds=seconds))
+
+
+def _fail(job: _Job, error: BaseException) -> None:
+    if not job.future.done():
+        try:
+            job.future.set_exception(error)
+        except InvalidStateError:
+            pass

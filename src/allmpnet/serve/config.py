@@ -1,0 +1,45 @@
+"""Server settings: limits, batching and access, in one small dataclass the CLI fills from its flags."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+API_KEY_ENV = "ALLMPNET_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "sentence-transformers/all-mpnet-base-v2"  # the id /v1/models lists and responses echo
+    api_key: str | None = None  # None: open; otherwise every /v1, /similarity, /tokenize, /search call needs it
+    max_items: int = 2048  # texts per request (the OpenAI limit); more answers 413
+    max_chars: int = 20_000  # characters per text; the model reads ~384 word pieces, so longer is almost surely a mistake
+    max_body_bytes: int = 64 * 1024 * 1024  # request bodies above this answer 413 before they are parsed
+    truncate: bool = True  # False: texts over max_seq_length answer 413 instead of being truncated (and reported)
+    # padded tokens (rows x longest row) per forward pass; None: 16384 on a GPU, 4096 on CPU, where one pass of
+    # the full model over 4096 tokens already takes seconds and a bigger one only adds latency
+    max_batch_tokens: int | None = None
+    max_batch_size: int = 256  # rows per forward pass
+    max_queue: int = 8192  # texts waiting to be embedded; beyond this new requests get 503 + Retry-After
+    dynamic_batching: bool = True  # False: one request per forward pass (for comparison)
+    max_search_k: int = 1000
+    warm_up: bool = True  # one full-budget forward pass at startup: first requests fast, peak memory reached early
+
+    def __post_init__(self) -> None:
+        for name in ("max_items", "max_chars", "max_body_bytes", "max_batch_tokens", "max_batch_size", "max_queue",
+                     "max_search_k"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue < self.max_items:
+            # a request the queue could never hold would get 503 forever instead of a clear 413
+            raise ValueError(f"max_queue ({self.max_queue}) must be at least max_items ({self.max_items})")
+        if self.api_key == "":
+            raise ValueError("api_key is empty: leave it unset to serve without a key")
+
+    def batch_tokens_for(self, device_type: str) -> int:
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        return 16_384 if device_type == "cuda" else 4096
+
+    @staticmethod
+    def api_key_from_env() -> str | None:
+        return os.environ.get(API_KEY_ENV) or None

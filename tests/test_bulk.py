@@ -1,0 +1,249 @@
+"""Bulk embedding: shard planning and reading (no Ray), then whole jobs on a small local Ray instance."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from allmpnet import Encoder  # noqa: E402
+from allmpnet.bulk import BulkConfig, embed_corpus, read_embeddings  # noqa: E402
+from allmpnet.bulk.plan import find_inputs, plan_shards  # noqa: E402
+from allmpnet.bulk.readers import read_shard  # noqa: E402
+from allmpnet.bulk.shards import MANIFEST, OutputDir, shard_table  # noqa: E402
+
+WORDS = "the cat sat on a mat while the dog ran to the car in the sun".split()
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(0, 30)))) for _ in range(n)]
+
+
+def read_all(path: Path, shard_rows: int, **fields):
+    files = find_inputs([str(path)])
+    shards = plan_shards(files, shard_rows, fields.get("id_field", "id"), fields.get("text_field", "text"),
+                         fields.get("keep", ()))
+    rows = [read_shard(s, fields.get("id_field", "id"), fields.get("text_field", "text"), fields.get("keep", ()))
+            for s in shards]
+    return shards, rows
+
+
+def test_core_install_does_not_import_ray_or_pyarrow():
+    code = ("import argparse, sys, allmpnet, allmpnet.bulk, allmpnet.cli.bulk, allmpnet.encode; "
+            "allmpnet.cli.bulk.register(argparse.ArgumentParser().add_subparsers()); "
+            "print(sorted(m for m in ('ray', 'pyarrow') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+# ---- planning and reading: no Ray ----------------------------------------------------------------------------
+
+def test_jsonl_shards_cover_every_line_and_name_bad_rows(tmp_path):
+    lines = [json.dumps({"id": "a", "text": "first"}).encode(),
+             b'{"id": "b", "text": 5}',                      # line 2: text not a string
+             json.dumps({"id": 3, "text": "third \u00e9"}).encode(),
+             b"",                                             # line 4: empty
+             b'{"text": "no id"}',                            # line 5
+             b'{"id": true, "text": "bool id"}',              # line 6
+             b'{"id": "g", "text": "caf\xe9"}',               # line 7: Latin-1, not UTF-8
+             b"not json",                                     # line 8
+             b'["a", "list"]',                                # line 9
+             json.dumps({"id": "j", "text": ""}).encode(),    # line 10: empty text is still a text
+             json.dumps({"id": "k", "text": "no newline at the end"}).encode()]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines))  # the last record has no closing newline
+    shards, rows = read_all(path, shard_rows=3)
+    assert [(s.row_start, s.row_stop, s.first_line) for s in shards] == [(0, 3, 1), (3, 6, 4), (6, 9, 7),
+                                                                         (9, 11, 10)]
+    assert [i for r in rows for i in r.ids] == ["a", "3", "j", "k"]
+    assert [t for r in rows for t in r.texts] == ["first", "third \u00e9", "", "no newline at the end"]
+    bad = {where: why for r in rows for where, why in r.bad}
+    assert sorted(bad) == sorted(f"{path}:{n}" for n in (2, 4, 5, 6, 7, 8, 9))
+    assert bad[f"{path}:2"] == "text 'text' is int, expected a string"
+    assert bad[f"{path}:4"] == "empty line"
+    assert "missing id" in bad[f"{path}:5"] and "bool" in bad[f"{path}:6"]
+    assert "UTF-8" in bad[f"{path}:7"] and "not JSON" in bad[f"{path}:8"] and "list" in bad[f"{path}:9"]
+
+
+def test_csv_quoted_newlines_stay_in_their_record(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b'id,text,lang\r\n'
+                     b'1,plain,en\r\n'
+                     b'2,"two\nlines, and ""quotes""",en\r\n'   # lines 3-4
+                     b'3,after,fr\r\n'                          # line 5
+                     b'4,too,many,cells\r\n'                    # line 6: bad
+                     b',no id,en\r\n'                           # line 7: bad
+                     b'6,"last\n\nrecord",de')                  # lines 8-10, no newline at the end
+    shards, rows = read_all(path, shard_rows=2, keep=("lang",))
+    assert [(s.row_start, s.row_stop, s.first_line) for s in shards] == [(0, 2, 2), (2, 4, 5), (4, 6, 7)]
+    assert [i for r in rows for i in r.ids] == ["1", "2", "3", "6"]
+    assert [t for r in rows for t in r.texts] == ["plain", 'two\nlines, and "quotes"', "after", "last\n\nrecord"]
+    assert [m for r in rows for m in r.meta["lang"]] == ["en", "en", "fr", "de"]
+    assert [b for r in rows for b in r.bad] == [(f"{path}:6", "4 columns, header has 3"),
+                                                (f"{path}:7", "missing id 'id'")]
+    for content, ids in [(b"id,text\n7,only row", ["7"]), (b"id,text\n", []), (b"id,text", [])]:
+        path.write_bytes(content)
+        assert [i for r in read_all(path, shard_rows=2)[1] for i in r.ids] == ids
+
+
+def test_parquet_shards_cross_row_groups_and_name_null_rows(tmp_path):
+    path = tmp_path / "rows.parquet"
+    texts = [f"text {i}" for i in range(25)]
+    texts[11] = None
+    pq.write_table(pa.table({"doc": list(range(100, 125)), "body": texts, "n": [i * 1.5 for i in range(25)]}),
+                   path, row_group_size=7)
+    shards, rows = read_all(path, shard_rows=10, id_field="doc", text_field="body", keep=("n",))
+    assert [(s.row_start, s.row_stop) for s in shards] == [(0, 10), (10, 20), (20, 25)]
+    assert [i for r in rows for i in r.ids] == [str(100 + i) for i in range(25) if i != 11]
+    assert [t for r in rows for t in r.texts] == [t for t in texts if t is not None]
+    assert rows[1].bad == [(f"{path} row 12", "missing text 'body'")]
+    assert rows[1].meta["n"].to_pylist() == [i * 1.5 for i in range(10, 20) if i != 11]
+
+
+def test_bad_inputs_are_refused_before_any_work(tmp_path):
+    (tmp_path / "x.csv").write_text("id,text\n1,a\n")
+    with pytest.raises(ValueError, match="no column 'body' in the header"):
+        plan_shards(find_inputs([str(tmp_path / "x.csv")]), 5, "id", "body")
+    pq.write_table(pa.table({"id": [1], "text": [2]}), tmp_path / "n.parquet")
+    with pytest.raises(ValueError, match="text column 'text' is int64"):
+        plan_shards(find_inputs([str(tmp_path / "n.parquet")]), 5, "id", "text")
+    (tmp_path / "c.jsonl.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="decompress it first"):
+        find_inputs([str(tmp_path / "c.jsonl.gz")])
+    with pytest.raises(FileNotFoundError):
+        find_inputs([str(tmp_path / "missing.jsonl")])
+
+
+def test_manifest_only_accepts_the_shard_it_describes(tmp_path):
+    out = OutputDir(str(tmp_path))
+    out.makedirs()
+    table = shard_table(["a", "b"], np.ones((2, 4), np.float32), {})
+    entry = out.commit_shard("shard-x.parquet", table, {"rows": 2})
+    assert out.finished("shard-x.parquet") == entry
+    data = (tmp_path / "shard-x.parquet").read_bytes()
+    (tmp_path / "shard-x.parquet").write_bytes(data[: len(data) // 2])  # half-written
+    assert out.finished("shard-x.parquet") is None
+    (tmp_path / "shard-x.parquet").write_bytes(data)
+    (tmp_path / MANIFEST / "shard-x.parquet.json").unlink()  # killed before its manifest entry
+    assert out.finished("shard-x.parquet") is None
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+# ---- whole jobs on Ray ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    with open(path, "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": f"doc-{i}", "text": t, "tag": i % 3}) + "\n")
+    return path
+
+
+def test_job_matches_encoder_and_resume_skips_finished_shards(ray_cluster, tiny_model_dir, tmp_path):
+    data = tmp_path / "in"
+    data.mkdir()
+    jsonl_texts, parquet_texts = sentences(230, seed=1), sentences(70, seed=2)
+    write_jsonl(data / "a.jsonl", jsonl_texts)
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(70)], "text": parquet_texts,
+                             "tag": [str(i) for i in range(70)]}), data / "b.parquet")
+    config = BulkConfig(model=str(tiny_model_dir), shard_rows=50, workers=2, keep=("tag",))
+    result = embed_corpus(str(data), str(tmp_path / "out"), config, progress=False)
+    assert (result.shards, result.written, result.skipped, result.rows, result.bad_rows) == (7, 7, 0, 300, 0)
+    assert 1 <= len(result.workers) <= 2 and sum(w["rows"] for w in result.workers.values()) == 300
+    assert all(w["peak_rss_mb"] > 0 for w in result.workers.values())
+
+    ids, vectors, meta = read_embeddings(str(tmp_path / "out"))
+    assert ids == [f"doc-{i}" for i in range(230)] + [f"p{i}" for i in range(70)]
+    want = Encoder(tiny_model_dir, device="cpu").encode(jsonl_texts + parquet_texts)
+    np.testing.assert_allclose(vectors, want, atol=1e-5)
+    assert meta["tag"][:4] == ["0", "1", "2", "0"] and meta["tag"][230:232] == ["0", "1"]
+    assert pq.read_table(tmp_path / "out").num_rows == 300  # the directory reads as one dataset
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*.parquet")}
+    again = embed_corpus(str(data), str(tmp_path / "out"), config, progress=False)
+    assert (again.written, again.skipped, again.rows) == (0, 7, 300)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*.parquet")} == stamps
+
+    with pytest.raises(ValueError, match="different settings"):
+        embed_corpus(str(data), str(tmp_path / "out"), BulkConfig(model=str(tiny_model_dir), shard_rows=60),
+                     progress=False)
+
+
+def test_bad_rows_fail_or_are_skipped_and_counted(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    from allmpnet.cli import main
+    path = write_jsonl(tmp_path / "c.jsonl", sentences(40))
+    with open(path, "a") as f:
+        f.write('{"id": "x", "text": null}\n{"text": "orphan"}\n')  # lines 41, 42
+    args = ["embed-corpus", str(path), "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+            "--shard-rows", "16"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:41: missing text 'text'" in err and f"{path}:42: missing id 'id'" in err
+    assert main(args + ["--on-bad", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 bad row(s)" in out and "40 rows embedded into 3 shards" in out
+    ids, vectors, _ = read_embeddings(str(tmp_path / "out"))
+    assert ids == [f"doc-{i}" for i in range(40)] and vectors.shape == (40, 32)
+
+
+def test_killed_run_resumes_without_recomputing(ray_cluster, tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "big.jsonl", sentences(3000, seed=3))
+    cli = "import sys; from allmpnet.cli import main; sys.exit(main())"
+    command = [sys.executable, "-c", cli, "embed-corpus", str(path), "--model", str(tiny_model_dir),
+               "--shard-rows", "100", "--address", ray_cluster]
+    config = BulkConfig(model=str(tiny_model_dir), shard_rows=100)
+    embed_corpus(str(path), str(tmp_path / "whole"), config, progress=False)  # uninterrupted, for comparison
+
+    log = open(tmp_path / "log", "w")
+    run = subprocess.Popen(command + ["--out", str(tmp_path / "out")], stdout=log, stderr=log)
+    manifest = tmp_path / "out" / MANIFEST
+    deadline = time.monotonic() + 120
+    while not (manifest.is_dir() and len(list(manifest.glob("*.json"))) >= 2):
+        assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.01)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    time.sleep(3)  # let Ray stop the dead driver's actors
+    out = OutputDir(str(tmp_path / "out"))
+    names = [f"shard-00000-{s:012d}-{s + 100:012d}.parquet" for s in range(0, 3000, 100)]
+    finished = {n: (tmp_path / "out" / MANIFEST / f"{n}.json").read_text() for n in names if out.finished(n)}
+    assert 2 <= len(finished) < len(names)
+
+    result = embed_corpus(str(path), str(tmp_path / "out"), config, progress=False)
+    assert (result.skipped, result.written, result.rows) == (len(finished), len(names) - len(finished), 3000)
+    for name, entry in finished.items():  # untouched: not recomputed
+        assert (tmp_path / "out" / MANIFEST / f"{name}.json").read_text() == entry
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    ids, _, _ = read_embeddings(str(tmp_path / "out"))
+    assert ids == [f"doc-{i}" for i in range(3000)]
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+
+
+@pytest.mark.real_weights
+def test_real_weights_match_encoder(ray_cluster, real_encoder, shared_data, tmp_path):
+    with open(shared_data / "STSBenchmark" / "sts.tsv") as f:
+        texts = [line.split("\t")[0] for line in list(f)[1:25]]
+    path = write_jsonl(tmp_path / "sts.jsonl", texts)
+    result = embed_corpus(str(path), str(tmp_path / "out"),
+                          BulkConfig(model=str(real_encoder.model_dir), shard_rows=12, workers=1), progress=False)
+    assert (result.rows, result.written) == (24, 2)
+    ids, vectors, _ = read_embeddings(str(tmp_path / "out"))
+    assert ids == [f"doc-{i}" for i in range(24)] and vectors.shape == (24, 768)
+    np.testing.assert_allclose(vectors, real_encoder.encode(texts), atol=1e-5)

@@ -1,0 +1,39 @@
+"""Quality contract of the fast paths on the published weights: cosine to fp32 and the STSBenchmark ranking."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+PAIRS = 160  # small, so the test stays short; the full-set figures come from benchmarks/encode_speed.py
+
+
+def sts_sample(shared_data, n: int = PAIRS):
+    rows = [line.split("\t") for line in
+            (shared_data / "STSBenchmark" / "sts.tsv").read_text(encoding="utf-8").splitlines()[1:] if line]
+    rows = rows[:: max(1, len(rows) // n)][:n]  # spread over the file, not just its first genre
+    return [r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows])
+
+
+def spearman_x100(a: np.ndarray, b: np.ndarray, gold: np.ndarray) -> float:
+    return 100 * float(spearmanr((a * b).sum(1), gold).statistic)
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_fast_precision_keeps_quality(real_encoder, shared_data, precision):
+    s1, s2, gold = sts_sample(shared_data)
+    texts = s1 + s2
+    exact = real_encoder.encode(texts)
+    saved = real_encoder.precision
+    real_encoder.precision = precision
+    try:
+        fast = real_encoder.encode(texts)
+    finally:
+        real_encoder.precision = saved
+    cos = (fast * exact).sum(1)  # both unit length
+    assert cos.min() >= 0.99
+    assert np.abs(np.linalg.norm(fast, axis=1) - 1).max() < 1e-5
+    n = len(s1)
+    assert abs(spearman_x100(fast[:n], fast[n:], gold) - spearman_x100(exact[:n], exact[n:], gold)) <= 0.1
+

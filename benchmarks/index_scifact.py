@@ -1,16 +1,18 @@
-"""SciFact (5,183 abstracts, 300 test claims): the index against exact search, with the published weights (fp32).
+"""SciFact (5,183 abstracts, 300 test claims): the index against exact search, with the published weights.
 
 1. recall@10 of the HNSW path (candidates re-scored in float32) against exact cosine top-10, for each stored
    HNSW dtype (f32, f16, i8, b1), plus build time, size on disk and query time against exact search;
 2. end to end: `allmpnet search IX --queries claims.jsonl -k 10 --json` (a subprocess: it loads the model and
    embeds the claims itself) against the evaluation's exact search (allmpnet.evaluate.retrieval).
 
-Embeddings come through the evaluation's on-disk cache (allmpnet.evaluate.CachedEncoder), so a run after
-`allmpnet eval SciFact` does not encode the corpus again; otherwise encoding dominates (~30-50 min on 2 cores).
-    nice -n 10 .venv/bin/python benchmarks/index_scifact.py | tee benchmarks/results/index_scifact.txt
+Embeddings come through the evaluation's on-disk cache (allmpnet.evaluate.CachedEncoder, committed every 1,024
+texts), so an interrupted run resumes and a run after `allmpnet eval SciFact` at the same precision encodes nothing;
+otherwise encoding dominates (~30-50 min on 2 free cores in fp32; bf16 is faster on CPUs with AMX).
+    nice -n 10 .venv/bin/python benchmarks/index_scifact.py --precision fp32 | tee benchmarks/results/index_scifact.txt
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -40,16 +42,20 @@ def run_cli(*args: str) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="for the corpus, the claims and the CLI's own query embedding alike")
+    args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     data = read_retrieval(load_task(TASK))
     doc_ids, query_ids = list(data.corpus), list(data.queries)
-    encoder = CachedEncoder(Encoder("all-mpnet-base-v2", device="cpu"))
+    encoder = CachedEncoder(Encoder("all-mpnet-base-v2", device="cpu", precision=args.precision))
     start = time.perf_counter()
     doc_vectors = encoder.encode([document_text(d) for d in data.corpus.values()], show_progress_bar=True)
     query_vectors = encoder.encode([data.queries[q] for q in query_ids])
-    print(f"SciFact: {len(doc_ids)} abstracts, {len(query_ids)} test claims; all-mpnet-base-v2 fp32 "
+    print(f"SciFact: {len(doc_ids)} abstracts, {len(query_ids)} test claims; all-mpnet-base-v2 {args.precision} "
           f"({encoder.hits} cached, {encoder.misses} encoded, {time.perf_counter() - start:.0f} s)")
-    vectors_path = WORK / "corpus-fp32.npy"
+    vectors_path = WORK / f"corpus-{args.precision}.npy"
     np.save(vectors_path, doc_vectors)
     claims = WORK / "claims.jsonl"
     claims.write_text("".join(json.dumps({"id": q, "text": data.queries[q]}) + "\n" for q in query_ids))
@@ -92,7 +98,7 @@ def main() -> None:
           "claims embedded by the CLI) vs the evaluation's exact search (allmpnet.evaluate.retrieval.search)")
     start = time.perf_counter()
     lines = run_cli("search", str(indexes["f32"]), "--queries", str(claims), "-k", str(K), "--json",
-                    "--device", "cpu").splitlines()
+                    "--device", "cpu", "--precision", args.precision).splitlines()
     cli_seconds = time.perf_counter() - start
     cli_top = [[h["id"] for h in json.loads(line)["hits"]] for line in lines]
     reference = search(encoder, data.corpus, data.queries, top_k=K, skip_same_id=False)

@@ -20,6 +20,7 @@ import torch
 from allmpnet import Encoder
 from allmpnet.evaluate import CachedEncoder, evaluate_task, load_task, read_card, save_results, table_rows
 from allmpnet.evaluate.card import Comparison
+from allmpnet.evaluate.data import read_task
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -52,6 +53,8 @@ def main() -> int:
     folders = [args.data / t for t in args.tasks] or sorted(p for p in args.data.iterdir()
                                                             if (p / "task.json").is_file())
     tasks = [load_task(f) for f in folders]
+    for task in tasks:
+        read_task(task)  # a bad folder stops here, not after an hour of encoding
     card = read_card(args.card)
     encoder = Encoder(args.model, device=args.device, precision=args.precision)
     model = encoder if args.no_cache else CachedEncoder(encoder)
@@ -65,10 +68,18 @@ def main() -> int:
         print(f"  {result['main_score']} = {result['main_score_value']:.2f} ({result['seconds']:.0f} s)",
               file=sys.stderr, flush=True)
         save_results(results, args.out, card)
+        # rewritten after every task, so an interrupted run still leaves a table of what it finished
+        text = report(results, card, args, encoder, len(tasks), time.perf_counter() - started)
+        (args.out / "table.md").write_text(text)
+    print(text)
+    return 0
 
+
+def report(results: list[dict], card: dict, args: argparse.Namespace, encoder: Encoder, n_tasks: int,
+           seconds: float) -> str:
     lines = [f"# {encoder.name} on MTEB tasks from {args.data.name}/, mteb 1.0 protocol, against the model card",
              "", f"precision {args.precision}, device {encoder.device}, torch {torch.__version__}, "
-             f"{platform.machine()} · {len(tasks)} tasks in {time.perf_counter() - started:.0f} s "
+             f"{platform.machine()} · {len(results)} of {n_tasks} tasks in {seconds:.0f} s "
              f"(vectors from the embedding cache where present) · `python benchmarks/mteb_table.py`", "",
              "| task | type | metric | ours | card | difference | tolerance | within |",
              "|---|---|---|---:|---:|---:|---:|---|"]
@@ -78,10 +89,7 @@ def main() -> int:
         diff = "–" if row.difference is None else f"{row.difference:+.2f}"
         lines.append(f"| {row.task} | {row.type} | {row.metric} | {row.ours:.2f} | {card_value} | {diff} "
                      f"| {tolerance} | {ok} |")
-    text = "\n".join(lines) + "\n"
-    (args.out / "table.md").write_text(text)
-    print(text)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

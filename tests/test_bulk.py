@@ -16,7 +16,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from allmpnet import Encoder  # noqa: E402
-from allmpnet.bulk import BulkConfig, embed_corpus, read_embeddings  # noqa: E402
+from allmpnet.bulk import BulkConfig, BulkJobError, embed_corpus, read_embeddings  # noqa: E402
 from allmpnet.bulk.plan import find_inputs, plan_shards  # noqa: E402
 from allmpnet.bulk.readers import read_shard  # noqa: E402
 from allmpnet.bulk.shards import MANIFEST, OutputDir, shard_table  # noqa: E402
@@ -197,9 +197,20 @@ def test_bad_rows_fail_or_are_skipped_and_counted(ray_cluster, tiny_model_dir, t
     assert f"{path}:41: missing text 'text'" in err and f"{path}:42: missing id 'id'" in err
     assert main(args + ["--on-bad", "skip"]) == 0
     out = capsys.readouterr().out
-    assert "skipped 2 bad row(s)" in out and "40 rows embedded into 3 shards" in out
+    assert "skipped 2 bad row(s)" in out and "40 rows embedded into 3 shard(s)" in out
     ids, vectors, _ = read_embeddings(str(tmp_path / "out"))
     assert ids == [f"doc-{i}" for i in range(40)] and vectors.shape == (40, 32)
+
+
+def test_worker_that_cannot_load_the_model_fails_the_job_with_its_reason(ray_cluster, tiny_model_dir, tmp_path):
+    import shutil
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # the driver resolves the directory; workers load it
+    path = write_jsonl(tmp_path / "c.jsonl", sentences(5))
+    with pytest.raises(BulkJobError, match="damaged or truncated"):
+        embed_corpus(str(path), str(tmp_path / "out"), BulkConfig(model=str(broken), workers=1), progress=False)
+    assert not list((tmp_path / "out").glob("shard-*"))
 
 
 def test_killed_run_resumes_without_recomputing(ray_cluster, tiny_model_dir, tmp_path):

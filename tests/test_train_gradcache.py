@@ -54,7 +54,6 @@ def test_cached_step_replays_dropout_masks(model):
     torch.manual_seed(123)
     texts = [ids for column in columns for ids in column]
     order = np.argsort([-len(t) for t in texts], kind="stable")
-    embeddings = torch.empty(len(texts), model.dim)
     parts = []
     for start in range(0, len(order), chunk):
         rows = order[start:start + chunk]

@@ -42,16 +42,22 @@ def test_resume_continues_exactly(tiny_model_dir, data_config, tmp_path):
     class Crash(Exception):
         pass
 
-    def crash_after_step_3(model):
-        raise Crash  # the eval hook runs right after the step-3 checkpoint: a crash there loses nothing saved
+    def crash_at_step_4(model):
+        if len(calls) == 1:
+            raise Crash  # step 4 is done and logged, but the newest checkpoint is step 3's
+        calls.append(1)
+        return {}
 
-    stopped = config(data_config, tiny_model_dir, tmp_path / "stopped", eval_steps=3)
+    calls = []
+    stopped = config(data_config, tiny_model_dir, tmp_path / "stopped", eval_steps=2)
     with pytest.raises(Crash):
-        train(stopped, evaluator=crash_after_step_3)
+        train(stopped, evaluator=crash_at_step_4)
     assert latest_checkpoint(tmp_path / "stopped").name == "checkpoint-0000003"
+    assert [r["step"] for r in log_rows(tmp_path / "stopped") if "loss" in r] == [1, 2, 3, 4]
     train(config(data_config, tiny_model_dir, tmp_path / "stopped", resume=True))
     got = [r["loss"] for r in log_rows(tmp_path / "stopped") if "loss" in r]
-    assert got == expected  # steps 1-3 before the stop, 4-6 after the resume: bit for bit
+    assert got == expected  # steps 1-3 before the stop, 4-6 redone after the resume: bit for bit
+    assert [r["step"] for r in log_rows(tmp_path / "stopped") if "loss" in r] == [1, 2, 3, 4, 5, 6]
     a, b = Encoder(full), Encoder(tmp_path / "stopped")
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import socket
 import time
@@ -177,6 +178,8 @@ def _run_on_ray(pending: list[ShardSpec], out: OutputDir, config: BulkConfig, ad
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours below counts rows, not blocks
         context.print_on_execution_start = False
+        from ray.util.debug import log_once
+        log_once("ray_data_progress_manager_disabled")  # uses up Ray's one-time "progress bars disabled" notice
         items = [{"spec": json.dumps(s.to_dict())} for s in pending]  # one block each: shards spread over actors
         actors = ray.data.ActorPoolStrategy(size=min(config.workers, len(pending)))
         results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -186,7 +189,7 @@ def _run_on_ray(pending: list[ShardSpec], out: OutputDir, config: BulkConfig, ad
         total = sum(s.rows for s in pending)
         rows = iter(results.iter_rows())  # a generator: closing it stops the pipeline early
         with tqdm(total=total, desc="embedding", unit="row", disable=not progress) as bar, closing(rows):
-            for row in rows:
+            for row in _reraise_ray_errors(rows):
                 entry = json.loads(row["report"])
                 if entry.get("error"):
                     raise BulkJobError(f"worker {entry['worker']} failed on {entry['shard']}: {entry['error']}")
@@ -199,6 +202,16 @@ def _run_on_ray(pending: list[ShardSpec], out: OutputDir, config: BulkConfig, ad
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def _reraise_ray_errors(rows):
+    """Ray's own failures (an actor that could not start, a lost node) as one BulkJobError naming the cause."""
+    import ray.exceptions
+    try:
+        yield from rows
+    except ray.exceptions.RayError as e:
+        causes = [line.strip() for line in str(e).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+        raise BulkJobError(f"the Ray job failed: {causes[-1] if causes else str(e).splitlines()[0]}") from e
 
 
 def _check_resources(available: dict, config: BulkConfig, strict: bool) -> None:

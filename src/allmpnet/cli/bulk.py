@@ -51,7 +51,7 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
     except (BulkJobError, ImportError) as e:
         print(f"allmpnet embed-corpus: error: {e}", file=sys.stderr)
         return 1
-    print(f"{result.rows} rows embedded into {result.shards} shards in {args.out} "
+    print(f"{result.rows} rows embedded into {result.shards} shard(s) in {args.out} "
           f"({result.written} written now, {result.skipped} already done) in {result.seconds:.1f}s")
     if result.bad_rows:
         where, why = result.bad_examples[0]

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--precision", default="fp32", help="fp32 or bf16")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (exact), bf16, fp16, or auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
 
 
 def load_encoder(args: argparse.Namespace):

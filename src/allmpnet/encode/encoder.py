@@ -172,7 +172,7 @@ class Encoder(torch.nn.Module):
         if truncated:
             warnings.warn(f"{truncated} of {len(texts)} texts were longer than {self.max_seq_length} word pieces and "
                           "were truncated; Encoder.truncated_indices(texts) lists them", TruncationWarning,
-                          stacklevel=2)
+                          stacklevel=3)  # past the inference_mode wrapper, to the caller
         result = out[0] if single else out
         return result.numpy() if convert_to == "numpy" else result
 

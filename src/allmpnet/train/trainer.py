@@ -130,6 +130,9 @@ def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Path:
     log_path = out / "train_log.jsonl"
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None and log_path.is_file():  # steps after the checkpoint are about to be redone
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+            log_path.write_text("".join(line + "\n" for line in kept))
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     def log(record: dict) -> None:
@@ -157,7 +160,7 @@ def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Path:
     if evaluator is not None and cfg.eval_at_start and start == 0:
         evaluate(0)
     model.train()
-    window_examples = window_tokens = 0
+    window_examples = window_tokens = truncated = 0
     window_start = time.perf_counter()
     for step in range(start, cfg.steps):
         batch = sampler.next_batch()
@@ -173,6 +176,7 @@ def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Path:
 
         window_examples += batch.size
         window_tokens += sum(int(t.lengths.sum()) for t in tokenized)  # this process's share
+        truncated += sum(sum(t.truncated) for t in tokenized)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -183,7 +187,7 @@ def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Path:
                  "dataset": sampler.datasets[batch.dataset].name,
                  "examples_per_s": round(window_examples / elapsed, 3),
                  "tokens_per_s": round(window_tokens / elapsed, 1), "memory_mb": round(memory_mb(device), 1),
-                 "truncated_texts": sum(sum(t.truncated) for t in tokenized),
+                 "truncated_texts": int(sum_over_processes(truncated, context)),  # since (re)start
                  "skipped_duplicates": sum(sampler.skipped.values()), "bad_lines": sum(sampler.bad_lines.values())})
             window_examples = window_tokens = 0
             window_start = time.perf_counter()

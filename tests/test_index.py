@@ -43,11 +43,13 @@ def test_ann_recall_against_exact_search(tmp_path, dtype, min_recall):
     queries = clustered_vectors(100, seed=1)
     index = Index.build(tmp_path / "ix", vectors=vectors, ann=AnnConfig(dtype=dtype))
     expected = exact_top(queries, vectors, 10)
-    hits = index.search(queries, k=10)
+    hits = index.search(queries, k=10, exact=False)  # 3,000 rows would be searched exactly by default
     recall = np.mean([len({h.row for h in q} & set(e)) / 10 for q, e in zip(hits, expected)])
     assert recall >= min_recall
     exact_hits = index.search(queries, k=10, exact=True)
     assert [[h.row for h in q] for q in exact_hits] == expected.tolist()
+    default = index.search(queries, k=10)  # small index: exact by default
+    assert [[h.row for h in q] for q in default] == expected.tolist()
     # scores are exact cosines whatever the stored dtype
     q0, h0 = queries[0], hits[0][0]
     cosine = q0 @ vectors[h0.row] / np.linalg.norm(q0) / np.linalg.norm(vectors[h0.row])

@@ -63,7 +63,7 @@ def test_cached_step_replays_dropout_masks(model):
         (torch.cat([r for r, _ in parts]),), torch.cat([e for _, e in parts]))
     loss = batch_loss(list(embeddings.split(6)), Context(), 20.0)
     loss.backward()
-    assert float(loss) == pytest.approx(cached_loss, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(cached_loss, abs=1e-6)
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(cached[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)

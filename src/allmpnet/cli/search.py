@@ -50,7 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--queries", type=Path, help="a file of queries (.txt lines, or .jsonl/.csv with --query-field)")
     p.add_argument("--query-field", default="text", help="JSONL field or CSV column of --queries")
     p.add_argument("-k", type=int, default=10, help="hits per query")
-    p.add_argument("--exact", action="store_true", help="score every row instead of re-scoring HNSW candidates")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--exact", dest="exact", action="store_true", default=None,
+                     help="score every row (default for indexes of at most 20,000 rows)")
+    how.add_argument("--ann", dest="exact", action="store_false", help="re-score HNSW candidates, whatever the size")
     p.add_argument("--json", action="store_true", help="one JSON object per query (whole texts and metadata)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the index files on open")
     add_encoder_args(p, default_model=None)

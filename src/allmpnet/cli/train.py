@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 
 
@@ -57,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         if not cfg.eval_steps:
             raise ValueError("--eval-task needs --eval-steps N")
     out = train(cfg, evaluator)
-    print(f"trained model in {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+        print(f"trained model in {out}")
 
 
 def retrieval_evaluator(task_dir: str):

@@ -71,6 +71,8 @@ class CachedEncoder:
         self.hits = self.misses = 0
 
     def __getattr__(self, name: str):
+        if name == "encoder":  # not set yet (a failed __init__): no endless recursion
+            raise AttributeError(name)
         return getattr(self.encoder, name)  # name, dim, max_seq_length … of the wrapped encoder
 
     def encode(self, texts: Sequence[str], batch_size: int = 32, show_progress_bar: bool | None = None

@@ -46,8 +46,9 @@ class AnnConfig:
     dtype: str = "f32"          # stored HNSW vectors: f32, f16, i8 (scalar-quantised) or b1 (sign bits)
     connectivity: int = 16      # HNSW M
     expansion_add: int = 128    # efConstruction
-    expansion_search: int = 128  # ef; raised per query to at least the number of candidates
+    expansion_search: int = 256  # ef; raised per query to at least the number of candidates
     oversample: int = 0          # candidates per result for re-scoring; 0 = by dtype (4 floats and i8, 20 b1)
+    exact_below: int = 20_000    # smaller indexes are searched exactly by default: as fast, and never a miss
 
     def __post_init__(self) -> None:
         if self.dtype not in ANN_DTYPES:
@@ -118,7 +119,7 @@ class Index:
         self._docs_fd = docs_fd   # kept open: the version stays readable even if a writer replaces it
         self.offsets = offsets
         self._encoder = encoder
-        self.ann_config = AnnConfig(**manifest["ann"])
+        self.ann_config = AnnConfig(**{**asdict(AnnConfig()), **manifest["ann"]})
 
     # ----- opening -----
     @classmethod
@@ -258,11 +259,12 @@ class Index:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def search(self, queries: str | Sequence[str] | np.ndarray | torch.Tensor, k: int = 10,
-               exact: bool = False) -> list[Hit] | list[list[Hit]]:
+               exact: bool | None = None) -> list[Hit] | list[list[Hit]]:
         """Top-k hits by cosine for a text, a list of texts, a vector or a (Q, dim) matrix.
 
         A single text or 1-D vector gives one list of hits; several give one list per query. exact=True scores
-        every row (chunked) instead of re-scoring HNSW candidates.
+        every row (chunked); exact=False re-scores HNSW candidates; None (default) is exact for indexes of at
+        most `exact_below` rows, where scoring everything costs about as much as the graph walk, else HNSW.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -270,6 +272,8 @@ class Index:
             return []
         single = isinstance(queries, str) or (hasattr(queries, "ndim") and queries.ndim == 1)
         q = self.query_vectors(queries)
+        if exact is None:
+            exact = len(self) <= self.ann_config.exact_below
         if exact:
             scores, rows = topk_scores(q, self.vectors, k)
             results = list(zip(scores.numpy(), rows.numpy()))

@@ -54,7 +54,11 @@ def scifact_passages(data: Path, n: int) -> list[str]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # VmHWM is this process image's own peak; getrusage's ru_maxrss would carry over the parent's across exec
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------- one path, in its own process
@@ -129,6 +133,7 @@ def worker(args: argparse.Namespace) -> None:
         if i >= 5:
             latencies.append(seconds)
     result["latency_ms"] = [1000 * s for s in latencies]
+    del model  # one model at a time: peak RSS is the path's, not two copies'
     model = load_path(args.worker, args.model, work, PASSAGE_TOKENS)
     model.encode(passages[:8])
     result["b_seconds"], vec_b = timed(model.encode, passages)

@@ -78,7 +78,12 @@ class FusedOutput(nn.Module):
 
 def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device) -> MPNet:
     """A frozen copy of `network` in `dtype` on `device`; fused oneDNN layers where they apply (CPU, bf16/fp32)."""
-    fast = copy.deepcopy(network).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # deepcopy with every tensor pre-cast in the memo: the copy never holds a second full fp32 set of weights
+    memo = {id(t): (nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)
+                    if isinstance(t, nn.Parameter) else t.to(device=device, dtype=dtype if t.is_floating_point()
+                                                                    else t.dtype))
+            for t in list(network.parameters()) + list(network.buffers())}
+    fast = copy.deepcopy(network, memo).eval()
     fast.pooler = None  # never used for sentence vectors
     if device.type == "cpu" and dtype == torch.bfloat16 and onednn_linear_available():
         for layer in fast.encoder.layer:

@@ -100,7 +100,7 @@ def main() -> None:
         corpus = [f"{texts[i % len(texts)]} #{i}" for i in range(args.tiny_rows)]
         write_corpus(tmp / "tiny.jsonl", corpus)
         want, _, _ = reference(tiny, corpus, args.batch_size)
-        stats = run(tmp / "tiny.jsonl", tmp / "tiny-out", tiny, workers=2, shard_rows=10_000,
+        run(tmp / "tiny.jsonl", tmp / "tiny-out", tiny, workers=2, shard_rows=10_000,
                     batch_size=args.batch_size)
         print(f"\n[1] tiny random model (hidden 32, 2 layers), {args.tiny_rows} sentences, 2 workers, 10 shards")
         check_equal("    equality", tmp / "tiny-out", corpus, want)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from allmpnet import Encoder
-from allmpnet.evaluate import CachedEncoder, evaluate_task, load_task, read_card, save_results, table_rows
+from allmpnet.evaluate import CachedEncoder, load_task, read_card, run_tasks, table_rows
 from allmpnet.evaluate.card import Comparison
 from allmpnet.evaluate.data import read_task
 
@@ -58,19 +58,15 @@ def main() -> int:
     card = read_card(args.card)
     encoder = Encoder(args.model, device=args.device, precision=args.precision)
     model = encoder if args.no_cache else CachedEncoder(encoder)
-    results = []
     started = time.perf_counter()
-    for task in tasks:
-        print(f"{task.name} ({task.type}) …", file=sys.stderr, flush=True)
-        result = evaluate_task(task, model, batch_size=args.batch_size, show_progress_bar=True)
-        result["model"] = encoder.name
-        results.append(result)
-        print(f"  {result['main_score']} = {result['main_score_value']:.2f} ({result['seconds']:.0f} s)",
-              file=sys.stderr, flush=True)
-        save_results(results, args.out, card)
+    table = args.out / "table.md"
+
+    def write_table(results: list[dict]) -> None:
         # rewritten after every task, so an interrupted run still leaves a table of what it finished
-        text = report(results, card, args, encoder, len(tasks), time.perf_counter() - started)
-        (args.out / "table.md").write_text(text)
+        table.write_text(report(results, card, args, encoder, len(tasks), time.perf_counter() - started))
+
+    run_tasks(tasks, model, encoder.name, args.out, card, batch_size=args.batch_size, after_each=write_table)
+    text = table.read_text()
     print(text)
     return 0
 

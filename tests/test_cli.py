@@ -1,7 +1,6 @@
 """The `allmpnet` command on the tiny model: encode files, bad rows, similarity, info, demo."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

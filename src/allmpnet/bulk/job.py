@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from allmpnet.bulk.plan import ShardSpec, find_inputs, plan_shards
 from allmpnet.bulk.readers import read_shard
-from allmpnet.bulk.shards import JOB, MANIFEST, SUMMARY, OutputDir, shard_table
+from allmpnet.bulk.shards import JOB, SUMMARY, OutputDir, shard_table
 from allmpnet.weights import DEFAULT_MODEL
 
 ON_BAD = ("fail", "skip")

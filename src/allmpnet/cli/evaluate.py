@@ -54,7 +54,7 @@ def task_dirs(names: list[str], data: Path | None) -> list[Path]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from allmpnet.evaluate import CachedEncoder, evaluate_task, load_task, read_card, save_results, table_rows
+    from allmpnet.evaluate import CachedEncoder, load_task, read_card, run_tasks, table_rows
     from allmpnet.evaluate.card import markdown_table
     from allmpnet.evaluate.data import read_task
 
@@ -72,15 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise
             print(f"no card comparison: {e}", file=sys.stderr)
     model = encoder if args.no_cache else CachedEncoder(encoder, args.cache_dir)
-    results = []
-    for i, task in enumerate(tasks, start=1):
-        print(f"[{i}/{len(tasks)}] {task.name} ({task.type})", file=sys.stderr, flush=True)
-        result = evaluate_task(task, model, batch_size=args.batch_size, show_progress_bar=True)
-        result["model"] = encoder.name
-        results.append(result)
-        print(f"  {result['main_score']} = {result['main_score_value']:.2f}  ({result['seconds']:.0f} s)",
-              file=sys.stderr, flush=True)
-        save_results(results, args.out, card)  # after each task, so a long run keeps what it finished
+    results = run_tasks(tasks, model, encoder.name, args.out, card, batch_size=args.batch_size)
     print(markdown_table(table_rows(results, card)), end="")
     print(f"results: {args.out}/<task>.json and {args.out}/table.md", file=sys.stderr)
     return 0

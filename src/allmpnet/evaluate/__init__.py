@@ -12,11 +12,11 @@ from allmpnet.evaluate.data import DatasetError, Task, load_task
 from allmpnet.evaluate.pair_classification import evaluate_pair_classification
 from allmpnet.evaluate.reranking import evaluate_reranking
 from allmpnet.evaluate.retrieval import evaluate_retrieval, exact_top_k, score_run, search
-from allmpnet.evaluate.runner import EVALUATORS, evaluate_task, save_results, table_rows
+from allmpnet.evaluate.runner import EVALUATORS, evaluate_task, run_tasks, save_results, table_rows
 from allmpnet.evaluate.sts import evaluate_sts
 from allmpnet.evaluate.summarization import evaluate_summarization
 
-__all__ = ["CachedEncoder", "DatasetError", "Task", "load_task", "evaluate_task", "save_results", "table_rows",
+__all__ = ["CachedEncoder", "DatasetError", "Task", "load_task", "evaluate_task", "run_tasks", "save_results", "table_rows",
            "EVALUATORS", "read_card", "compare", "markdown_table", "evaluate_sts", "evaluate_classification",
            "evaluate_clustering", "evaluate_retrieval", "evaluate_reranking", "evaluate_pair_classification",
            "evaluate_summarization", "exact_top_k", "score_run", "search"]

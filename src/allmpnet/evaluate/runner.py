@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -66,3 +67,23 @@ def save_results(results: list[dict], out_dir: str | os.PathLike, card: dict | N
     table = out / name
     table.write_text(markdown_table(table_rows(results, card)))
     return table
+
+
+def run_tasks(tasks: list[Task], encoder, model_name: str, out_dir: str | os.PathLike, card: dict | None = None,
+              batch_size: int = 32, after_each=None) -> list[dict]:
+    """Evaluate tasks in turn, saving results after each so an interrupted run keeps what it finished.
+
+    `after_each(results)` runs after every save (the card-check script rewrites its own table there).
+    """
+    results = []
+    for i, task in enumerate(tasks, start=1):
+        print(f"[{i}/{len(tasks)}] {task.name} ({task.type})", file=sys.stderr, flush=True)
+        result = evaluate_task(task, encoder, batch_size=batch_size, show_progress_bar=True)
+        result["model"] = model_name
+        results.append(result)
+        print(f"  {result['main_score']} = {result['main_score_value']:.2f}  ({result['seconds']:.0f} s)",
+              file=sys.stderr, flush=True)
+        save_results(results, out_dir, card)
+        if after_each is not None:
+            after_each(results)
+    return results

@@ -26,6 +26,7 @@ import torch
 from allmpnet.search import storage
 from allmpnet.search.exact import as_matrix, cosine_scores, topk_scores
 from allmpnet.search.storage import IndexFormatError
+from allmpnet.weights import sha256_of
 
 FORMAT = "allmpnet-index"
 FORMAT_VERSION = 1
@@ -158,7 +159,7 @@ class Index:
             if size != expected["bytes"]:
                 raise IndexFormatError(f"{version} is corrupt: {name} has {size} bytes, the manifest says "
                                        f"{expected['bytes']}")
-            if verify and storage.sha256_file(path) != expected["sha256"]:
+            if verify and sha256_of(path) != expected["sha256"]:
                 raise IndexFormatError(f"{version} is corrupt: {name} does not match its sha256 in the manifest")
         if manifest["files"][VECTORS]["bytes"] != count * dim * 4:
             raise IndexFormatError(f"{version} is corrupt: {VECTORS} does not hold {count} x {dim} float32")
@@ -420,7 +421,7 @@ class IndexWriter:
         np.frombuffer(self.offsets, dtype=np.uint64).astype("<u8").tofile(self.staging / OFFSETS)
         self.ann.save(str(self.staging / ANN))
         files = {name: {"bytes": (self.staging / name).stat().st_size,
-                        "sha256": storage.sha256_file(self.staging / name)} for name in DATA_FILES}
+                        "sha256": sha256_of(self.staging / name)} for name in DATA_FILES}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "count": self.count, "dim": self.dim,
                     "model": self.model, "ann": asdict(self.ann_config), "files": files, "created": self.created,
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -40,20 +40,23 @@ class TextsRequest(BaseModel):
         return value
 
 
-class EmbeddingsRequest(TextsRequest):
-    # unknown fields are ignored here, as OpenAI-compatible clients may send their own extras
-    model_config = ConfigDict(extra="ignore")
-
+class TokenizeRequest(TextsRequest):
     input: str | list[Any]
-    model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
 
     @field_validator("input", mode="before")
     @classmethod
     def _check_input(cls, value: Any) -> Any:
         return cls._texts(value, "input")
+
+
+class EmbeddingsRequest(TokenizeRequest):
+    # unknown fields are ignored here, as OpenAI-compatible clients may send their own extras
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
 
 
 class SimilarityRequest(TextsRequest):
@@ -64,15 +67,6 @@ class SimilarityRequest(TextsRequest):
     @classmethod
     def _check_texts(cls, value: Any, info) -> Any:
         return cls._texts(value, info.field_name)
-
-
-class TokenizeRequest(TextsRequest):
-    input: str | list[Any]
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _check_input(cls, value: Any) -> Any:
-        return cls._texts(value, "input")
 
 
 class SearchRequest(TextsRequest):

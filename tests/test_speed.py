@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from allmpnet import Encoder
 from allmpnet.encode import encoder as encoder_module
 from allmpnet.encode.batching import prefetched, token_budget_batches, windows
-from allmpnet.encode.fused import FusedAttention, PackedLinear, onednn_linear_available
+from allmpnet.encode.fused import (AttentionGroup, PackedLinear, attention_groups, block_bias, inference_network,
+                                   onednn_linear_available, right_padded)
+from allmpnet.model import MPNet
 
 TEXTS = ["hello world", "the cat is on the moon", "", "   ", "a dog and a car", "x" * 80,
          "this is a test sentence with more words than the others in the list", "sun", "plant search query"]
@@ -55,6 +57,24 @@ def test_token_budget_none_means_fixed_count():
     assert sizes == [32, 32, 6]
 
 
+def test_no_count_cap_lets_the_budget_alone_decide():
+    lengths = np.array([10] * 1000 + [250] * 20)
+    sizes = [len(b) for b in token_budget_batches(lengths, max_texts=None, max_tokens=1000)]
+    assert sizes == [4] * 5 + [100] * 10  # 4 x 250 and 100 x 10 tokens per batch
+    assert [len(b) for b in token_budget_batches(np.array([5, 6, 7]), None, None)] == [3]
+
+
+def test_encode_default_batches_by_token_budget(tiny_model_dir, monkeypatch):
+    enc = Encoder(tiny_model_dir, device="cpu", max_batch_tokens=64)
+    seen = []
+    original = enc.embed
+    monkeypatch.setattr(enc, "embed", lambda ids, mask, normalize=None: seen.append(ids.shape) or original(ids, mask))
+    texts = ["cat"] * 100  # 3 tokens each with <s> and </s>
+    vectors = enc.encode(texts)
+    assert [s[0] for s in seen] == [21] * 4 + [16]  # 64 // 3 texts per batch, not a fixed 32
+    np.testing.assert_allclose(vectors, enc.encode(texts, batch_size=7), atol=1e-6)
+
+
 @pytest.mark.parametrize("texts,tokens", [(0, 10), (4, 0)])
 def test_token_budget_rejects_bad_limits(texts, tokens):
     with pytest.raises(ValueError):
@@ -84,6 +104,88 @@ def test_prefetched_keeps_order_and_prepares_next_item_while_caller_works():
     assert events.index("prepared 1") < events.index("used 0")
     assert threads and all(t.startswith("allmpnet-tokenize") for t in threads)
     assert list(prefetched([], prepare)) == []
+
+
+def test_prefetched_single_item_runs_inline():
+    threads = []
+    got = list(prefetched(["only"], lambda item: threads.append(threading.current_thread().name) or item.upper()))
+    assert got == [("only", "ONLY")]
+    assert threads == [threading.current_thread().name]  # a lone query pays no thread start-up
+
+
+# ---------------------------------------------------------------- the fast inference copy
+
+
+def test_attention_groups_cover_each_token_once_in_blocks():
+    lengths = [5] * 7 + [3, 3, 40, 0, 6]
+    groups = attention_groups(lengths, block_tokens=16)
+    assert groups == [AttentionGroup(start=0, blocks=2, rows_per_block=3, length=5),  # 3 x 5 = 15 <= 16 tokens
+                      AttentionGroup(start=30, blocks=1, rows_per_block=1, length=5),  # the 7th row of 5
+                      AttentionGroup(start=35, blocks=1, rows_per_block=2, length=3),
+                      AttentionGroup(start=41, blocks=1, rows_per_block=1, length=40),  # longer than a block
+                      AttentionGroup(start=81, blocks=1, rows_per_block=1, length=6)]  # the empty row is skipped
+    assert groups[-1].end == sum(lengths)
+
+
+def test_block_bias_keeps_each_row_to_itself():
+    position = torch.arange(8, dtype=torch.float32).view(2, 2, 2)  # (H=2, L=2, L=2)
+    bias = block_bias(position, rows=2)
+    assert bias.shape == (1, 2, 4, 4) and bias.is_contiguous()
+    low = torch.finfo(torch.float32).min
+    expected_head0 = torch.tensor([[0, 1, low, low], [2, 3, low, low], [low, low, 0, 1], [low, low, 2, 3]])
+    torch.testing.assert_close(bias[0, 0], expected_head0)
+    torch.testing.assert_close(bias[0, 1, 2:, 2:], position[1])
+
+
+def test_right_padded_detects_layout():
+    assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding
+    assert not right_padded(torch.tensor([[1, 0, 1]]))  # a hole
+
+
+def mixed_batch(enc: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of equal lengths (grouped side by side), distinct lengths and padding, sorted as encode() sorts."""
+    texts = ["cat", "dog", "sun", "moon", "a dog and a car", "the cat is on the moon", "hello world",
+             "x" * 60, "this is a test sentence with more words than the others in the list"]
+    tokenized = enc.tokenize(texts)
+    order = sorted(range(len(texts)), key=lambda i: -tokenized.lengths[i])
+    return enc.tokenizer.pad([tokenized.ids[i] for i in order])
+
+
+def test_fast_copy_matches_the_network_on_real_tokens(tiny_model_dir):
+    enc = Encoder(tiny_model_dir, device="cpu")
+    ids, mask = mixed_batch(enc)
+    assert not bool(mask.all())  # padding present
+    with torch.inference_mode():
+        expected = enc.network(ids, mask)
+        got = inference_network(enc.network, torch.float32, torch.device("cpu"))(ids, mask)
+        fast_bf16 = inference_network(enc.network, torch.bfloat16, torch.device("cpu"))(ids, mask).float()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert got[~real].abs().max() == 0  # padding positions are zeros
+    torch.testing.assert_close(fast_bf16[real], expected[real], atol=0.1, rtol=0.05)
+
+
+def test_fp32_fast_copy_shares_the_weights(tiny_model_dir):
+    enc = Encoder(tiny_model_dir, device="cpu")
+    fast = enc.inference_network()
+    dense = enc.network.encoder.layer[1].output.dense.weight
+    assert fast.layers[1].down.weight.data_ptr() == dense.data_ptr()  # no second fp32 copy of the weights
+
+
+def test_left_padded_input_falls_back_to_the_network(tiny_model_dir):
+    enc = Encoder(tiny_model_dir, device="cpu", precision="bf16")
+    ids, mask = enc.tokenizer.pad(enc.tokenize(["the cat is on the moon", "sun"]).ids)
+    shift = int((mask[1] == 0).sum())
+    left_ids, left_mask = ids.clone(), mask.clone()
+    left_ids[1] = torch.roll(ids[1], shift)
+    left_mask[1] = torch.roll(mask[1], shift)
+    with torch.inference_mode():
+        got = enc(left_ids, left_mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = enc.network(left_ids, left_mask)
+        expected = F.normalize(enc.pooling(tokens.float(), left_mask), dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- encoder precision and fast copy
@@ -130,8 +232,7 @@ def test_bf16_cpu_runs_fused_layers_and_leaves_fp32_weights_alone(tiny_model_dir
     enc = Encoder(tiny_model_dir, device="cpu", precision="bf16")
     enc.encode(TEXTS)
     fast = enc.inference_network()
-    assert isinstance(fast.encoder.layer[0].attention, FusedAttention)
-    assert isinstance(fast.encoder.layer[0].intermediate, PackedLinear)
+    assert all(isinstance(linear, PackedLinear) for linear in (fast.layers[0].qkv, fast.layers[0].up))
     assert all(p.dtype == torch.float32 for p in enc.network.parameters())  # training/saving see fp32 masters
     # the copy is not a registered submodule: state_dict, parameters() and save() stay the fp32 model's
     assert list(enc.state_dict()) == ["network." + k for k in enc.network.state_dict()]

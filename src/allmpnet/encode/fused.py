@@ -1,14 +1,22 @@
-"""A fast inference copy of the MPNet network: low-precision weights, and on CPU oneDNN-prepacked linear layers.
+"""A fast inference copy of the MPNet network: unpadded tokens, fused projections, oneDNN-prepacked linears.
 
-Plain ``F.linear`` in bf16 on CPU spends about as long broadcasting the bias into its output as the AMX matmul
-itself takes, and GELU and the residual add are each another pass over memory. oneDNN's linear op (the one
-torch.compile's CPU backend emits) takes a weight reordered once into the AMX tile layout and applies bias, GELU
-or a residual add while the output is still in cache. The swap below keeps the network's maths and module tree;
-only the leaves that do the work change. The fp32 training network is never touched: this is a separate copy.
+Three swaps, each measured on the encoder's shapes (see docs/speed.md):
+
+- Tokens travel *packed*: every position-wise step (the four projections, GELU, residual adds, LayerNorms: ~95%
+  of the FLOPs) runs on the batch's real tokens only, as one (N, C) matrix. Only attention sees the padded
+  (B, T) layout. A batch of sentences of mixed length then costs its real tokens, not rows x longest, and big
+  batches stop paying for padding.
+- q, k and v are one (3C x C) projection.
+- On CPU in bf16, linear layers use oneDNN's prepacked op (the one torch.compile's CPU backend emits): the
+  weight is reordered once into the AMX tile layout, and bias, GELU or the residual add are applied while the
+  output is still in cache instead of in separate passes over memory.
+
+The maths is the network's own; the fp32 training network is never touched: this is a separate frozen copy.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +37,28 @@ def onednn_linear_available() -> bool:
         return False
 
 
-class PackedLinear(nn.Module):
-    """y = act(x W^T + b) [+ residual] with W prepacked by oneDNN; inference only."""
+class Linear(nn.Module):
+    """y = act(x W^T + b) [+ residual], inference only; act is "none" or "gelu" (exact erf GELU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"):
+        super().__init__()
+        self.activation = activation
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.activation == "gelu":
+            y = F.gelu(y)
+        return y if residual is None else y.add_(residual)
+
+
+class PackedLinear(Linear):
+    """Linear with W prepacked by oneDNN and the bias, GELU or residual add fused into the matmul."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none",
                  batch_hint: int = 1024):
-        super().__init__()
-        self.activation = activation  # "none" or "gelu" (exact erf GELU: oneDNN's "none" algorithm)
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        super().__init__(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint), bias, activation)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if residual is not None:
@@ -45,50 +66,147 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], "none")
 
 
-class FusedAttention(nn.Module):
-    """Attention block of one layer: one q|k|v projection, SDPA, output projection fused with the residual add."""
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is real tokens followed by padding (what our tokenizer emits): the fast copy's layout."""
+    lengths = attention_mask.sum(1, keepdim=True)  # (B, 1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return bool(((positions < lengths) == attention_mask.bool()).all())
 
-    def __init__(self, attention: nn.Module):
+
+def row_bucket(n: int) -> int:
+    """Rows the packed (N, C) matrix is padded to. oneDNN builds and caches a kernel, with buffers, per matrix
+    shape: every distinct N costs a few MB for good (measured ~20 MB per N for a layer's four projections), so
+    100k sentences in batches of ever-different N grew RSS past 3 GB. Rounding N up keeps the shapes few for
+    ~1-3% extra rows; small N (single queries) round finely, since their cost is reading the weights anyway."""
+    step = 16 if n <= 256 else 128 if n <= 4096 else 512
+    return -(-n // step) * step
+
+
+# attention on very short rows is all per-row overhead in SDPA's kernel: rows shorter than this are laid side by
+# side into blocks of about this many tokens, with a block-diagonal bias keeping each row to itself
+ATTENTION_BLOCK_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """`blocks` consecutive blocks of `rows_per_block` rows of `length` tokens, from packed token `start` on."""
+    start: int
+    blocks: int
+    rows_per_block: int
+    length: int
+
+    @property
+    def block_tokens(self) -> int:
+        return self.rows_per_block * self.length
+
+    @property
+    def end(self) -> int:
+        return self.start + self.blocks * self.block_tokens
+
+
+def attention_groups(lengths: list[int], block_tokens: int = ATTENTION_BLOCK_TOKENS) -> list[AttentionGroup]:
+    """Cut rows (in packed order) into groups SDPA can run as one (blocks, H, rows x length, D) call: rows of one
+    length need no padding, and short ones go side by side. Length-sorted batches give few groups."""
+    groups, token, row = [], 0, 0
+    while row < len(lengths):
+        length, end = lengths[row], row
+        while end < len(lengths) and lengths[end] == length:
+            end += 1
+        rows = end - row
+        if length > 0:
+            per_block = max(1, min(rows, block_tokens // length))
+            for blocks, per in ((rows // per_block, per_block), (1, rows % per_block)):
+                if blocks and per:
+                    groups.append(AttentionGroup(token, blocks, per, length))
+                    token += blocks * per * length
+        row = end
+    return groups
+
+
+def block_bias(position_bias: torch.Tensor, rows: int) -> torch.Tensor:
+    """(H, L, L) -> (1, H, rows*L, rows*L): the position bias on the diagonal blocks, -inf-like elsewhere."""
+    H, L, _ = position_bias.shape
+    if rows == 1:
+        return position_bias[None].contiguous()
+    row_of = torch.arange(rows * L, device=position_bias.device) // L
+    same_row = row_of[:, None] == row_of[None, :]
+    tiled = position_bias.repeat(1, rows, rows)  # (H, rows*L, rows*L), relative positions right within a block
+    return tiled.masked_fill(~same_row, torch.finfo(tiled.dtype).min)[None].contiguous()
+
+
+class FastLayer(nn.Module):
+    """One encoder layer on packed tokens: (N, C) -> (N, C)."""
+
+    def __init__(self, layer: nn.Module, make_linear):
         super().__init__()
-        attn = attention.attn
+        attn = layer.attention.attn
         self.n_head = attn.n_head
-        self.qkv = PackedLinear(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]),
-                                torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]))
-        self.o = PackedLinear(attn.o.weight, attn.o.bias)
-        self.LayerNorm = attention.LayerNorm
+        self.qkv = make_linear(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]),
+                               torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]))
+        self.o = make_linear(attn.o.weight, attn.o.bias)
+        self.attention_norm = layer.attention.LayerNorm
+        self.up = make_linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, activation="gelu")
+        self.down = make_linear(layer.output.dense.weight, layer.output.dense.bias)
+        self.output_norm = layer.output.LayerNorm
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)  # (B, H, T, D)
-        return self.LayerNorm(self.o(y.transpose(1, 2).reshape(B, T, C), residual=x))
+    def forward(self, x: torch.Tensor, groups: list[AttentionGroup], biases: dict[tuple[int, int], torch.Tensor]
+                ) -> torch.Tensor:
+        N, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        qkv = self.qkv(x)  # (N, 3C)
+        y = torch.empty_like(x)  # (N, C)
+        y[groups[-1].end if groups else 0:].zero_()  # the bucket's padding rows: finite, never attended to
+        for g in groups:
+            rows = qkv[g.start:g.end].view(g.blocks, g.block_tokens, 3, H, D)
+            q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=biases[g.length, g.rows_per_block])
+            y[g.start:g.end].view(g.blocks, g.block_tokens, H, D).copy_(out.transpose(1, 2))
+        a = self.attention_norm(self.o(y, residual=x))
+        return self.output_norm(self.down(self.up(a), residual=a))
 
 
-class FusedOutput(nn.Module):
-    """LayerNorm(residual + dense(h)) with the add done by the matmul's epilogue."""
+class FastMPNet(nn.Module):
+    """Inference-only MPNet with the same interface: (B, T) ids and right-padded mask -> (B, T, C), zeros at
+    padding. Tokens are packed (real tokens only) through every layer; attention runs per run of equal-length
+    rows, so batches sorted by length (as encode() makes them) cost their real tokens and nothing more."""
 
-    def __init__(self, output: nn.Module):
+    def __init__(self, network: MPNet, make_linear):
         super().__init__()
-        self.dense = PackedLinear(output.dense.weight, output.dense.bias)
-        self.LayerNorm = output.LayerNorm
+        self.cfg = network.cfg
+        self.embeddings = network.embeddings
+        self.layers = nn.ModuleList(FastLayer(layer, make_linear) for layer in network.encoder.layer)
+        self.positions = network.encoder  # for its position_bias(); its own layers are emptied, never run
+        self.positions.layer = nn.ModuleList()
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(h, residual=residual))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        keep = attention_mask.reshape(-1).bool()
+        lengths = attention_mask.sum(1).tolist()
+        x = self.embeddings(input_ids).reshape(B * T, -1)[keep]  # (N, C), row after row
+        N = x.shape[0]
+        x = torch.cat([x, x.new_zeros(row_bucket(N) - N, x.shape[1])])  # (N', C): a cached kernel shape
+        groups = attention_groups(lengths)
+        biases = {}  # (length, rows per block) -> (1, H, T, T)
+        for g in groups:
+            if (g.length, g.rows_per_block) not in biases:
+                position = self.positions.position_bias(g.length, x.device).to(x.dtype)  # (H, L, L)
+                biases[g.length, g.rows_per_block] = block_bias(position, g.rows_per_block)
+        for layer in self.layers:
+            x = layer(x, groups, biases)
+        out = x.new_zeros(B * T, x.shape[1])
+        out[keep] = x[:N]
+        return out.view(B, T, -1)
 
 
-def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device) -> MPNet:
-    """A frozen copy of `network` in `dtype` on `device`; fused oneDNN layers where they apply (CPU, bf16/fp32)."""
+def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device) -> FastMPNet:
+    """A frozen copy of `network` in `dtype` on `device`, with oneDNN layers where they apply (CPU, bf16).
+
+    In the network's own dtype and device the copy shares its weight tensors (only q|k|v is new)."""
     # deepcopy with every tensor pre-cast in the memo: the copy never holds a second full fp32 set of weights
     memo = {id(t): (nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)
                     if isinstance(t, nn.Parameter) else t.to(device=device, dtype=dtype if t.is_floating_point()
                                                                     else t.dtype))
             for t in list(network.parameters()) + list(network.buffers())}
-    fast = copy.deepcopy(network, memo).eval()
-    fast.pooler = None  # never used for sentence vectors
-    if device.type == "cpu" and dtype == torch.bfloat16 and onednn_linear_available():
-        for layer in fast.encoder.layer:
-            layer.attention = FusedAttention(layer.attention)
-            layer.intermediate = PackedLinear(layer.intermediate.dense.weight, layer.intermediate.dense.bias,
-                                              activation="gelu")
-            layer.output = FusedOutput(layer.output)
-    return fast
+    cast = copy.deepcopy(network, memo).eval()
+    prepack = device.type == "cpu" and dtype == torch.bfloat16 and onednn_linear_available()
+    return FastMPNet(cast, PackedLinear if prepack else Linear).eval()

@@ -161,11 +161,24 @@ class LayerStack(nn.Module):
                                            self.cfg.relative_attention_max_distance)  # (T, T)
         return self.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, T, T)
 
+    def attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype,
+                       broadcast_unpadded: bool = False) -> torch.Tensor:
+        """The additive attention mask: relative-position bias, and -inf-like at padded keys.
+
+        broadcast_unpadded: a batch without padding gets one (1, H, T, T) bias for all rows. It is a data-dependent
+        branch, so only eager inference uses it (traced exports and training keep one code path).
+        """
+        bias = self.position_bias(attention_mask.shape[1], attention_mask.device).to(dtype)[None]  # (1, H, T, T)
+        if not (broadcast_unpadded and bool(attention_mask.all())):
+            padding = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+            padding.masked_fill_(attention_mask == 0, torch.finfo(dtype).min)
+            bias = bias + padding[:, None, None, :]  # (B, H, T, T)
+        # contiguous: the bias would otherwise keep the permuted (H, T, T) layout, and SDPA copies a strided mask
+        # on every layer
+        return bias.contiguous()
+
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        padding = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
-        padding.masked_fill_(attention_mask == 0, torch.finfo(x.dtype).min)
-        bias = self.position_bias(T, x.device).to(x.dtype)[None] + padding[:, None, None, :]  # (B, H, T, T)
+        bias = self.attention_bias(attention_mask, x.dtype)
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, bias, use_reentrant=False)

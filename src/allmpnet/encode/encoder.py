@@ -59,8 +59,9 @@ class Encoder(torch.nn.Module):
                  precision: str = "fp32", max_seq_length: int | None = None,
                  max_batch_tokens: int | None = DEFAULT_BATCH_TOKENS):
         """precision: "fp32" (exact, matches sentence-transformers), "bf16", "fp16", or "auto" (the fastest the
-        hardware computes natively). Inference in bf16/fp16 runs a separate frozen copy of the network (on CPU
-        with oneDNN-fused layers); training and gradients always go through the fp32 weights under autocast.
+        hardware computes natively). Inference runs a frozen copy of the network on packed (unpadded) tokens, in
+        the chosen precision (in fp32 it shares the weights; on CPU in bf16 with oneDNN layers); training and
+        gradients always go through the fp32 weights, under autocast for bf16/fp16.
         max_batch_tokens caps the padded tokens of one encode() batch (None: batch_size alone decides, 32 if unset)."""
         super().__init__()
         self.model_dir = resolve(model)

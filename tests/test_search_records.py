@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from allmpnet import textfiles
 from allmpnet.search import CorpusSpec, iter_records, scan
-from allmpnet.search import records
 
 
 def write(path, data: bytes):
@@ -78,7 +78,7 @@ def test_ids_already_in_the_index_are_bad_rows(tmp_path):
 
 
 def test_huge_lines_and_texts_are_refused_without_reading_them_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(records, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(textfiles, "MAX_LINE_BYTES", 1000)
     path = write(tmp_path / "c.txt", b"short\n" + b"x" * 5000 + b"\n" + b"y" * 600 + b"\nlast\n")
     report, rows = read_all(path, CorpusSpec(max_chars=500), skip_bad=True)
     assert [r.text for r in rows] == ["short", "last"]

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from allmpnet.textfiles import bad_rows_error, decoded_lines
+
 
 @dataclass
 class TextRows:
@@ -17,7 +19,7 @@ class TextRows:
 def read_texts(path: str | Path, field_name: str = "text", skip_bad: bool = False) -> TextRows:
     """Texts from .txt (one per line, empty lines kept), .jsonl (a string field) or .csv (a column).
 
-    A bad row (not UTF-8, not JSON, field missing or not a string) raises ValueError naming its line,
+    A bad row (not UTF-8, over 16 MB, not JSON, field missing or not a string) raises ValueError naming its line,
     unless skip_bad, in which case it is counted in `bad` and left out.
     """
     path = Path(path)
@@ -25,16 +27,12 @@ def read_texts(path: str | Path, field_name: str = "text", skip_bad: bool = Fals
         raise FileNotFoundError(f"{path}: no such file")
     rows = TextRows()
     suffix = path.suffix.lower()
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()  # the newline that ends the file does not start another row
     decoded: list[tuple[int, str]] = []
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            decoded.append((number, raw.removesuffix(b"\r").decode("utf-8")))
-        except UnicodeDecodeError as e:
-            rows.bad.append((number, f"not valid UTF-8 ({e.reason} at byte {e.start})"))
+    for number, line, why in decoded_lines(path):
+        if why is None:
+            decoded.append((number, line))
+        else:
+            rows.bad.append((number, why))
     if suffix == ".csv":
         _read_csv(decoded, field_name, rows, path)
     else:
@@ -45,9 +43,8 @@ def read_texts(path: str | Path, field_name: str = "text", skip_bad: bool = Fals
                 rows.texts.append(line)
                 rows.line_numbers.append(number)
     if rows.bad and not skip_bad:
-        shown = "; ".join(f"line {n}: {why}" for n, why in rows.bad[:5])
-        more = f" (and {len(rows.bad) - 5} more)" if len(rows.bad) > 5 else ""
-        raise ValueError(f"{path}: {len(rows.bad)} bad row(s): {shown}{more}; pass --skip-bad to skip and count them")
+        rows.bad.sort()
+        raise bad_rows_error(path, rows.bad)
     return rows
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer physical line is reported as bad, never read into memory whole
+from allmpnet.textfiles import bad_rows_error, decoded_lines
+
 FORMATS = (".txt", ".jsonl", ".csv")
 
 
@@ -75,10 +76,7 @@ def scan(path: str | Path, spec: CorpusSpec = CorpusSpec(), existing_ids: set[st
             seen.add(item.id)
             report.rows += 1
     if report.bad and not skip_bad:
-        shown = "; ".join(f"line {n}: {why}" for n, why in report.bad[:5])
-        more = f" (and {len(report.bad) - 5} more)" if len(report.bad) > 5 else ""
-        raise ValueError(f"{path}: {len(report.bad)} bad row(s): {shown}{more}; "
-                         "pass --skip-bad to skip and count them")
+        raise bad_rows_error(path, report.bad)
     if report.rows == 0:
         raise ValueError(f"{path}: no rows to index ({report.summary()})")
     return report
@@ -108,35 +106,6 @@ def _with_id_field(path: Path, spec: CorpusSpec) -> CorpusSpec:
     return spec
 
 
-def _raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes without the newline), or None for a line over MAX_LINE_BYTES (skipped, not held)."""
-    with open(path, "rb") as f:
-        number = 0
-        while True:
-            raw = f.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                return
-            number += 1
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                    pass
-                yield number, None
-                continue
-            yield number, raw.rstrip(b"\n").removesuffix(b"\r")
-
-
-def _decoded(path: Path, report: ScanReport) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line, text, None) for readable lines, (line, None, why) for unreadable ones."""
-    for number, raw in _raw_lines(path):
-        if raw is None:
-            yield number, None, f"line longer than {MAX_LINE_BYTES} bytes"
-            continue
-        try:
-            yield number, raw.decode("utf-8"), None
-        except UnicodeDecodeError as e:
-            yield number, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
-
-
 def _parse(path: Path, spec: CorpusSpec, report: ScanReport, peek: bool = False
            ) -> Iterator[tuple[int, Record | str | dict]]:
     """(line, Record) for good rows and (line, reason) for bad ones; peek yields the raw dict of the first record."""
@@ -144,7 +113,7 @@ def _parse(path: Path, spec: CorpusSpec, report: ScanReport, peek: bool = False
     if kind == ".csv":
         yield from _parse_csv(path, spec, report, peek)
         return
-    for number, line, why in _decoded(path, report):
+    for number, line, why in decoded_lines(path):
         if why is not None:
             yield number, why
         elif kind == ".txt":
@@ -172,7 +141,7 @@ def _parse_csv(path: Path, spec: CorpusSpec, report: ScanReport, peek: bool) -> 
     pending_bad: list[tuple[int, str]] = []
 
     def good_lines() -> Iterator[str]:
-        for number, line, why in _decoded(path, report):
+        for number, line, why in decoded_lines(path):
             if why is not None:
                 pending_bad.append((number, why))
                 continue

@@ -1,6 +1,7 @@
 """Fast paths on the tiny random model: token-budget batching, tokenization prefetch, bf16 inference copy, ONNX."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from allmpnet import Encoder
 from allmpnet.encode import encoder as encoder_module
 from allmpnet.encode.batching import prefetched, token_budget_batches, windows
-from allmpnet.encode.fused import (AttentionGroup, PackedLinear, attention_groups, block_bias, inference_network,
-                                   onednn_linear_available, right_padded)
+from allmpnet.encode.fused import (AttentionGroup, FastMPNet, Linear, PackedLinear, attention_groups, block_bias,
+                                   inference_network, onednn_linear_available, right_padded)
 from allmpnet.model import MPNet
 
 TEXTS = ["hello world", "the cat is on the moon", "", "   ", "a dog and a car", "x" * 80,
@@ -164,6 +165,23 @@ def test_fast_copy_matches_the_network_on_real_tokens(tiny_model_dir):
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
     assert got[~real].abs().max() == 0  # padding positions are zeros
     torch.testing.assert_close(fast_bf16[real], expected[real], atol=0.1, rtol=0.05)
+
+
+def test_padded_attention_variant_matches_too(tiny_model_dir):
+    enc = Encoder(tiny_model_dir, device="cpu")
+    ids, mask = mixed_batch(enc)
+    padded = FastMPNet(copy.deepcopy(enc.network), Linear, attention="padded")  # CUDA's: one SDPA call per layer
+    with torch.inference_mode():
+        expected = enc.network(ids, mask)
+        got = padded(ids, mask)
+        unpadded = ids[:1, : int(mask[0].sum())]  # a batch without padding takes the broadcast-bias branch
+        ones = torch.ones_like(unpadded)
+        torch.testing.assert_close(padded(unpadded, ones), enc.network(unpadded, ones), atol=1e-5, rtol=1e-5)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert got[~real].abs().max() == 0
+    with pytest.raises(ValueError, match="attention"):
+        FastMPNet(copy.deepcopy(enc.network), Linear, attention="flash")
 
 
 def test_fp32_fast_copy_shares_the_weights(tiny_model_dir):

@@ -1,11 +1,13 @@
 """A fast inference copy of the MPNet network: unpadded tokens, fused projections, oneDNN-prepacked linears.
 
-Three swaps, each measured on the encoder's shapes (see docs/speed.md):
+Each swap was measured on the encoder's shapes (see docs/speed.md):
 
 - Tokens travel *packed*: every position-wise step (the four projections, GELU, residual adds, LayerNorms: ~95%
-  of the FLOPs) runs on the batch's real tokens only, as one (N, C) matrix. Only attention sees the padded
-  (B, T) layout. A batch of sentences of mixed length then costs its real tokens, not rows x longest, and big
-  batches stop paying for padding.
+  of the FLOPs) runs on the batch's real tokens only, as one (N, C) matrix, so a batch of sentences of mixed
+  length costs its real tokens, not rows x longest, and big batches stop paying for padding.
+- Attention on CPU runs per group of equal-length rows (no padding mask; short rows side by side in blocks);
+  on GPUs as one call over the padded batch.
+- The packed row count is rounded to few distinct values (see row_bucket).
 - q, k and v are one (3C x C) projection.
 - On CPU in bf16, linear layers use oneDNN's prepacked op (the one torch.compile's CPU backend emits): the
   weight is reordered once into the AMX tile layout, and bias, GELU or the residual add are applied while the
@@ -134,6 +136,47 @@ def block_bias(position_bias: torch.Tensor, rows: int) -> torch.Tensor:
     return tiled.masked_fill(~same_row, torch.finfo(tiled.dtype).min)[None].contiguous()
 
 
+class GroupedAttention:
+    """Attention per group of equal-length rows, short rows side by side in blocks (the CPU choice: SDPA's CPU
+    kernel gains nothing from one big padded call, and padding would cost it (B, H, T, T) mask traffic)."""
+
+    def __init__(self, lengths: list[int], positions: nn.Module, dtype: torch.dtype, device: torch.device):
+        self.groups = attention_groups(lengths)
+        self.tokens = sum(lengths)
+        self.biases = {}  # (length, rows per block) -> (1, H, T, T)
+        for g in self.groups:
+            if (g.length, g.rows_per_block) not in self.biases:
+                position = positions.position_bias(g.length, device).to(dtype)  # (H, L, L)
+                self.biases[g.length, g.rows_per_block] = block_bias(position, g.rows_per_block)
+
+    def __call__(self, qkv: torch.Tensor, out: torch.Tensor, n_head: int) -> None:
+        """qkv (N', 3C) packed -> attention output written into out (N', C)."""
+        C = out.shape[1]
+        for g in self.groups:
+            rows = qkv[g.start:g.end].view(g.blocks, g.block_tokens, 3, n_head, C // n_head)
+            q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.biases[g.length, g.rows_per_block])
+            out[g.start:g.end].view(g.blocks, g.block_tokens, n_head, C // n_head).copy_(y.transpose(1, 2))
+
+
+class PaddedAttention:
+    """One SDPA call over the padded (B, T) batch (the GPU choice: one big kernel instead of a launch per group);
+    the projections around it still run on packed tokens only."""
+
+    def __init__(self, attention_mask: torch.Tensor, positions: nn.Module, dtype: torch.dtype):
+        self.batch, self.length = attention_mask.shape
+        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat position of each real token
+        self.tokens = self.index.numel()
+        self.bias = positions.attention_bias(attention_mask, dtype, broadcast_unpadded=True)  # (B or 1, H, T, T)
+
+    def __call__(self, qkv: torch.Tensor, out: torch.Tensor, n_head: int) -> None:
+        B, T, N, C = self.batch, self.length, self.tokens, out.shape[1]
+        padded = qkv.new_zeros(B * T, 3 * C).index_copy_(0, self.index, qkv[:N])
+        q, k, v = padded.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)  # (B, H, T, D)
+        out[:N] = y.transpose(1, 2).reshape(B * T, C).index_select(0, self.index)
+
+
 class FastLayer(nn.Module):
     """One encoder layer on packed tokens: (N, C) -> (N, C)."""
 
@@ -149,50 +192,42 @@ class FastLayer(nn.Module):
         self.down = make_linear(layer.output.dense.weight, layer.output.dense.bias)
         self.output_norm = layer.output.LayerNorm
 
-    def forward(self, x: torch.Tensor, groups: list[AttentionGroup], biases: dict[tuple[int, int], torch.Tensor]
-                ) -> torch.Tensor:
-        N, C = x.shape
-        H, D = self.n_head, C // self.n_head
-        qkv = self.qkv(x)  # (N, 3C)
-        y = torch.empty_like(x)  # (N, C)
-        y[groups[-1].end if groups else 0:].zero_()  # the bucket's padding rows: finite, never attended to
-        for g in groups:
-            rows = qkv[g.start:g.end].view(g.blocks, g.block_tokens, 3, H, D)
-            q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=biases[g.length, g.rows_per_block])
-            y[g.start:g.end].view(g.blocks, g.block_tokens, H, D).copy_(out.transpose(1, 2))
+    def forward(self, x: torch.Tensor, attention: GroupedAttention | PaddedAttention) -> torch.Tensor:
+        qkv = self.qkv(x)  # (N', 3C)
+        y = torch.empty_like(x)  # (N', C)
+        y[attention.tokens:].zero_()  # the bucket's padding rows: finite, never attended to
+        attention(qkv, y, self.n_head)
         a = self.attention_norm(self.o(y, residual=x))
         return self.output_norm(self.down(self.up(a), residual=a))
 
 
 class FastMPNet(nn.Module):
     """Inference-only MPNet with the same interface: (B, T) ids and right-padded mask -> (B, T, C), zeros at
-    padding. Tokens are packed (real tokens only) through every layer; attention runs per run of equal-length
-    rows, so batches sorted by length (as encode() makes them) cost their real tokens and nothing more."""
+    padding. Tokens are packed (real tokens only) through every layer; attention is "grouped" (per group of
+    equal-length rows: batches sorted by length, as encode() makes them, cost their real tokens and nothing
+    more) or "padded" (one call over the padded batch)."""
 
-    def __init__(self, network: MPNet, make_linear):
+    def __init__(self, network: MPNet, make_linear, attention: str = "grouped"):
         super().__init__()
+        if attention not in ("grouped", "padded"):
+            raise ValueError(f"attention must be 'grouped' or 'padded', got {attention!r}")
         self.cfg = network.cfg
+        self.attention = attention
         self.embeddings = network.embeddings
         self.layers = nn.ModuleList(FastLayer(layer, make_linear) for layer in network.encoder.layer)
-        self.positions = network.encoder  # for its position_bias(); its own layers are emptied, never run
+        self.positions = network.encoder  # for its position bias; its own layers are emptied, never run
         self.positions.layer = nn.ModuleList()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
         keep = attention_mask.reshape(-1).bool()
-        lengths = attention_mask.sum(1).tolist()
         x = self.embeddings(input_ids).reshape(B * T, -1)[keep]  # (N, C), row after row
         N = x.shape[0]
         x = torch.cat([x, x.new_zeros(row_bucket(N) - N, x.shape[1])])  # (N', C): a cached kernel shape
-        groups = attention_groups(lengths)
-        biases = {}  # (length, rows per block) -> (1, H, T, T)
-        for g in groups:
-            if (g.length, g.rows_per_block) not in biases:
-                position = self.positions.position_bias(g.length, x.device).to(x.dtype)  # (H, L, L)
-                biases[g.length, g.rows_per_block] = block_bias(position, g.rows_per_block)
+        attention = (GroupedAttention(attention_mask.sum(1).tolist(), self.positions, x.dtype, x.device)
+                     if self.attention == "grouped" else PaddedAttention(attention_mask, self.positions, x.dtype))
         for layer in self.layers:
-            x = layer(x, groups, biases)
+            x = layer(x, attention)
         out = x.new_zeros(B * T, x.shape[1])
         out[keep] = x[:N]
         return out.view(B, T, -1)
@@ -209,4 +244,5 @@ def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device) 
             for t in list(network.parameters()) + list(network.buffers())}
     cast = copy.deepcopy(network, memo).eval()
     prepack = device.type == "cpu" and dtype == torch.bfloat16 and onednn_linear_available()
-    return FastMPNet(cast, PackedLinear if prepack else Linear).eval()
+    attention = "grouped" if device.type == "cpu" else "padded"
+    return FastMPNet(cast, PackedLinear if prepack else Linear, attention).eval()

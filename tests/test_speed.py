@@ -15,7 +15,6 @@ from allmpnet.encode import encoder as encoder_module
 from allmpnet.encode.batching import prefetched, token_budget_batches, windows
 from allmpnet.encode.fused import (AttentionGroup, FastMPNet, Linear, PackedLinear, attention_groups, block_bias,
                                    inference_network, onednn_linear_available, right_padded)
-from allmpnet.model import MPNet
 
 TEXTS = ["hello world", "the cat is on the moon", "", "   ", "a dog and a car", "x" * 80,
          "this is a test sentence with more words than the others in the list", "sun", "plant search query"]

@@ -111,7 +111,7 @@ def _parse(path: Path, spec: CorpusSpec, report: ScanReport, peek: bool = False
     """(line, Record) for good rows and (line, reason) for bad ones; peek yields the raw dict of the first record."""
     kind = corpus_format(path)
     if kind == ".csv":
-        yield from _parse_csv(path, spec, report, peek)
+        yield from _parse_csv(path, spec, peek)
         return
     for number, line, why in decoded_lines(path):
         if why is not None:
@@ -136,7 +136,7 @@ def _parse(path: Path, spec: CorpusSpec, report: ScanReport, peek: bool = False
             yield number, _from_fields(number, value, spec)
 
 
-def _parse_csv(path: Path, spec: CorpusSpec, report: ScanReport, peek: bool) -> Iterator[tuple[int, Record | str | dict]]:
+def _parse_csv(path: Path, spec: CorpusSpec, peek: bool) -> Iterator[tuple[int, Record | str | dict]]:
     numbers: list[int] = []  # source line of each decoded line fed to the csv reader
     pending_bad: list[tuple[int, str]] = []
 

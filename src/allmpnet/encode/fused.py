@@ -211,7 +211,6 @@ class FastMPNet(nn.Module):
         super().__init__()
         if attention not in ("grouped", "padded"):
             raise ValueError(f"attention must be 'grouped' or 'padded', got {attention!r}")
-        self.cfg = network.cfg
         self.attention = attention
         self.embeddings = network.embeddings
         self.layers = nn.ModuleList(FastLayer(layer, make_linear) for layer in network.encoder.layer)

@@ -1,8 +1,9 @@
 """Encode speed and quality, every path against the reference in one run.
 
-Paths: sentence-transformers fp32 (the reference) and its bf16 cast; ours fp32, ours bf16 without the
-inference copy (plain cast of the padded network: what packing and the oneDNN layers buy), ours bf16 (the "auto"
-choice on AMX CPUs); optionally ONNX Runtime fp32 and int8 exports (--onnx). Workloads: (a) the STSBenchmark
+Paths: sentence-transformers fp32 (the reference) and its bf16 cast; ours fp32; ours bf16 without the inference
+copy (plain cast of the padded network: what packing and the oneDNN layers buy); ours bf16; ours int8 (int8
+weights on AMX, bf16 maths); ours auto (on AMX CPUs "bf16+int8": bf16, with int8 weights for batches of at most
+512 tokens); optionally ONNX Runtime fp32 and int8 exports (--onnx). Workloads: (a) the STSBenchmark
 sentences, (b) SciFact abstracts cut at 256 word pieces, (c) one short query at a time (latency p50/p99).
 Each tool runs with its own default batching (sentence-transformers batch_size=32; ours the 4,096-token budget)
 and encodes each workload once as warm-up before the timed pass. Each path runs in its own process (peak RSS
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PATHS = ["st-fp32", "st-bf16", "ours-fp32", "ours-bf16-plain", "ours-bf16"]
+PATHS = ["st-fp32", "st-bf16", "ours-fp32", "ours-bf16-plain", "ours-bf16", "ours-int8", "ours-auto"]
 ONNX_PATHS = ["onnx-fp32", "onnx-int8"]
 PASSAGE_TOKENS = 256
 QUERY = "How do I bake bread at home?"
@@ -92,7 +93,8 @@ def load_path(name: str, model_dir: str, work: Path, max_len: int):
         runner = OnnxEncoder(graph, enc.tokenizer)
         del enc
         return runner
-    precision = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-bf16-plain": "bf16"}[name]
+    precision = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-bf16-plain": "bf16", "ours-int8": "int8",
+                 "ours-auto": "auto"}[name]
     enc = Encoder(model_dir, device="cpu", precision=precision, max_seq_length=max_len)
     if name == "ours-bf16-plain":  # ablation: the same bf16 weights without oneDNN prepacking / fusion
         import copy
@@ -294,7 +296,7 @@ def main() -> None:
     layer_weights = cfg.num_hidden_layers * (4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.intermediate_size)
     out(f"single-query floor: a query reads every layer weight once; bf16 {2 * layer_weights / 1e6:.0f} MB at the "
         f"{bandwidth:.1f} GB/s this run reads from memory = {2 * layer_weights / bandwidth / 1e6:.1f} ms "
-        f"(fp32: {4 * layer_weights / bandwidth / 1e6:.1f} ms)")
+        f"(int8: {layer_weights / bandwidth / 1e6:.1f} ms, fp32: {4 * layer_weights / bandwidth / 1e6:.1f} ms)")
     s1, s2, gold = sts_pairs(DATA)
     sentences = (s1 + s2)[: args.sentences or None]
     passages = scifact_passages(DATA, args.passages)
@@ -347,6 +349,12 @@ def main() -> None:
         sts = (spearman_x100(vec["a"][: len(s1)], vec["a"][len(s1):], gold) if len(sentences) == 2 * len(s1)
                else float("nan"))
         out(f"{name:<16}{cells[0]}   {cells[1]}   {p50:>10.1f}{p99:>8.1f}   {rss:>7.2f}{cos:>10.5f}{sts:>7.2f}")
+    if "ours-auto" in paths:
+        from allmpnet import Encoder
+        auto = Encoder(args.model, device="cpu", precision="auto").precision
+        out(f"ours-auto is {auto!r} here" + (": batches of at most 512 tokens, such as (c), run with int8 weights "
+                                             "and give ours-int8's vectors; ours-int8's quality columns cover them"
+                                             if auto == "bf16+int8" else ""))
     out()
     if not args.no_gpu:
         gpu_section(out)

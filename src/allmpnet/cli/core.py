@@ -47,11 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+PRECISION_HELP = ("fp32 (exact), bf16, fp16, int8 (int8 weights, bf16 maths; AMX CPUs), bf16+int8 (int8 weights "
+                  "for batches of at most 512 tokens), or auto (bf16+int8 on AMX CPUs, else bf16 where native)")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--precision", default="fp32",
-                   help="fp32 (exact), bf16, fp16, or auto (bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
+    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
 
 
 def load_encoder(args: argparse.Namespace):

@@ -12,18 +12,22 @@ Each swap was measured on the encoder's shapes (see docs/speed.md):
 - On CPU in bf16, linear layers use oneDNN's prepacked op (the one torch.compile's CPU backend emits): the
   weight is reordered once into the AMX tile layout, and bias, GELU or the residual add are applied while the
   output is still in cache instead of in separate passes over memory.
+- On CPUs with AMX, optionally, int8 weights for small batches (memory-bound: half the bytes of bf16) or for all;
+  see int8.py.
 
 The maths is the network's own; the fp32 training network is never touched: this is a separate frozen copy.
 """
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmpnet.encode.int8 import Int8Linear
 from allmpnet.model.mpnet import MPNet
 
 
@@ -66,6 +70,17 @@ class PackedLinear(Linear):
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], "none")
+
+
+class RowSwitchedLinear(nn.Module):
+    """Batches of at most `max_small_rows` rows go to `small`, larger ones to `large` (two forms of one layer)."""
+
+    def __init__(self, small: nn.Module, large: nn.Module, max_small_rows: int):
+        super().__init__()
+        self.small, self.large, self.max_small_rows = small, large, max_small_rows
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.small if x.shape[0] <= self.max_small_rows else self.large)(x, residual)
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
@@ -232,10 +247,13 @@ class FastMPNet(nn.Module):
         return out.view(B, T, -1)
 
 
-def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device) -> FastMPNet:
+def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device,
+                      int8_max_rows: int = 0) -> FastMPNet:
     """A frozen copy of `network` in `dtype` on `device`, with oneDNN layers where they apply (CPU, bf16).
 
-    In the network's own dtype and device the copy shares its weight tensors (only q|k|v is new)."""
+    In the network's own dtype and device the copy shares its weight tensors (only q|k|v is new).
+    int8_max_rows (CPU, bf16): batches of at most this many packed tokens use int8 weights (int8.py); sys.maxsize
+    keeps int8 weights only."""
     # deepcopy with every tensor pre-cast in the memo: the copy never holds a second full fp32 set of weights
     memo = {id(t): (nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)
                     if isinstance(t, nn.Parameter) else t.to(device=device, dtype=dtype if t.is_floating_point()
@@ -244,4 +262,14 @@ def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device) 
     cast = copy.deepcopy(network, memo).eval()
     prepack = device.type == "cpu" and dtype == torch.bfloat16 and onednn_linear_available()
     attention = "grouped" if device.type == "cpu" else "padded"
-    return FastMPNet(cast, PackedLinear if prepack else Linear, attention).eval()
+    if int8_max_rows and (device.type != "cpu" or dtype != torch.bfloat16):
+        raise ValueError("int8 weights run on CPUs, with bf16 activations")
+
+    def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> nn.Module:
+        if int8_max_rows == sys.maxsize:
+            return Int8Linear(weight, bias, activation)
+        large = (PackedLinear if prepack else Linear)(weight, bias, activation)
+        if not int8_max_rows:
+            return large
+        return RowSwitchedLinear(Int8Linear(weight, bias, activation), large, int8_max_rows)
+    return FastMPNet(cast, make_linear, attention).eval()

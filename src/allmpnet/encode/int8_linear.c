@@ -1,0 +1,205 @@
+// Weight-only int8 linear layer on Intel AMX: y = act(x W^T + b) [+ residual], W = int8 values x one scale per
+// output channel and group of inputs; act is none or GELU (erf); x, y and residual are bf16.
+//
+// Why it exists: a short query is memory-bound (each weight byte is read once for a dozen rows), so weights
+// stored in int8 halve the bytes of bf16. Each step of weights is widened to bf16 (value x its group's scale) in
+// L1, and multiplied on the AMX units.
+//
+// Layouts (built by int8.py):
+//   packed [N/32][K/32][2][16][16][2] int8: per block of 32 outputs and step of 32 inputs, two AMX B tiles of
+//          16 (input pair) x 16 (output) x 2 (input within the pair);
+//   scales [N/32][K/group][2][32] fp32: per block, group and tile, the scale of each lane of a widened row
+//          (lane j belongs to output j / 2), so widening is one multiply per 16 weights.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define STEP_K 32     // inputs per B tile (16 rows of bf16 pairs)
+#define BLOCK_N 32    // outputs per block: two 16-column tiles
+#define CHUNK_M 32    // rows per pass over a block: two 16-row tiles
+#define BLOCK_M 256   // rows whose activations stay in L2 while a block's widened weights are reused
+#define PREFETCH_AHEAD 4096  // bytes of packed weights requested ahead of the step being widened (4 steps)
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+// Linux hands out the AMX register state only on request, once per process.
+int allmpnet_request_amx(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18); }
+
+// Tiles: 0, 1 = x rows 0-15 and 16-31 (A); 2, 3 = widened weights, outputs 0-15 and 16-31 (B);
+// 4, 5 = sums for A0 x B0, A0 x B1; 6, 7 = sums for A1 x B0, A1 x B1.
+static void configure_tiles(int rows0, int rows1) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    const int rows[8] = {rows0, rows1, 16, 16, rows0, rows0, rows1, rows1};
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = (uint8_t)rows[t];
+        cfg.colsb[t] = rows[t] ? 64 : 0;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static inline __m512 bf16_to_fp32(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// exp(y) for y <= 0: 2^n exp(r), |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error < 1e-7)
+static inline __m512 exp_nonpositive(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), y);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// GELU(v) = v / 2 (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7; the result
+// is rounded to bf16, ~4e-3 relative, anyway)
+static inline __m512 gelu(__m512 v) {
+    const __m512 x = _mm512_abs_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.707106781f)));
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(x, _mm512_set1_ps(0.3275911f),
+                                                                         _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    const __m512 erf_abs = _mm512_fnmadd_ps(p, exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x))),
+                                            _mm512_set1_ps(1.0f));
+    const __m512 half_v = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
+    // v / 2 (1 + sign(v) erf|.|) = v / 2 + |v| / 2 erf|.|
+    return _mm512_fmadd_ps(_mm512_abs_ps(half_v), erf_abs, half_v);
+}
+
+static inline __m512 widen16(const int8_t *src, __m512 scale) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src))), scale);
+}
+
+// One step (32 outputs x 32 inputs) of int8 weights -> bf16 B tiles. Fully unrolled: as a loop it ran ~1.5x
+// slower (fewer weight loads in flight).
+static inline void widen_step(const int8_t *src, const float *scales, uint16_t *dst) {
+    // every line of a later step, not just its first: ~20% faster than leaving the rest to the hardware prefetcher
+    for (int line = 0; line < 1024; line += 64) _mm_prefetch((const char *)(src + PREFETCH_AHEAD + line), _MM_HINT_T0);
+    for (int t = 0; t < 2; t++) {
+        const __m512 lo = _mm512_loadu_ps(scales + 32 * t), hi = _mm512_loadu_ps(scales + 32 * t + 16);
+        _Pragma("GCC unroll 16") for (int i = 512 * t; i < 512 * (t + 1); i += 32) {
+            __m512bh pair = _mm512_cvtne2ps_pbh(widen16(src + i + 16, hi), widen16(src + i, lo));
+            _mm512_storeu_si512((void *)(dst + i), (__m512i)pair);
+        }
+    }
+}
+
+typedef struct {
+    const uint16_t *x;
+    const int8_t *packed;
+    const float *scales, *bias;
+    const uint16_t *residual;
+    uint16_t *y;
+    int64_t M, N, K, group;
+    int gelu;
+} linear_args;
+
+// Rows [m0, m0 + rows) x block nb's 32 outputs. widen: 0 = the block's weights are already widened in `panel`;
+// 1 = widen them step by step into `panel` for later chunks to reuse; 2 = widen each step into a small buffer
+// (no later chunk: the step stays in L1 instead of spilling the whole panel to L2).
+static void multiply_chunk(const linear_args *a, int64_t nb, uint16_t *panel, int widen, int64_t m0, int rows) {
+    const int64_t K = a->K, n0 = nb * BLOCK_N;
+    const int8_t *block = a->packed + nb * K * BLOCK_N;
+    const float *block_scales = a->scales + nb * (K / a->group) * 64;
+    const int rows0 = rows < 16 ? rows : 16, rows1 = rows - rows0;
+    float sums[CHUNK_M][BLOCK_N] __attribute__((aligned(64)));
+    uint16_t step[2 * 512] __attribute__((aligned(64)));
+    _tile_zero(4); _tile_zero(5);
+    if (rows1) { _tile_zero(6); _tile_zero(7); }
+    for (int64_t k = 0; k < K; k += STEP_K) {
+        uint16_t *b = widen == 2 ? step : panel + k * BLOCK_N;
+        if (widen) widen_step(block + k * BLOCK_N, block_scales + (k / a->group) * 64, b);
+        _tile_loadd(2, b, 64);
+        _tile_loadd(3, b + 512, 64);
+        _tile_loadd(0, a->x + m0 * K + k, K * 2);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(5, 0, 3);
+        if (rows1) {
+            _tile_loadd(1, a->x + (m0 + 16) * K + k, K * 2);
+            _tile_dpbf16ps(6, 1, 2);
+            _tile_dpbf16ps(7, 1, 3);
+        }
+    }
+    _tile_stored(4, &sums[0][0], BLOCK_N * 4);
+    _tile_stored(5, &sums[0][16], BLOCK_N * 4);
+    if (rows1) {
+        _tile_stored(6, &sums[16][0], BLOCK_N * 4);
+        _tile_stored(7, &sums[16][16], BLOCK_N * 4);
+    }
+    const __m512 b0 = a->bias ? _mm512_loadu_ps(a->bias + n0) : _mm512_setzero_ps();
+    const __m512 b1 = a->bias ? _mm512_loadu_ps(a->bias + n0 + 16) : _mm512_setzero_ps();
+    for (int m = 0; m < rows; m++) {
+        __m512 v0 = _mm512_add_ps(_mm512_load_ps(sums[m]), b0);
+        __m512 v1 = _mm512_add_ps(_mm512_load_ps(sums[m] + 16), b1);
+        if (a->gelu) { v0 = gelu(v0); v1 = gelu(v1); }
+        const int64_t at = (m0 + m) * a->N + n0;
+        if (a->residual) {
+            const __m512i r = _mm512_loadu_si512((const void *)(a->residual + at));
+            v0 = _mm512_add_ps(v0, bf16_to_fp32(_mm512_castsi512_si256(r)));
+            v1 = _mm512_add_ps(v1, bf16_to_fp32(_mm512_extracti64x4_epi64(r, 1)));
+        }
+        _mm512_storeu_si512((void *)(a->y + at), (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+    }
+}
+
+// Each thread keeps one panel buffer for the life of the process (freeing and reallocating it per call would cost
+// page faults: panels are up to 192 KB, above malloc's mmap threshold).
+static uint16_t *thread_panel(size_t weights) {
+    static __thread uint16_t *panel = NULL;
+    static __thread size_t capacity = 0;
+    if (weights > capacity) {
+        free(panel);
+        panel = aligned_alloc(64, weights * 2);
+        capacity = panel ? weights : 0;
+    }
+    return panel;
+}
+
+// x (M, K), packed, scales, bias (N,) fp32 or NULL, residual (M, N) or NULL -> y (M, N); gelu: 0 or 1. N and K
+// are multiples of 32, K of group, group of 32. Returns 0, or -1 when a thread could not get its panel buffer.
+int allmpnet_int8_linear(const uint16_t *x, const int8_t *packed, const float *scales, int64_t group,
+                         const float *bias, const uint16_t *residual, uint16_t *y, int64_t M, int64_t N, int64_t K,
+                         int gelu, int threads) {
+    const linear_args args = {x, packed, scales, bias, residual, y, M, N, K, group, gelu};
+    int failed = 0;
+    for (int64_t mb = 0; mb < M; mb += BLOCK_M) {
+        const int64_t mb_rows = M - mb < BLOCK_M ? M - mb : BLOCK_M;
+        #pragma omp parallel num_threads(threads) reduction(|:failed)
+        {
+            uint16_t *panel = thread_panel((size_t)(K * BLOCK_N));
+            int configured = -1;
+            failed |= panel == NULL;
+            #pragma omp for schedule(static)
+            for (int64_t nb = 0; nb < N / BLOCK_N; nb++) {
+                for (int64_t m0 = mb; panel && m0 < mb + mb_rows; m0 += CHUNK_M) {
+                    const int rows = (int)(mb + mb_rows - m0 < CHUNK_M ? mb + mb_rows - m0 : CHUNK_M);
+                    if (rows != configured) {
+                        configure_tiles(rows < 16 ? rows : 16, rows > 16 ? rows - 16 : 0);
+                        configured = rows;
+                    }
+                    multiply_chunk(&args, nb, panel, m0 > mb ? 0 : mb_rows > CHUNK_M ? 1 : 2, m0, rows);
+                }
+            }
+            if (configured >= 0) _tile_release();
+        }
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,172 @@
+"""The weight-only int8 path: quantization and packing, the AMX kernel against plain torch maths, and the
+encoder's "int8" / "bf16+int8" / "auto" precisions on the tiny random model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from allmpnet import Encoder
+from allmpnet.encode import encoder as encoder_module
+from allmpnet.encode import int8 as int8_module
+from allmpnet.encode.fused import RowSwitchedLinear
+from allmpnet.encode.int8 import Int8Linear, int8_unavailable, pack_scales, pack_weight, quantize
+
+TEXTS = ["hello world", "the cat is on the moon", "", "a dog and a car", "x" * 20,
+         "this is a test sentence with more words than the others in the list", "sun", "plant search query"]
+# a CPU without AMX skips; one with AMX where the kernel does not build or load fails (that is a defect)
+needs_amx = pytest.mark.skipif(not int8_module._cpu_has_amx(), reason="this CPU has no AMX")
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# ---------------------------------------------------------------- quantization and layout (no kernel needed)
+
+
+def test_quantize_keeps_each_group_within_half_a_step():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    weight[3, 5] = 40.0  # an outlier coarsens its own group only
+    quantized, scale = quantize(weight, 128)
+    assert quantized.dtype == torch.int8 and scale.shape == (64, 2)
+    assert quantized.abs().max() == 127
+    restored = quantized.float().view(64, 2, 128) * scale[..., None]
+    error = (restored - weight.view(64, 2, 128)).abs()
+    assert (error <= scale[..., None] / 2 + 1e-6).all()
+    assert scale[3, 0] > 10 * scale[3, 1]  # the outlier's group, not the row's other group
+
+
+def test_packed_layout_is_the_tile_order_the_kernel_reads():
+    # element (n, k) of a 64 x 64 matrix lands at [n // 32][k // 32][(n % 32) // 16][(k % 32) // 2][n % 16][k % 2]
+    N, K = 64, 64
+    values = (torch.arange(N * K) % 251 - 125).to(torch.int8).view(N, K)
+    packed = pack_weight(values)
+    assert packed.shape == (2, 2, 2, 16, 16, 2)
+    for n, k in [(0, 0), (1, 0), (0, 1), (17, 3), (40, 33), (63, 63), (31, 62)]:
+        at = (n // 32, k // 32, (n % 32) // 16, (k % 32) // 2, n % 16, k % 2)
+        assert packed[at] == values[n, k]
+    scales = pack_scales(torch.arange(N * 2, dtype=torch.float32).view(N, 2))
+    assert scales.shape == (2, 2, 2, 32)
+    # lane j of tile t in block b, group g: output b * 32 + t * 16 + j // 2
+    assert scales[1, 0, 1, 5] == (32 + 16 + 2) * 2 + 0
+    assert scales[0, 1, 0, 31] == 15 * 2 + 1
+
+
+def test_int8_layer_rejects_shapes_the_kernel_cannot_tile():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        Int8Linear(torch.randn(48, 64), None)
+    with pytest.raises(ValueError, match="activation"):
+        Int8Linear(torch.randn(32, 64), None, activation="relu")
+
+
+# ---------------------------------------------------------------- the kernel
+
+
+@needs_amx
+def test_kernel_loads_on_an_amx_cpu():
+    assert int8_unavailable() == ""
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 11, 16, 17, 32, 45, 300])
+@pytest.mark.parametrize("form", ["bias", "gelu", "residual", "plain"])
+def test_kernel_matches_torch_on_the_dequantized_weight(rows, form):
+    torch.manual_seed(rows)
+    weight, bias = torch.randn(96, 256) * 0.05, torch.randn(96)
+    layer = Int8Linear(weight, None if form == "plain" else bias, activation="gelu" if form == "gelu" else "none")
+    x = torch.randn(rows, 256).bfloat16()
+    residual = torch.randn(rows, 96).bfloat16() if form == "residual" else None
+    # the kernel widens each int8 value x its scale to bf16, and sums in fp32
+    expected = F.linear(x.float(), layer.dequantized().bfloat16().float(), layer.bias)
+    if form == "gelu":
+        expected = F.gelu(expected)
+    if residual is not None:
+        expected = expected + residual.float()
+    got = layer(x, residual=residual)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+    # only the bf16 rounding of the output differs (8 significant bits)
+    torch.testing.assert_close(got.float(), expected, rtol=1 / 128, atol=1e-3)
+    # and the quantized weight is the real one to within int8 resolution
+    assert (layer.dequantized() - weight).abs().max() < weight.abs().max() / 127
+
+
+@needs_amx
+def test_each_row_is_computed_independently_of_the_others():
+    torch.manual_seed(1)
+    layer = Int8Linear(torch.randn(64, 128), torch.randn(64))
+    x = torch.randn(70, 128).bfloat16()
+    together = layer(x)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(70)])
+    assert torch.equal(together, alone)
+
+
+@needs_amx
+def test_kernel_rejects_wrong_inputs():
+    layer = Int8Linear(torch.randn(32, 64), None)
+    with pytest.raises(ValueError, match="bf16"):
+        layer(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="64"):
+        layer(torch.randn(4, 32).bfloat16())
+    with pytest.raises(ValueError, match="residual"):
+        layer(torch.randn(4, 64).bfloat16(), residual=torch.randn(3, 32).bfloat16())
+    assert layer(torch.empty(0, 64, dtype=torch.bfloat16)).shape == (0, 32)
+
+
+def test_missing_compiler_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    monkeypatch.setattr(int8_module, "_cpu_has_amx", lambda: True)
+    int8_module._load.cache_clear()
+    try:
+        assert "no-such-cc" in int8_unavailable()
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            Int8Linear(torch.randn(32, 32), None)(torch.randn(1, 32).bfloat16())
+    finally:
+        int8_module._load.cache_clear()
+
+
+# ---------------------------------------------------------------- encoder precisions
+
+
+@needs_amx
+def test_int8_precision_stays_close_to_fp32(tiny_model_dir):
+    exact = Encoder(tiny_model_dir, device="cpu").encode(TEXTS)
+    enc = Encoder(tiny_model_dir, device="cpu", precision="int8")
+    got = enc.encode(TEXTS)
+    assert all(isinstance(linear, Int8Linear) for linear in (enc.inference_network().layers[0].qkv,
+                                                            enc.inference_network().layers[1].down))
+    assert cosines(got, exact).min() > 0.99
+    assert not np.allclose(got, Encoder(tiny_model_dir, device="cpu", precision="bf16").encode(TEXTS), atol=1e-6)
+
+
+@needs_amx
+def test_bf16_int8_switches_on_batch_size(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(encoder_module.INT8_MAX_ROWS, "bf16+int8", 16)  # the tiny texts: one alone <= 16 tokens
+    mixed = Encoder(tiny_model_dir, device="cpu", precision="bf16+int8")
+    int8 = Encoder(tiny_model_dir, device="cpu", precision="int8")
+    bf16 = Encoder(tiny_model_dir, device="cpu", precision="bf16")
+    assert isinstance(mixed.inference_network().layers[0].qkv, RowSwitchedLinear)
+    one = ["the cat is on the moon"]
+    np.testing.assert_array_equal(mixed.encode(one), int8.encode(one))  # small: int8 weights
+    many = TEXTS * 4  # far more than 16 packed tokens in one batch
+    np.testing.assert_array_equal(mixed.encode(many, batch_size=64), bf16.encode(many, batch_size=64))
+
+
+@needs_amx
+def test_auto_picks_bf16_int8_where_the_kernel_runs(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: True)
+    assert Encoder(tiny_model_dir, device="cpu", precision="auto").precision == "bf16+int8"
+    monkeypatch.setattr(encoder_module, "int8_unavailable", lambda: "no AMX here")
+    assert Encoder(tiny_model_dir, device="cpu", precision="auto").precision == "bf16"
+
+
+def test_int8_precisions_say_why_they_cannot_run(tiny_model_dir, monkeypatch):
+    with pytest.raises(ValueError, match="CPUs only"):
+        Encoder(tiny_model_dir, device="cuda", precision="int8")
+    monkeypatch.setattr(encoder_module, "int8_unavailable", lambda: "this CPU has no AMX bf16 units")
+    for precision in ("int8", "bf16+int8"):
+        with pytest.raises(ValueError, match="no AMX"):
+            Encoder(tiny_model_dir, device="cpu", precision=precision)

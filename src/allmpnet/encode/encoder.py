@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from allmpnet.encode.batching import prefetched, token_budget_batches, windows
 from allmpnet.encode.fused import FastMPNet, inference_network, right_padded
-from allmpnet.encode.int8 import int8_unavailable
+from allmpnet.encode.int8 import cpu_flags, int8_unavailable
 from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
 from allmpnet.model import MPNet, Pooling
 from allmpnet.weights import DEFAULT_MODEL, resolve, verify_weights
@@ -55,11 +55,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:  # not Linux: no cheap way to ask, so stay on the exact path
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def tensor_versions(tensors: list[torch.Tensor]) -> list[int]:

@@ -56,12 +56,16 @@ def _compiled_library() -> Path:
     return target
 
 
-def _cpu_has_amx() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux; empty elsewhere, which keeps callers on the portable paths)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= set(flags)
+        return set()
+
+
+def _cpu_has_amx() -> bool:
+    return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= cpu_flags()
 
 
 @functools.lru_cache(maxsize=1)

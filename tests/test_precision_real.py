@@ -24,9 +24,9 @@ def spearman_x100(a: np.ndarray, b: np.ndarray, gold: np.ndarray) -> float:
 def test_fast_precision_keeps_quality(real_encoder, shared_data, precision):
     # "bf16+int8" (auto on AMX CPUs) is these two: bf16 for big batches, int8 for small ones
     if precision == "int8":
-        from allmpnet.encode.int8 import int8_unavailable
-        if int8_unavailable():
-            pytest.skip(int8_unavailable())
+        from allmpnet.encode.kernels import kernels_unavailable
+        if kernels_unavailable():
+            pytest.skip(kernels_unavailable())
     s1, s2, gold = sts_sample(shared_data)
     texts = s1 + s2
     exact = real_encoder.encode(texts)

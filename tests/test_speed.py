@@ -231,7 +231,7 @@ def test_bad_precision_and_budget_are_rejected(tiny_model_dir):
 
 def test_auto_precision_follows_cpu_flags(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(encoder_module, "int8_unavailable", lambda: "no AMX")  # an AVX512-BF16 CPU (test_int8.py)
+    monkeypatch.setattr(encoder_module, "kernels_unavailable", lambda: "no AMX")  # an AVX512-BF16 CPU (test_kernels.py)
     assert Encoder(tiny_model_dir, device="cpu", precision="auto").precision == "bf16"
     monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: False)
     assert Encoder(tiny_model_dir, device="cpu", precision="auto").precision == "fp32"

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from allmpnet.encode.batching import prefetched, token_budget_batches, windows
 from allmpnet.encode.fused import FastMPNet, inference_network, right_padded
-from allmpnet.encode.int8 import cpu_flags, int8_unavailable
+from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
 from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
 from allmpnet.model import MPNet, Pooling
 from allmpnet.weights import DEFAULT_MODEL, resolve, verify_weights
@@ -44,11 +44,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if device.type != "cpu" or not cpu_has_native_bf16():
             return "fp32"
-        return "bf16" if int8_unavailable() else "bf16+int8"
+        return "bf16" if kernels_unavailable() else "bf16+int8"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
     if precision in INT8_MAX_ROWS:
-        why = "it runs on CPUs only" if device.type != "cpu" else int8_unavailable()
+        why = "it runs on CPUs only" if device.type != "cpu" else kernels_unavailable()
         if why:
             raise ValueError(f"precision {precision!r} is not available: {why}")
     return precision

@@ -12,8 +12,8 @@ Each swap was measured on the encoder's shapes (see docs/speed.md):
 - On CPU in bf16, linear layers use oneDNN's prepacked op (the one torch.compile's CPU backend emits): the
   weight is reordered once into the AMX tile layout, and bias, GELU or the residual add are applied while the
   output is still in cache instead of in separate passes over memory.
-- On CPUs with AMX, optionally, int8 weights for small batches (memory-bound: half the bytes of bf16) or for all;
-  see int8.py.
+- On CPUs with AMX (kernels.py): optionally, int8 weights for small batches (memory-bound: half the bytes of
+  bf16) or for all; in bf16, attention over a lone short block (a single query) in our kernel.
 
 The maths is the network's own; the fp32 training network is never touched: this is a separate frozen copy.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allmpnet.encode.int8 import Int8Linear
+from allmpnet.encode.kernels import MAX_BLOCK_TOKENS, Int8Linear, short_attention, short_attention_supported
 from allmpnet.model.mpnet import MPNet
 
 
@@ -153,24 +153,39 @@ def block_bias(position_bias: torch.Tensor, rows: int) -> torch.Tensor:
 
 class GroupedAttention:
     """Attention per group of equal-length rows, short rows side by side in blocks (the CPU choice: SDPA's CPU
-    kernel gains nothing from one big padded call, and padding would cost it (B, H, T, T) mask traffic)."""
+    kernel gains nothing from one big padded call, and padding would cost it (B, H, T, T) mask traffic).
+
+    In bf16 where our kernels run, a group that is one block of at most 32 tokens (a single query, a batch's
+    last short rows) uses kernels.short_attention: SDPA is all fixed cost there (62 vs 18 us for an 11-token
+    query's layer). Many blocks stay on SDPA, which is faster per 32-token block (2.7 vs 3.7 us a head)."""
 
     def __init__(self, lengths: list[int], positions: nn.Module, dtype: torch.dtype, device: torch.device):
         self.groups = attention_groups(lengths)
         self.tokens = sum(lengths)
-        self.biases = {}  # (length, rows per block) -> (1, H, T, T)
+        cfg = positions.cfg
+        short_kernel = (device.type == "cpu" and dtype == torch.bfloat16
+                        and short_attention_supported(cfg.hidden_size // cfg.num_attention_heads))
+        self.biases = []  # per group: (1, H, T, T) in dtype for SDPA, or (H, T, T) fp32 for our kernel
+        cache = {}
         for g in self.groups:
-            if (g.length, g.rows_per_block) not in self.biases:
-                position = positions.position_bias(g.length, device).to(dtype)  # (H, L, L)
-                self.biases[g.length, g.rows_per_block] = block_bias(position, g.rows_per_block)
+            ours = short_kernel and g.blocks == 1 and g.block_tokens <= MAX_BLOCK_TOKENS
+            key = (g.length, g.rows_per_block, ours)
+            if key not in cache:
+                position = positions.position_bias(g.length, device).to(torch.float32 if ours else dtype)
+                bias = block_bias(position, g.rows_per_block)  # (1, H, T, T)
+                cache[key] = bias[0] if ours else bias
+            self.biases.append(cache[key])
 
     def __call__(self, qkv: torch.Tensor, out: torch.Tensor, n_head: int) -> None:
         """qkv (N', 3C) packed -> attention output written into out (N', C)."""
         C = out.shape[1]
-        for g in self.groups:
+        for g, bias in zip(self.groups, self.biases):
+            if bias.dim() == 3:  # (H, T, T): ours
+                short_attention(qkv, out, bias, g.start, g.blocks, g.block_tokens, n_head)
+                continue
             rows = qkv[g.start:g.end].view(g.blocks, g.block_tokens, 3, n_head, C // n_head)
             q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.biases[g.length, g.rows_per_block])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             out[g.start:g.end].view(g.blocks, g.block_tokens, n_head, C // n_head).copy_(y.transpose(1, 2))
 
 
@@ -252,7 +267,7 @@ def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device,
     """A frozen copy of `network` in `dtype` on `device`, with oneDNN layers where they apply (CPU, bf16).
 
     In the network's own dtype and device the copy shares its weight tensors (only q|k|v is new).
-    int8_max_rows (CPU, bf16): batches of at most this many packed tokens use int8 weights (int8.py); sys.maxsize
+    int8_max_rows (CPU, bf16): batches of at most this many packed tokens use int8 weights (kernels.py); sys.maxsize
     keeps int8 weights only."""
     # deepcopy with every tensor pre-cast in the memo: the copy never holds a second full fp32 set of weights
     memo = {id(t): (nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)

@@ -1,16 +1,20 @@
-"""Weight-only int8 linear layers for CPUs with AMX: int8 weights with a scale per output channel and group of
-128 inputs, bf16 maths.
+"""Our CPU kernels (`kernels.c`, for CPUs with AMX): weight-only int8 linear layers, and attention over short
+blocks.
 
-A short query is memory-bound: it reads every weight once for about a dozen rows, so its floor is the weights'
-bytes over the memory bandwidth (bf16: 170 MB, ~7 ms on two cores here). Stored in int8 they are half that. No
-op in this torch build streams int8 weights at that speed for a few rows (`_weight_int8pack_mm` is ~4x slower
-than bf16, dequantizing per call or torch.compile's template 2-3x), so `int8_linear.c` does it: each block of
-weights is widened to bf16 in L1 and multiplied on the AMX tiles. It is compiled with the system C compiler on
-first use and cached; where there is no compiler, no AMX or the self-test fails, `int8_unavailable()` says why
-and callers stay on bf16.
+int8 linear layers: int8 weights with a scale per output channel and group of 128 inputs, bf16 maths. A short
+query is memory-bound: it reads every weight once for about a dozen rows, so its floor is the weights' bytes
+over the memory bandwidth (bf16: 170 MB, ~7 ms on two cores here). Stored in int8 they are half that. No op in
+this torch build streams int8 weights at that speed for a few rows (`_weight_int8pack_mm` is ~4x slower than
+bf16, dequantizing per call or torch.compile's template 2-3x), so the kernel does it: each block of weights is
+widened to bf16 in L1 and multiplied on the AMX tiles. Why groups: with one scale per output channel, a few
+large weights in the 3072-input projections coarsen the grid for all the others (STSBenchmark sentences: min
+cosine to fp32 0.975); a scale per 128 inputs gives 0.999.
 
-Why groups: with one scale per output channel, a few large weights in the 3072-input projections coarsen the
-grid for all the others (STSBenchmark sentences: min cosine to fp32 0.975); a scale per 128 inputs gives 0.999.
+Short attention: blocks of at most 32 tokens, where SDPA's CPU kernel is all fixed cost (see kernels.c).
+
+The library is compiled with the system C compiler on first use and cached, then checked against torch;
+where there is no compiler, no AMX or the check fails, `kernels_unavailable()` says why and callers stay on
+torch's ops.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from torch import nn
 
 from allmpnet.weights import cache_root
 
-SOURCE = Path(__file__).with_name("int8_linear.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 COMPILE_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile",
                  "-mamx-bf16"]
 BLOCK = 32  # output channels and inputs per packed block (the kernel's tile geometry)
@@ -43,7 +47,7 @@ def _compiled_library() -> Path:
     if not compiler:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *COMPILE_FLAGS]).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"int8_linear-{key}.so"
+    target = cache_root() / "kernels" / f"kernels-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -83,8 +87,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     library.allmpnet_int8_linear.argtypes = ([pointer] * 3 + [ctypes.c_int64] + [pointer] * 3
                                              + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2)
     library.allmpnet_int8_linear.restype = ctypes.c_int
+    library.allmpnet_short_attention.argtypes = ([pointer] * 3 + [ctypes.c_float] + [ctypes.c_int64] * 5
+                                                 + [ctypes.c_int])
+    library.allmpnet_short_attention.restype = None
     if not _self_test(library):
-        return None, "the kernel's self-test gave wrong results"
+        return None, "the kernels' self-test gave wrong results"
     return library, ""
 
 
@@ -93,12 +100,64 @@ def _self_test(library: ctypes.CDLL) -> bool:
     layer = Int8Linear(torch.randn(64, 96, generator=generator), torch.randn(64, generator=generator), "gelu")
     x = torch.randn(37, 96, generator=generator).bfloat16()  # two chunks of rows, one partial
     expected = F.gelu(F.linear(x.float(), layer.dequantized().bfloat16().float(), layer.bias))
-    return bool(torch.allclose(layer.run(library, x, None).float(), expected, atol=0.05, rtol=0.02))
+    linear_ok = torch.allclose(layer.run(library, x, None).float(), expected, atol=0.05, rtol=0.02)
+    qkv = torch.randn(2 * 5, 3 * 2 * 16, generator=generator).bfloat16()  # 2 blocks of 5 tokens, 2 heads of 16
+    bias = torch.randn(2, 5, 5, generator=generator)
+    expected = short_attention_reference(qkv, bias, 0, 2, 5, 2)
+    got = torch.zeros(10, 32, dtype=torch.bfloat16)
+    _short_attention(library, qkv, got, bias, 0, 2, 5, 2)
+    return bool(linear_ok and torch.allclose(got.float(), expected, atol=0.02, rtol=0.02))
 
 
-def int8_unavailable() -> str:
-    """Why the int8 kernel cannot run here ("" when it can)."""
+def kernels_unavailable() -> str:
+    """Why our kernels cannot run here ("" when they can)."""
     return _load()[1]
+
+
+# ---------------------------------------------------------------- attention over short blocks
+
+MAX_BLOCK_TOKENS = 32  # the kernel keeps a block's keys in two 16-lane vectors
+
+
+def short_attention_supported(head_dim: int) -> bool:
+    """Whether short_attention runs here for heads of this size (blocks of at most MAX_BLOCK_TOKENS tokens)."""
+    return head_dim % 16 == 0 and head_dim <= 128 and not kernels_unavailable()
+
+
+def short_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
+                    block_tokens: int, n_head: int) -> None:
+    """Rows [start, start + blocks x block_tokens) of packed (N, 3C) bf16 q|k|v -> the same rows of out (N, C):
+    softmax(q k^T / sqrt(D) + bias) v per block and head; bias (H, T, T) fp32."""
+    library, why = _load()
+    if library is None:
+        raise RuntimeError(f"our kernels cannot run here: {why}")
+    _short_attention(library, qkv, out, bias, start, blocks, block_tokens, n_head)
+
+
+def _short_attention(library: ctypes.CDLL, qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int,
+                     blocks: int, block_tokens: int, n_head: int) -> None:
+    head_dim = out.shape[1] // n_head
+    if not (qkv.dtype == out.dtype == torch.bfloat16 and bias.dtype == torch.float32 and qkv.is_contiguous()
+            and out.is_contiguous() and bias.is_contiguous() and qkv.shape[1] == 3 * out.shape[1]
+            and bias.shape == (n_head, block_tokens, block_tokens) and 0 < block_tokens <= MAX_BLOCK_TOKENS
+            and head_dim * n_head == out.shape[1] and head_dim % 16 == 0 and head_dim <= 128
+            and start + blocks * block_tokens <= min(qkv.shape[0], out.shape[0])):
+        raise ValueError("short_attention: inputs of the wrong dtype, layout or shape")
+    library.allmpnet_short_attention(qkv.data_ptr(), out.data_ptr(), bias.data_ptr(), head_dim ** -0.5, start,
+                                     blocks, block_tokens, n_head, head_dim, torch.get_num_threads())
+
+
+def short_attention_reference(qkv: torch.Tensor, bias: torch.Tensor, start: int, blocks: int, block_tokens: int,
+                              n_head: int) -> torch.Tensor:
+    """The same maths with torch's SDPA in fp32: (blocks x block_tokens, C)."""
+    C = qkv.shape[1] // 3
+    rows = qkv[start:start + blocks * block_tokens].float().view(blocks, block_tokens, 3, n_head, C // n_head)
+    q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+    return y.transpose(1, 2).reshape(blocks * block_tokens, C)
+
+
+# ---------------------------------------------------------------- int8 linear layers
 
 
 def group_size(in_features: int) -> int:

@@ -1,6 +1,8 @@
-"""The weight-only int8 path: quantization and packing, the AMX kernel against plain torch maths, and the
-encoder's "int8" / "bf16+int8" / "auto" precisions on the tiny random model."""
+"""Our CPU kernels: int8 quantization and packing, the AMX int8 linear layer and the short-block attention
+against plain torch maths, and the encoder's "int8" / "bf16+int8" / "auto" precisions on tiny random models."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,14 +11,17 @@ import torch.nn.functional as F
 
 from allmpnet import Encoder
 from allmpnet.encode import encoder as encoder_module
-from allmpnet.encode import int8 as int8_module
-from allmpnet.encode.fused import RowSwitchedLinear
-from allmpnet.encode.int8 import Int8Linear, int8_unavailable, pack_scales, pack_weight, quantize
+from allmpnet.encode import fused as fused_module
+from allmpnet.encode import kernels as kernels_module
+from allmpnet.encode.fused import GroupedAttention, RowSwitchedLinear, block_bias, inference_network
+from allmpnet.encode.kernels import (Int8Linear, kernels_unavailable, pack_scales, pack_weight, quantize,
+                                     short_attention, short_attention_reference)
+from allmpnet.testing import TINY, build_random_model
 
 TEXTS = ["hello world", "the cat is on the moon", "", "a dog and a car", "x" * 20,
          "this is a test sentence with more words than the others in the list", "sun", "plant search query"]
 # a CPU without AMX skips; one with AMX where the kernel does not build or load fails (that is a defect)
-needs_amx = pytest.mark.skipif(not int8_module._cpu_has_amx(), reason="this CPU has no AMX")
+needs_amx = pytest.mark.skipif(not kernels_module._cpu_has_amx(), reason="this CPU has no AMX")
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -67,7 +72,7 @@ def test_int8_layer_rejects_shapes_the_kernel_cannot_tile():
 
 @needs_amx
 def test_kernel_loads_on_an_amx_cpu():
-    assert int8_unavailable() == ""
+    assert kernels_unavailable() == ""
 
 
 @needs_amx
@@ -118,14 +123,67 @@ def test_kernel_rejects_wrong_inputs():
 def test_missing_compiler_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
-    monkeypatch.setattr(int8_module, "_cpu_has_amx", lambda: True)
-    int8_module._load.cache_clear()
+    monkeypatch.setattr(kernels_module, "_cpu_has_amx", lambda: True)
+    kernels_module._load.cache_clear()
     try:
-        assert "no-such-cc" in int8_unavailable()
+        assert "no-such-cc" in kernels_unavailable()
         with pytest.raises(RuntimeError, match="cannot run here"):
             Int8Linear(torch.randn(32, 32), None)(torch.randn(1, 32).bfloat16())
     finally:
-        int8_module._load.cache_clear()
+        kernels_module._load.cache_clear()
+
+
+# ---------------------------------------------------------------- short-block attention
+
+
+@needs_amx
+@pytest.mark.parametrize("blocks, length, rows_per_block, n_head, head_dim",
+                         [(1, 11, 1, 12, 64), (3, 7, 4, 12, 64), (2, 32, 1, 2, 64), (5, 3, 10, 4, 16),
+                          (1, 1, 1, 2, 128), (4, 16, 2, 3, 32)])
+def test_short_attention_matches_sdpa(blocks, length, rows_per_block, n_head, head_dim):
+    torch.manual_seed(length)
+    T, C = length * rows_per_block, n_head * head_dim
+    bias = block_bias(torch.randn(n_head, length, length), rows_per_block)[0].contiguous()  # (H, T, T)
+    qkv = torch.randn(3 + blocks * T + 2, 3 * C).bfloat16()  # the group sits between other rows
+    out = torch.full((qkv.shape[0], C), 7.0, dtype=torch.bfloat16)
+    short_attention(qkv, out, bias, 3, blocks, T, n_head)
+    expected = short_attention_reference(qkv, bias, 3, blocks, T, n_head)
+    torch.testing.assert_close(out[3:3 + blocks * T].float(), expected, rtol=1 / 64, atol=2e-3)
+    assert (out[:3] == 7).all() and (out[3 + blocks * T:] == 7).all()  # rows outside the group untouched
+
+
+@needs_amx
+def test_short_attention_rejects_what_it_cannot_do():
+    qkv, out = torch.randn(40, 3 * 64).bfloat16(), torch.empty(40, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="short_attention"):
+        short_attention(qkv, out, torch.zeros(1, 33, 33), 0, 1, 33, 1)  # longer than a block
+    with pytest.raises(ValueError, match="short_attention"):
+        short_attention(qkv, out, torch.zeros(8, 4, 4), 0, 1, 4, 8)  # head size 8
+    with pytest.raises(ValueError, match="short_attention"):
+        short_attention(qkv, out, torch.zeros(1, 4, 4), 38, 1, 4, 1)  # past the last row
+    with pytest.raises(ValueError, match="short_attention"):
+        short_attention(qkv.float(), out, torch.zeros(1, 4, 4), 0, 1, 4, 1)
+
+
+@needs_amx
+def test_bf16_copy_uses_short_attention_and_matches_the_network(tmp_path, monkeypatch):
+    # heads of 16 (the shared tiny model's are 8, which the kernel does not take)
+    model_dir = build_random_model(tmp_path / "m", cfg=dataclasses.replace(TINY, hidden_size=64, intermediate_size=128))
+    enc = Encoder(model_dir, device="cpu")
+    texts = ["the cat is on the moon", "sun", "a dog and a car", "hello world", "x " * 40]  # short and long rows
+    ids, mask = enc.tokenizer.pad(sorted(enc.tokenize(texts).ids, key=len, reverse=True))
+    attention = GroupedAttention(mask.sum(1).tolist(), enc.network.encoder, torch.bfloat16, torch.device("cpu"))
+    kinds = {bias.dim() for bias in attention.biases}
+    assert kinds == {3, 4}  # short blocks ours, the 40-token row SDPA's
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = enc.network(ids, mask).float()
+        got = inference_network(enc.network, torch.bfloat16, torch.device("cpu"))(ids, mask).float()
+        monkeypatch.setattr(fused_module, "short_attention_supported", lambda head_dim: False)
+        sdpa_only = inference_network(enc.network, torch.bfloat16, torch.device("cpu"))(ids, mask).float()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=0.1, rtol=0.05)
+    torch.testing.assert_close(got[real], sdpa_only[real], atol=0.05, rtol=0.02)
 
 
 # ---------------------------------------------------------------- encoder precisions
@@ -159,14 +217,14 @@ def test_bf16_int8_switches_on_batch_size(tiny_model_dir, monkeypatch):
 def test_auto_picks_bf16_int8_where_the_kernel_runs(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: True)
     assert Encoder(tiny_model_dir, device="cpu", precision="auto").precision == "bf16+int8"
-    monkeypatch.setattr(encoder_module, "int8_unavailable", lambda: "no AMX here")
+    monkeypatch.setattr(encoder_module, "kernels_unavailable", lambda: "no AMX here")
     assert Encoder(tiny_model_dir, device="cpu", precision="auto").precision == "bf16"
 
 
 def test_int8_precisions_say_why_they_cannot_run(tiny_model_dir, monkeypatch):
     with pytest.raises(ValueError, match="CPUs only"):
         Encoder(tiny_model_dir, device="cuda", precision="int8")
-    monkeypatch.setattr(encoder_module, "int8_unavailable", lambda: "this CPU has no AMX bf16 units")
+    monkeypatch.setattr(encoder_module, "kernels_unavailable", lambda: "this CPU has no AMX bf16 units")
     for precision in ("int8", "bf16+int8"):
         with pytest.raises(ValueError, match="no AMX"):
             Encoder(tiny_model_dir, device="cpu", precision=precision)

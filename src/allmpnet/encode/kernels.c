@@ -1,15 +1,18 @@
-// Weight-only int8 linear layer on Intel AMX: y = act(x W^T + b) [+ residual], W = int8 values x one scale per
-// output channel and group of inputs; act is none or GELU (erf); x, y and residual are bf16.
+// Our CPU kernels (compiled and loaded by kernels.py):
 //
-// Why it exists: a short query is memory-bound (each weight byte is read once for a dozen rows), so weights
-// stored in int8 halve the bytes of bf16. Each step of weights is widened to bf16 (value x its group's scale) in
-// L1, and multiplied on the AMX units.
-//
-// Layouts (built by int8.py):
+// allmpnet_int8_linear: weight-only int8 linear layer on Intel AMX: y = act(x W^T + b) [+ residual], W = int8
+// values x one scale per output channel and group of inputs; act is none or GELU (erf); x, y, residual bf16.
+// Why: a short query is memory-bound (each weight byte is read once for a dozen rows), so weights stored in
+// int8 halve the bytes of bf16. Each step of weights is widened to bf16 (value x its group's scale) in L1 and
+// multiplied on the AMX units.
 //   packed [N/32][K/32][2][16][16][2] int8: per block of 32 outputs and step of 32 inputs, two AMX B tiles of
 //          16 (input pair) x 16 (output) x 2 (input within the pair);
 //   scales [N/32][K/group][2][32] fp32: per block, group and tile, the scale of each lane of a widened row
 //          (lane j belongs to output j / 2), so widening is one multiply per 16 weights.
+//
+// allmpnet_short_attention: softmax(q k^T * scale + bias) v for blocks of at most 32 tokens, one head at a time,
+// in fp32 registers. Why: for such blocks SDPA's CPU kernel is all fixed cost (~60 us a layer for one query,
+// against ~14 us here), and a single query runs 12 of them.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -202,4 +205,66 @@ int allmpnet_int8_linear(const uint16_t *x, const int8_t *packed, const float *s
         }
     }
     return failed ? -1 : 0;
+}
+
+#define MAX_BLOCK_TOKENS 32
+#define MAX_HEAD_DIM 128
+
+// qkv (N, 3 H D) and out (N, H D) bf16, packed rows; a group of `blocks` blocks of T <= 32 tokens from row
+// `start` on; bias (H, T, T) fp32 (the position bias, -1e30-like between rows sharing a block). D: a multiple
+// of 16, at most 128.
+void allmpnet_short_attention(const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t start,
+                              int64_t blocks, int64_t T, int64_t H, int64_t D, int threads) {
+    const int64_t C = H * D;
+    const __mmask16 valid0 = (__mmask16)(T >= 16 ? 0xFFFF : (1u << T) - 1);
+    const __mmask16 valid1 = (__mmask16)(T >= 32 ? 0xFFFF : T <= 16 ? 0 : (1u << (T - 16)) - 1);
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t h = 0; h < H; h++) {
+            // keys transposed (D, 32), so one query's 32 scores are two vectors of FMAs; zero past T
+            float keys[MAX_HEAD_DIM][MAX_BLOCK_TOKENS] __attribute__((aligned(64)));
+            float values[MAX_BLOCK_TOKENS][MAX_HEAD_DIM] __attribute__((aligned(64)));
+            float row[MAX_HEAD_DIM] __attribute__((aligned(64)));
+            const int64_t row0 = start + b * T;
+            for (int64_t j = 0; j < MAX_BLOCK_TOKENS; j++) {
+                const uint16_t *k = qkv + (row0 + j) * 3 * C + C + h * D, *v = k + C;
+                for (int64_t d = 0; d < D; d += 16) {
+                    const __m512 kd = j < T ? bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(k + d)))
+                                            : _mm512_setzero_ps();
+                    _mm512_store_ps(row, kd);
+                    for (int e = 0; e < 16; e++) keys[d + e][j] = row[e];
+                    if (j < T) _mm512_store_ps(values[j] + d, bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(v + d))));
+                }
+            }
+            for (int64_t i = 0; i < T; i++) {
+                const uint16_t *q = qkv + (row0 + i) * 3 * C + h * D;
+                for (int64_t d = 0; d < D; d += 16)
+                    _mm512_store_ps(row + d, bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(q + d))));
+                __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d++) {
+                    const __m512 qd = _mm512_set1_ps(row[d]);
+                    s0 = _mm512_fmadd_ps(qd, _mm512_load_ps(keys[d]), s0);
+                    s1 = _mm512_fmadd_ps(qd, _mm512_load_ps(keys[d] + 16), s1);
+                }
+                const float *bias_row = bias + (h * T + i) * T;
+                const __m512 far = _mm512_set1_ps(-1e30f), by = _mm512_set1_ps(scale);
+                s0 = _mm512_mask_blend_ps(valid0, far, _mm512_fmadd_ps(s0, by, _mm512_maskz_loadu_ps(valid0, bias_row)));
+                s1 = _mm512_mask_blend_ps(valid1, far, _mm512_fmadd_ps(s1, by, _mm512_maskz_loadu_ps(valid1, bias_row + 16)));
+                const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+                const __m512 p0 = _mm512_maskz_mov_ps(valid0, exp_nonpositive(_mm512_sub_ps(s0, top)));
+                const __m512 p1 = _mm512_maskz_mov_ps(valid1, exp_nonpositive(_mm512_sub_ps(s1, top)));
+                const __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(p0, p1)));
+                float weights[MAX_BLOCK_TOKENS] __attribute__((aligned(64)));
+                _mm512_store_ps(weights, _mm512_mul_ps(p0, norm));
+                _mm512_store_ps(weights + 16, _mm512_mul_ps(p1, norm));
+                uint16_t *o = out + (row0 + i) * C + h * D;
+                for (int64_t d = 0; d < D; d += 16) {
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < T; j++)
+                        sum = _mm512_fmadd_ps(_mm512_set1_ps(weights[j]), _mm512_load_ps(values[j] + d), sum);
+                    _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(sum));
+                }
+            }
+        }
+    }
 }

@@ -25,8 +25,8 @@ from allmpnet.weights import DEFAULT_MODEL, resolve, verify_weights
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
               "bf16+int8": torch.bfloat16}
 # batches of at most this many packed tokens use int8 weights in "bf16+int8": they are memory-bound, and int8
-# weights are half the bytes (measured on 2 AMX cores: 4.9 ms vs 9.2 ms for a layer stack's projections at 11
-# rows, still 20% faster at 512; bf16 wins from ~1k rows, where the maths dominates)
+# weights are half the bytes (measured on 2 AMX cores: ~4 ms vs ~9 ms for the 48 projections at 11 rows, still
+# 20% faster at 512; oneDNN's bf16 wins from ~1k rows, where the maths dominates)
 INT8_MAX_ROWS = {"int8": sys.maxsize, "bf16+int8": 512}
 # texts tokenized and length-sorted together: bounds memory for huge inputs while keeping padding low
 SORT_WINDOW = 16384

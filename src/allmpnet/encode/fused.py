@@ -267,8 +267,8 @@ def inference_network(network: MPNet, dtype: torch.dtype, device: torch.device,
     """A frozen copy of `network` in `dtype` on `device`, with oneDNN layers where they apply (CPU, bf16).
 
     In the network's own dtype and device the copy shares its weight tensors (only q|k|v is new).
-    int8_max_rows (CPU, bf16): batches of at most this many packed tokens use int8 weights (kernels.py); sys.maxsize
-    keeps int8 weights only."""
+    int8_max_rows (CPU, bf16): batches of at most this many packed tokens use int8 weights (kernels.py);
+    sys.maxsize keeps int8 weights only."""
     # deepcopy with every tensor pre-cast in the memo: the copy never holds a second full fp32 set of weights
     memo = {id(t): (nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)
                     if isinstance(t, nn.Parameter) else t.to(device=device, dtype=dtype if t.is_floating_point()

@@ -233,7 +233,8 @@ void allmpnet_short_attention(const uint16_t *qkv, uint16_t *out, const float *b
                                             : _mm512_setzero_ps();
                     _mm512_store_ps(row, kd);
                     for (int e = 0; e < 16; e++) keys[d + e][j] = row[e];
-                    if (j < T) _mm512_store_ps(values[j] + d, bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(v + d))));
+                    if (j < T)
+                        _mm512_store_ps(values[j] + d, bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(v + d))));
                 }
             }
             for (int64_t i = 0; i < T; i++) {
@@ -248,8 +249,10 @@ void allmpnet_short_attention(const uint16_t *qkv, uint16_t *out, const float *b
                 }
                 const float *bias_row = bias + (h * T + i) * T;
                 const __m512 far = _mm512_set1_ps(-1e30f), by = _mm512_set1_ps(scale);
-                s0 = _mm512_mask_blend_ps(valid0, far, _mm512_fmadd_ps(s0, by, _mm512_maskz_loadu_ps(valid0, bias_row)));
-                s1 = _mm512_mask_blend_ps(valid1, far, _mm512_fmadd_ps(s1, by, _mm512_maskz_loadu_ps(valid1, bias_row + 16)));
+                s0 = _mm512_fmadd_ps(s0, by, _mm512_maskz_loadu_ps(valid0, bias_row));
+                s1 = _mm512_fmadd_ps(s1, by, _mm512_maskz_loadu_ps(valid1, bias_row + 16));
+                s0 = _mm512_mask_blend_ps(valid0, far, s0);  // lanes past T take no weight
+                s1 = _mm512_mask_blend_ps(valid1, far, s1);
                 const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
                 const __m512 p0 = _mm512_maskz_mov_ps(valid0, exp_nonpositive(_mm512_sub_ps(s0, top)));
                 const __m512 p1 = _mm512_maskz_mov_ps(valid1, exp_nonpositive(_mm512_sub_ps(s1, top)));

@@ -175,10 +175,14 @@ def read_bandwidth_gbs(megabytes: int = 1024, reps: int = 5) -> float:
     return buffer.numel() * 4 / best / 1e9
 
 
+def layer_weight_count(cfg) -> int:
+    """Weights of the encoder layers' projections (q, k, v, o, up, down): what a query streams from memory."""
+    return cfg.num_hidden_layers * (4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.intermediate_size)
+
+
 def flops_per_token(avg_len: float, cfg) -> float:
     """2 x linear-layer weights (the matmuls) + attention scores and mixing, 4 x T x C per layer."""
-    linear = cfg.num_hidden_layers * (4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.intermediate_size)
-    return 2 * linear + cfg.num_hidden_layers * 4 * avg_len * cfg.hidden_size
+    return 2 * layer_weight_count(cfg) + cfg.num_hidden_layers * 4 * avg_len * cfg.hidden_size
 
 
 def spearman_x100(a: np.ndarray, b: np.ndarray, gold: np.ndarray) -> float:
@@ -293,7 +297,7 @@ def main() -> None:
     from allmpnet.model import MPNetConfig
     cfg = MPNetConfig.load(args.model)
     bandwidth = read_bandwidth_gbs()
-    layer_weights = cfg.num_hidden_layers * (4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.intermediate_size)
+    layer_weights = layer_weight_count(cfg)
     out(f"single-query floor: a query reads every layer weight once; bf16 {2 * layer_weights / 1e6:.0f} MB at the "
         f"{bandwidth:.1f} GB/s this run reads from memory = {2 * layer_weights / bandwidth / 1e6:.1f} ms "
         f"(int8: {layer_weights / bandwidth / 1e6:.1f} ms, fp32: {4 * layer_weights / bandwidth / 1e6:.1f} ms)")
@@ -350,8 +354,8 @@ def main() -> None:
                else float("nan"))
         out(f"{name:<16}{cells[0]}   {cells[1]}   {p50:>10.1f}{p99:>8.1f}   {rss:>7.2f}{cos:>10.5f}{sts:>7.2f}")
     if "ours-auto" in paths:
-        from allmpnet import Encoder
-        auto = Encoder(args.model, device="cpu", precision="auto").precision
+        from allmpnet.encode.encoder import resolve_precision
+        auto = resolve_precision("auto", torch.device("cpu"))
         out(f"ours-auto is {auto!r} here" + (": batches of at most 512 tokens, such as (c), run with int8 weights "
                                              "and give ours-int8's vectors; ours-int8's quality columns cover them"
                                              if auto == "bf16+int8" else ""))

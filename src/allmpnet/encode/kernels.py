@@ -117,11 +117,16 @@ def kernels_unavailable() -> str:
 # ---------------------------------------------------------------- attention over short blocks
 
 MAX_BLOCK_TOKENS = 32  # the kernel keeps a block's keys in two 16-lane vectors
+MAX_HEAD_DIM = 128  # its per-head buffers, on the stack
+
+
+def _head_dim_fits(head_dim: int) -> bool:
+    return head_dim % 16 == 0 and 0 < head_dim <= MAX_HEAD_DIM
 
 
 def short_attention_supported(head_dim: int) -> bool:
     """Whether short_attention runs here for heads of this size (blocks of at most MAX_BLOCK_TOKENS tokens)."""
-    return head_dim % 16 == 0 and head_dim <= 128 and not kernels_unavailable()
+    return _head_dim_fits(head_dim) and not kernels_unavailable()
 
 
 def short_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
@@ -140,7 +145,7 @@ def _short_attention(library: ctypes.CDLL, qkv: torch.Tensor, out: torch.Tensor,
     if not (qkv.dtype == out.dtype == torch.bfloat16 and bias.dtype == torch.float32 and qkv.is_contiguous()
             and out.is_contiguous() and bias.is_contiguous() and qkv.shape[1] == 3 * out.shape[1]
             and bias.shape == (n_head, block_tokens, block_tokens) and 0 < block_tokens <= MAX_BLOCK_TOKENS
-            and head_dim * n_head == out.shape[1] and head_dim % 16 == 0 and head_dim <= 128
+            and head_dim * n_head == out.shape[1] and _head_dim_fits(head_dim)
             and start + blocks * block_tokens <= min(qkv.shape[0], out.shape[0])):
         raise ValueError("short_attention: inputs of the wrong dtype, layout or shape")
     library.allmpnet_short_attention(qkv.data_ptr(), out.data_ptr(), bias.data_ptr(), head_dim ** -0.5, start,

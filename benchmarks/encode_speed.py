@@ -96,10 +96,9 @@ def load_path(name: str, model_dir: str, work: Path, max_len: int):
     precision = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-bf16-plain": "bf16", "ours-int8": "int8",
                  "ours-auto": "auto"}[name]
     enc = Encoder(model_dir, device="cpu", precision=precision, max_seq_length=max_len)
-    if name == "ours-bf16-plain":  # ablation: the same bf16 weights without oneDNN prepacking / fusion
-        import copy
-        plain = copy.deepcopy(enc.network).to(torch.bfloat16).eval()
-        enc.inference_network = lambda: plain
+    if name == "ours-bf16-plain":  # ablation: the same bf16 copy without oneDNN prepacking / fusion
+        import dataclasses
+        enc.plan = dataclasses.replace(enc.plan, linear="torch", short_attention_kernel=False)
 
     class Ours:
         def encode(self, texts):
@@ -354,8 +353,8 @@ def main() -> None:
                else float("nan"))
         out(f"{name:<16}{cells[0]}   {cells[1]}   {p50:>10.1f}{p99:>8.1f}   {rss:>7.2f}{cos:>10.5f}{sts:>7.2f}")
     if "ours-auto" in paths:
-        from allmpnet.encode.encoder import resolve_precision
-        auto = resolve_precision("auto", torch.device("cpu"))
+        from allmpnet.encode.precision import plan_precision
+        auto = plan_precision("auto", "cpu").name
         out(f"ours-auto is {auto!r} here" + (": batches of at most 512 tokens, such as (c), run with int8 weights "
                                              "and give ours-int8's vectors; ours-int8's quality columns cover them"
                                              if auto == "bf16+int8" else ""))

@@ -36,9 +36,9 @@ def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process: warm-up step, then timed steps (forward, backward, AdamW)."""
     model = Encoder(args.model_dir, device=args.device, precision=args.precision)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-6, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.model.parameters(), lr=2e-5, eps=1e-6, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    vocab = model.network.cfg.vocab_size
+    vocab = model.model.network.cfg.vocab_size
 
     def columns():  # two columns of batch texts, each exactly seq word pieces (<s> … </s>)
         ids = torch.randint(5, vocab, (2, args.batch, args.seq - 2), generator=g)
@@ -53,7 +53,7 @@ def run_one(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         forward_backward(model, batch, Context(), 20.0, chunk)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.model.parameters(), 1.0)
         optimizer.step()
         if model.device.type == "cuda":
             torch.cuda.synchronize()

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
-import tracemalloc
+import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from allmpnet import Encoder, TruncationWarning
-from allmpnet.model import Pooling
+from allmpnet.model import PackedBatch, Pooling
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +105,13 @@ def test_baked_in_tokenizer_padding_and_truncation_do_not_leak(tiny_model_dir, t
 
 
 def test_pooling_modes_by_hand():
-    tokens = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [100.0, 100.0]]])  # (B=1, T=3, C=2), last is padding
-    mask = torch.tensor([[1, 1, 0]])
+    batch = PackedBatch.from_ids([[7, 8]], bucket_rows=True)  # 2 real tokens, then filler rows up to 16
+    assert batch.ids.shape == (16,)
+    tokens = torch.full((16, 2), 100.0)  # (N', C): the filler rows must not count
+    tokens[:2] = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
 
     def pool(**modes):
-        return Pooling(**{"word_embedding_dimension": 2, "pooling_mode_mean_tokens": False, **modes})(tokens, mask)
+        return Pooling(**{"word_embedding_dimension": 2, "pooling_mode_mean_tokens": False, **modes})(tokens, batch)
 
     assert pool(pooling_mode_cls_token=True).tolist() == [[1.0, 2.0]]
     assert pool(pooling_mode_mean_tokens=True).tolist() == [[2.0, 4.0]]
@@ -139,7 +143,7 @@ def test_cls_pooling_from_the_directory(tiny_model_dir, tmp_path):
     enc = Encoder(model_dir, device="cpu")
     ids, mask = enc.tokenizer.pad(enc.tokenize(["hello world"]).ids)
     with torch.inference_mode():
-        cls = enc.network(ids, mask)[0, 0]
+        cls = enc.model.network.token_embeddings(ids, mask)[0, 0]
     np.testing.assert_allclose(enc.encode("hello world"), (cls / cls.norm()).numpy(), atol=1e-6)
 
 
@@ -163,19 +167,23 @@ def test_saved_directory_loads_in_sentence_transformers(enc, tmp_path):
                                atol=1e-6)
 
 
+def resident_mb() -> float:
+    """This process's resident memory: what torch's CPU allocations (invisible to tracemalloc) really cost."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads RSS from /proc (Linux)")
 def test_memory_stays_flat_over_repeated_calls(enc):
-    texts = [f"the cat {i} is on the car" for i in range(200)]
-    enc.encode(texts)
-    gc.collect()
-    tracemalloc.start()
-    enc.encode(texts)
-    first, _ = tracemalloc.get_traced_memory()
-    for _ in range(5):
+    texts = [f"the cat {i} is on the car " * (1 + i % 4) for i in range(400)]
+    for _ in range(2):  # first calls build the inference copy and settle the allocator's pools
         enc.encode(texts)
     gc.collect()
-    last, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert last - first < 256 * 1024, f"python-level memory grew by {last - first} bytes over 5 calls"
+    first = resident_mb()
+    for _ in range(10):
+        enc.encode(texts)
+    gc.collect()
+    grown = resident_mb() - first
+    assert grown < 16, f"resident memory grew by {grown:.1f} MB over 10 calls"
 
 
 def test_bad_arguments(enc):
@@ -183,3 +191,31 @@ def test_bad_arguments(enc):
         enc.encode(["a"], convert_to="list")
     with pytest.raises(ValueError, match="batch_size"):
         enc.encode(["a"], batch_size=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_encoder_serves_eight_threads_with_mixed_options(tiny_model_dir, precision):
+    texts = [f"the cat {i} " + "is on the car " * (i % 9) for i in range(60)] + ["", "sun"]
+    reference = Encoder(tiny_model_dir, device="cpu", precision=precision)
+    expected = {flag: reference.encode(texts, normalize=flag) for flag in (True, False)}
+    assert np.abs(expected[True] - expected[False]).max() > 0.1  # the option really changes the vectors
+    shared = Encoder(tiny_model_dir, device="cpu", precision=precision)  # its inference copy not built yet
+    start, failures = threading.Barrier(8), []
+
+    def work(thread: int) -> None:
+        start.wait()  # all at once, racing to build the inference copy too
+        for call in range(3):
+            normalize = (thread + call) % 2 == 0
+            convert_to = "torch" if (thread + call) % 3 == 0 else "numpy"
+            got = shared.encode(texts, normalize=normalize, convert_to=convert_to)
+            got = got.numpy() if convert_to == "torch" else got
+            error = float(np.abs(got - expected[normalize]).max())
+            if error > 1e-6:
+                failures.append((thread, call, normalize, convert_to, error))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

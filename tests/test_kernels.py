@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from allmpnet import Encoder
-from allmpnet.encode import encoder as encoder_module
-from allmpnet.encode import fused as fused_module
 from allmpnet.encode import kernels as kernels_module
-from allmpnet.encode.fused import GroupedAttention, RowSwitchedLinear, block_bias, inference_network
+from allmpnet.encode.inference import RowSwitchedLinear
+from allmpnet.encode.precision import Capabilities, plan_precision
 from allmpnet.encode.kernels import (Int8Linear, kernels_unavailable, pack_scales, pack_weight, quantize,
                                      short_attention, short_attention_reference)
 from allmpnet.testing import TINY, build_random_model
@@ -166,24 +165,20 @@ def test_short_attention_rejects_what_it_cannot_do():
 
 
 @needs_amx
-def test_bf16_copy_uses_short_attention_and_matches_the_network(tmp_path, monkeypatch):
+def test_bf16_copy_uses_short_attention_and_matches_sdpa(tmp_path):
     # heads of 16 (the shared tiny model's are 8, which the kernel does not take)
     model_dir = build_random_model(tmp_path / "m", cfg=dataclasses.replace(TINY, hidden_size=64, intermediate_size=128))
-    enc = Encoder(model_dir, device="cpu")
-    texts = ["the cat is on the moon", "sun", "a dog and a car", "hello world", "x " * 40]  # short and long rows
-    ids, mask = enc.tokenizer.pad(sorted(enc.tokenize(texts).ids, key=len, reverse=True))
-    attention = GroupedAttention(mask.sum(1).tolist(), enc.network.encoder, torch.bfloat16, torch.device("cpu"))
-    kinds = {bias.dim() for bias in attention.biases}
-    assert kinds == {3, 4}  # short blocks ours, the 40-token row SDPA's
-    with torch.inference_mode():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            expected = enc.network(ids, mask).float()
-        got = inference_network(enc.network, torch.bfloat16, torch.device("cpu"))(ids, mask).float()
-        monkeypatch.setattr(fused_module, "short_attention_supported", lambda head_dim: False)
-        sdpa_only = inference_network(enc.network, torch.bfloat16, torch.device("cpu"))(ids, mask).float()
-    real = mask.bool()
-    torch.testing.assert_close(got[real], expected[real], atol=0.1, rtol=0.05)
-    torch.testing.assert_close(got[real], sdpa_only[real], atol=0.05, rtol=0.02)
+    enc = Encoder(model_dir, device="cpu", precision="bf16")
+    assert enc.plan.short_attention_kernel
+    texts = ["the cat is on the moon", "sun", "a dog and a car", "hello world", "x " * 40]  # short and long texts
+    ids = sorted(enc.tokenize(texts).ids, key=len, reverse=True)
+    layout = enc.pack(ids).attention
+    assert {layout.on_short_kernel(g) for g in layout.groups} == {True, False}  # short blocks ours, the long SDPA's
+    sdpa_only = enc.with_precision(dataclasses.replace(enc.plan, short_attention_kernel=False))
+    exact = enc.with_precision("fp32")
+    got = enc.encode(texts)
+    np.testing.assert_allclose(got, sdpa_only.encode(texts), atol=0.02)
+    assert cosines(got, exact.encode(texts)).min() > 0.999
 
 
 # ---------------------------------------------------------------- encoder precisions
@@ -194,37 +189,30 @@ def test_int8_precision_stays_close_to_fp32(tiny_model_dir):
     exact = Encoder(tiny_model_dir, device="cpu").encode(TEXTS)
     enc = Encoder(tiny_model_dir, device="cpu", precision="int8")
     got = enc.encode(TEXTS)
-    assert all(isinstance(linear, Int8Linear) for linear in (enc.inference_network().layers[0].qkv,
-                                                            enc.inference_network().layers[1].down))
+    layers = enc.inference_model().network.encoder.layer
+    assert all(isinstance(linear, Int8Linear) for linear in (layers[0].attention.attn.qkv, layers[1].output.dense))
     assert cosines(got, exact).min() > 0.99
     assert not np.allclose(got, Encoder(tiny_model_dir, device="cpu", precision="bf16").encode(TEXTS), atol=1e-6)
 
 
 @needs_amx
-def test_bf16_int8_switches_on_batch_size(tiny_model_dir, monkeypatch):
-    monkeypatch.setitem(encoder_module.INT8_MAX_ROWS, "bf16+int8", 16)  # the tiny texts: one alone <= 16 tokens
-    mixed = Encoder(tiny_model_dir, device="cpu", precision="bf16+int8")
-    int8 = Encoder(tiny_model_dir, device="cpu", precision="int8")
-    bf16 = Encoder(tiny_model_dir, device="cpu", precision="bf16")
-    assert isinstance(mixed.inference_network().layers[0].qkv, RowSwitchedLinear)
+def test_bf16_int8_switches_on_batch_size(tiny_model_dir):
+    plan = dataclasses.replace(plan_precision("bf16+int8", "cpu"), small_batch_tokens=16)  # one tiny text <= 16
+    mixed = Encoder(tiny_model_dir, device="cpu", precision=plan)
+    int8 = mixed.with_precision("int8")
+    bf16 = mixed.with_precision("bf16")
+    assert isinstance(mixed.inference_model().network.encoder.layer[0].attention.attn.qkv, RowSwitchedLinear)
     one = ["the cat is on the moon"]
     np.testing.assert_array_equal(mixed.encode(one), int8.encode(one))  # small: int8 weights
     many = TEXTS * 4  # far more than 16 packed tokens in one batch
     np.testing.assert_array_equal(mixed.encode(many, batch_size=64), bf16.encode(many, batch_size=64))
 
 
-@needs_amx
-def test_auto_picks_bf16_int8_where_the_kernel_runs(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: True)
-    assert Encoder(tiny_model_dir, device="cpu", precision="auto").precision == "bf16+int8"
-    monkeypatch.setattr(encoder_module, "kernels_unavailable", lambda: "no AMX here")
-    assert Encoder(tiny_model_dir, device="cpu", precision="auto").precision == "bf16"
-
-
-def test_int8_precisions_say_why_they_cannot_run(tiny_model_dir, monkeypatch):
+def test_int8_precisions_say_why_they_cannot_run(tiny_model_dir):
     with pytest.raises(ValueError, match="CPUs only"):
         Encoder(tiny_model_dir, device="cuda", precision="int8")
-    monkeypatch.setattr(encoder_module, "kernels_unavailable", lambda: "this CPU has no AMX bf16 units")
+    no_kernels = Capabilities("cpu", frozenset({"avx512_bf16"}), True, "this CPU has no AMX bf16 units")
     for precision in ("int8", "bf16+int8"):
         with pytest.raises(ValueError, match="no AMX"):
-            Encoder(tiny_model_dir, device="cpu", precision=precision)
+            plan_precision(precision, "cpu", no_kernels)
+    assert plan_precision("auto", "cpu", no_kernels).name == "bf16"  # auto never fails

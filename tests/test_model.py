@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from allmpnet.model import MPNet, MPNetConfig, WeightsError
-from allmpnet.model.mpnet import relative_position_bucket
+from allmpnet.model.mpnet import Linear, join_qkv, relative_position_bucket, split_qkv
 from allmpnet.testing import TINY
 
 
@@ -29,8 +29,8 @@ def test_position_ids_skip_padding_and_start_after_pad_index():
     ids = torch.tensor([[0, 10, 11, 2, 1, 1]])
     # padding must not change the real tokens' vectors: compare against the unpadded sequence
     mask = (ids != cfg.pad_token_id).long()
-    padded = model(ids, mask)[0, :4]
-    alone = model(ids[:, :4], mask[:, :4])[0]
+    padded = model.token_embeddings(ids, mask)[0, :4]
+    alone = model.token_embeddings(ids[:, :4], mask[:, :4])[0]
     assert torch.allclose(padded, alone, atol=1e-6)
 
 
@@ -62,7 +62,7 @@ def test_masked_lm_layout_with_prefix_and_lm_head_loads_the_same_encoder(tiny_mo
     (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     a, b = MPNet.from_pretrained(tmp_path), MPNet.from_pretrained(tiny_model_dir)
     ids = torch.tensor([[0, 7, 8, 9, 2]])
-    assert torch.equal(a(ids, torch.ones_like(ids)), b(ids, torch.ones_like(ids)))
+    assert torch.equal(a.token_embeddings(ids, torch.ones_like(ids)), b.token_embeddings(ids, torch.ones_like(ids)))
 
 
 def test_truncated_safetensors_is_a_clear_error(tiny_model_dir, tmp_path):
@@ -90,9 +90,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
         for m in model.modules():  # deterministic: compare the math, not dropout draws
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
+            if isinstance(m, Linear):
+                m.dropout = 0.0
         for layer in model.encoder.layer:
             layer.attention.attn.dropout_p = 0.0
-        model.encoder.gradient_checkpointing = checkpointing
-        model(ids, mask).sum().backward()
+        model.enable_gradient_checkpointing(checkpointing)
+        model.token_embeddings(ids, mask).sum().backward()
         grads.append(model.embeddings.word_embeddings.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_checkpoint_layout_keeps_separate_qkv_and_round_trips(tiny_model_dir, tmp_path):
+    published = load_file(str(tiny_model_dir / "model.safetensors"))
+    model = MPNet.from_pretrained(tiny_model_dir)
+    assert "encoder.layer.0.attention.attn.qkv.weight" in model.state_dict()  # one projection inside
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert set(saved) == set(published)  # q, k and v apart again, as transformers expects
+    assert all(torch.equal(saved[k], published[k]) for k in published)
+    joined = join_qkv(published)
+    q, k, v = (published[f"encoder.layer.1.attention.attn.{p}.weight"] for p in "qkv")
+    assert torch.equal(joined["encoder.layer.1.attention.attn.qkv.weight"], torch.cat([q, k, v]))
+    assert split_qkv(joined).keys() == published.keys()

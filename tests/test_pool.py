@@ -33,11 +33,14 @@ class ExplodingEncoder:
     def __init__(self, encoder: Encoder):
         self.encoder, self.dim = encoder, encoder.dim
 
-    def encode(self, texts, **kwargs):
+    def tokenize(self, texts):
         if "boom" in texts:
             raise ValueError(f"cannot embed text #{texts.index('boom')} of this chunk")
         time.sleep(0.05)  # slow enough for the interrupt test to land mid-run
-        return self.encoder.encode(texts, **kwargs)
+        return self.encoder.tokenize(texts)
+
+    def encode_ids(self, ids, **kwargs):
+        return self.encoder.encode_ids(ids, **kwargs)
 
 
 def exploding_factory(model, device, precision, max_seq_length):  # module level: spawned workers import it

@@ -30,12 +30,7 @@ def test_fast_precision_keeps_quality(real_encoder, shared_data, precision):
     s1, s2, gold = sts_sample(shared_data)
     texts = s1 + s2
     exact = real_encoder.encode(texts)
-    saved = real_encoder.precision
-    real_encoder.precision = precision
-    try:
-        fast = real_encoder.encode(texts)
-    finally:
-        real_encoder.precision = saved
+    fast = real_encoder.with_precision(precision).encode(texts)
     cos = (fast * exact).sum(1)  # both unit length
     assert cos.min() >= 0.99
     assert np.abs(np.linalg.norm(fast, axis=1) - 1).max() < 1e-5

@@ -202,14 +202,14 @@ def test_api_key(enc, monkeypatch):
 
 def test_full_queue_answers_503_with_retry_after(tiny_model_dir, monkeypatch):
     enc = Encoder(tiny_model_dir, device="cpu")
-    inner, entered, opened = enc.embed, threading.Event(), threading.Event()
+    inner, entered, opened = enc.embed_ids, threading.Event(), threading.Event()
 
-    def gated(ids, mask, normalize=None):  # holds the worker so the queue fills deterministically
+    def gated(ids, normalize=None):  # holds the worker so the queue fills deterministically
         entered.set()
         opened.wait(20)
-        return inner(ids, mask, normalize)
+        return inner(ids, normalize)
 
-    monkeypatch.setattr(enc, "embed", gated)
+    monkeypatch.setattr(enc, "embed_ids", gated)
     config = ServeConfig(max_items=4, max_queue=4, warm_up=False)  # the gate would hold the warm-up pass too
     with BackgroundServer(create_app(enc, config)) as url:
         results: dict[str, httpx.Response] = {}

@@ -19,19 +19,24 @@ def enc(tiny_model_dir) -> Encoder:
 
 
 class Gate:
-    """Wraps Encoder.embed so a test decides when each forward pass may run, and records the batch shapes."""
+    """Wraps Encoder.embed_ids so a test decides when each forward pass may run, and records the batch shapes."""
 
     def __init__(self, enc: Encoder):
-        self.inner = enc.embed
+        self.inner = enc.embed_ids
         self.opened = threading.Event()
         self.entered = threading.Event()
         self.shapes: list[tuple[int, int]] = []
 
-    def __call__(self, ids, mask, normalize=None):
-        self.shapes.append(tuple(ids.shape))
+    def __call__(self, ids, normalize=None):
+        self.shapes.append(shape(ids))
         self.entered.set()
         assert self.opened.wait(10), "test never opened the gate"
-        return self.inner(ids, mask, normalize)
+        return self.inner(ids, normalize)
+
+
+def shape(ids: list[list[int]]) -> tuple[int, int]:
+    """(rows, longest): the padded size of a batch of ragged ids."""
+    return len(ids), max(map(len, ids))
 
 
 def tokens(enc: Encoder, texts: list[str]) -> list[list[int]]:
@@ -50,7 +55,7 @@ def test_vectors_match_encode_in_callers_order(enc):
 
 def test_concurrent_requests_share_one_forward_pass(enc, monkeypatch):
     gate = Gate(enc)
-    monkeypatch.setattr(enc, "embed", gate)
+    monkeypatch.setattr(enc, "embed_ids", gate)
     stats: list[BatchStats] = []
     batcher = DynamicBatcher(enc, on_batch=stats.append).start()
     try:
@@ -69,7 +74,7 @@ def test_concurrent_requests_share_one_forward_pass(enc, monkeypatch):
 
 def test_without_dynamic_batching_each_request_runs_alone(enc, monkeypatch):
     gate = Gate(enc)
-    monkeypatch.setattr(enc, "embed", gate)
+    monkeypatch.setattr(enc, "embed_ids", gate)
     stats: list[BatchStats] = []
     batcher = DynamicBatcher(enc, merge_requests=False, on_batch=stats.append).start()
     try:
@@ -130,16 +135,16 @@ def test_cancelled_request_leaves_the_queue_without_a_forward_pass(enc):
 
 
 def test_a_failing_pass_fails_its_requests_and_the_worker_goes_on(enc, monkeypatch):
-    real = enc.embed
+    real = enc.embed_ids
     calls = []
 
-    def flaky(ids, mask, normalize=None):
-        calls.append(ids.shape)
+    def flaky(ids, normalize=None):
+        calls.append(shape(ids))
         if len(calls) == 1:
             raise RuntimeError("out of memory")
-        return real(ids, mask, normalize)
+        return real(ids, normalize)
 
-    monkeypatch.setattr(enc, "embed", flaky)
+    monkeypatch.setattr(enc, "embed_ids", flaky)
     batcher = DynamicBatcher(enc).start()
     try:
         with pytest.raises(RuntimeError, match="out of memory"):
@@ -166,23 +171,23 @@ def test_budget_must_hold_one_full_length_text(enc):
 
 def test_warm_up_runs_the_largest_batch_the_budget_allows(enc, monkeypatch):
     shapes = []
-    real = enc.embed
+    real = enc.embed_ids
 
-    def recording(ids, mask, normalize=None):
-        shapes.append(tuple(ids.shape))
-        return real(ids, mask, normalize)
+    def recording(ids, normalize=None):
+        shapes.append(shape(ids))
+        return real(ids, normalize)
 
-    monkeypatch.setattr(enc, "embed", recording)
+    monkeypatch.setattr(enc, "embed_ids", recording)
     DynamicBatcher(enc, max_batch_tokens=3 * enc.max_seq_length + 5, max_batch_size=8).warm_up()
     DynamicBatcher(enc, max_batch_tokens=100 * enc.max_seq_length, max_batch_size=8).warm_up()
     assert shapes == [(3, enc.max_seq_length), (8, enc.max_seq_length)]
 
 
 def test_failed_warm_up_is_reported_and_nothing_is_served(enc, monkeypatch):
-    def out_of_memory(ids, mask, normalize=None):
+    def out_of_memory(ids, normalize=None):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(enc, "embed", out_of_memory)
+    monkeypatch.setattr(enc, "embed_ids", out_of_memory)
     batcher = DynamicBatcher(enc).start(warm_up=True)
     with pytest.raises(RuntimeError, match="warm-up pass .* lower max_batch_tokens"):
         batcher.ready.result(10)

@@ -37,9 +37,9 @@ def step_grads(model_dir, columns, context, chunk_size):
     model = Encoder(model_dir, device="cpu").eval()  # eval: no dropout, so both layouts compute one function
     tokens = [model.tokenizer(c).ids for c in columns]
     loss = forward_backward(model, tokens, context, 20.0, chunk_size)
-    params = list(model.parameters())
+    params = list(model.model.parameters())
     sum_gradients(params, context)
-    return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss, {n: p.grad for n, p in model.model.named_parameters() if p.grad is not None}
 
 
 CASES = [(2, None), (3, None), (3, 2)]  # pairs; triplets; triplets with GradCache chunks of 2
@@ -96,5 +96,5 @@ def test_distributed_training_run_matches_single_process(tmp_path):
     assert losses("two") == pytest.approx(losses("one"), abs=1e-5)
     assert losses("one")[0] != pytest.approx(losses("one")[2], abs=1e-4)  # weights moved between steps
     a, b = Encoder(tmp_path / "one"), Encoder(tmp_path / "two")
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from allmpnet import Encoder
-from allmpnet.train.gradcache import batch_loss, forward_backward
+from allmpnet.train.gradcache import batch_loss, embed_for_training, forward_backward
 from allmpnet.train.distributed import Context
 
 WORDS = "the a cat dog car plant sun moon hello world test text search query sentence example".split()
@@ -23,9 +23,9 @@ def model(tiny_model_dir):
 
 
 def grads_of(model, columns, chunk_size):
-    model.zero_grad(set_to_none=True)
+    model.model.zero_grad(set_to_none=True)
     loss = forward_backward(model, columns, Context(), 20.0, chunk_size)
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss, {n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("n_columns, chunk_size", [(2, 3), (2, 1), (3, 4), (3, 64)])
@@ -50,21 +50,20 @@ def test_cached_step_replays_dropout_masks(model):
     cached_loss, cached = grads_of(model, columns, chunk)
 
     # reference: same length-sorted chunks, same random stream, but graphs kept (no cache, no re-run)
-    model.zero_grad(set_to_none=True)
+    model.model.zero_grad(set_to_none=True)
     torch.manual_seed(123)
     texts = [ids for column in columns for ids in column]
     order = np.argsort([-len(t) for t in texts], kind="stable")
     parts = []
     for start in range(0, len(order), chunk):
         rows = order[start:start + chunk]
-        ids, mask = model.tokenizer.pad([texts[r] for r in rows])
-        parts.append((torch.from_numpy(rows), model(ids, mask)))
+        parts.append((torch.from_numpy(rows), embed_for_training(model, [texts[r] for r in rows])))
     embeddings = torch.zeros(len(texts), model.dim).index_put(
         (torch.cat([r for r, _ in parts]),), torch.cat([e for _, e in parts]))
     loss = batch_loss(list(embeddings.split(6)), Context(), 20.0)
     loss.backward()
     assert float(loss.detach()) == pytest.approx(cached_loss, abs=1e-6)
-    for name, p in model.named_parameters():
+    for name, p in model.model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(cached[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 

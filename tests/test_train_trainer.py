@@ -59,7 +59,7 @@ def test_resume_continues_exactly(tiny_model_dir, data_config, tmp_path):
     assert got == expected  # steps 1-3 before the stop, 4-6 redone after the resume: bit for bit
     assert [r["step"] for r in log_rows(tmp_path / "stopped") if "loss" in r] == [1, 2, 3, 4, 5, 6]
     a, b = Encoder(full), Encoder(tmp_path / "stopped")
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
 
 
@@ -90,8 +90,8 @@ def test_log_eval_hook_and_saved_model(tiny_model_dir, data_config, tmp_path):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-0000006"]  # keep_checkpoints=1
     model = Encoder(out)
     assert model.normalize and model.max_seq_length == Encoder(tiny_model_dir).max_seq_length
-    assert not torch.equal(model.network.embeddings.word_embeddings.weight,
-                           Encoder(tiny_model_dir).network.embeddings.word_embeddings.weight)
+    assert not torch.equal(model.model.network.embeddings.word_embeddings.weight,
+                           Encoder(tiny_model_dir).model.network.embeddings.word_embeddings.weight)
 
 
 def test_gradient_checkpointing_and_gradcache_train_the_same(data_config, tmp_path):

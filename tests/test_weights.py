@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from allmpnet import ChecksumError, Encoder, ModelNotFoundError
@@ -101,8 +103,13 @@ def test_truncated_file_is_refused(stamped_copy):
 
 def test_touched_but_intact_file_is_rehashed_and_accepted(stamped_copy):
     weights = stamped_copy / "model.safetensors"
+    before = json.loads((stamped_copy / STAMP).read_text())
     os.utime(weights, ns=(1, 1))
-    Encoder(stamped_copy, device="cpu")
+    enc = Encoder(stamped_copy, device="cpu")
+    after = json.loads((stamped_copy / STAMP).read_text())
+    # hashed again because the mtime moved, found intact, and stamped with the new mtime (no re-hash next time)
+    assert after == {**before, "mtime_ns": 1}
+    assert np.isfinite(enc.encode("a cat")).all()
 
 
 @pytest.mark.real_weights

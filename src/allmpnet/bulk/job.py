@@ -51,8 +51,8 @@ class BulkConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ValueError("cpus_per_worker must be positive and gpus_per_worker not negative")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        from allmpnet.encode.precision import check_precision_name  # torch stays out of the driver's imports
+        check_precision_name(self.precision)
         if self.id_field == self.text_field or {"id", "embedding"} & set(self.keep):
             raise ValueError("the id and text fields must differ, and kept columns cannot be named id or embedding")
 
@@ -263,10 +263,9 @@ class ShardWorker:
                             "cpu_seconds": time.process_time() - cpu_started, "peak_rss_mb": peak_rss_mb()}
         table = None
         if rows.ids:
-            entry["truncated"] = len(self.encoder.truncated_indices(rows.texts))
-            with warnings.catch_warnings():  # counted above and summed by the driver
-                warnings.simplefilter("ignore")
-                vectors = self.encoder.encode(rows.texts, batch_size=cfg.batch_size, show_progress_bar=False)
+            tokenized = self.encoder.tokenize(rows.texts)
+            entry["truncated"] = sum(tokenized.truncated)  # summed and reported by the driver
+            vectors = self.encoder.encode_ids(tokenized.ids, batch_size=cfg.batch_size).numpy()
             table = shard_table(rows.ids, vectors, rows.meta)
         entry |= {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
                   "peak_rss_mb": peak_rss_mb()}

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out made with different inputs or settings")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
-    p.add_argument("--precision", default="fp32", help="fp32 or bf16")
+    p.add_argument("--precision", default="fp32", help="fp32 (exact), bf16, auto … (see allmpnet info)")
     p.set_defaults(func=cmd_embed_corpus)
 
 

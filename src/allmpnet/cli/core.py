@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 PRECISION_HELP = ("fp32 (exact), bf16, fp16, int8 (int8 weights, bf16 maths; AMX CPUs), bf16+int8 (int8 weights "
-                  "for batches of at most 512 tokens), or auto (bf16+int8 on AMX CPUs, else bf16 where native)")
+                  "for batches of at most 512 tokens), or auto (the fastest path this machine has whose quality "
+                  "passes; `allmpnet info --precision auto` shows the plan)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -71,8 +72,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     enc = load_encoder(args)
     info = {"model": enc.name, "directory": str(enc.model_dir), "dimensions": enc.dim,
             "max_seq_length": enc.max_seq_length, "pooling": enc.pooling.modes, "normalize": enc.normalize,
-            "device": str(enc.device), "precision": enc.precision,
-            "parameters": sum(p.numel() for p in enc.parameters())}
+            "device": str(enc.device), "precision": enc.plan.describe(),
+            "parameters": sum(p.numel() for p in enc.model.parameters())}
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")

@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-length", type=int, default=d["max_seq_length"], help="training truncation")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="GradCache: embed this many texts per forward (exact large batches in bounded memory)")
-    p.add_argument("--precision", default=d["precision"], choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast where the hardware supports it")
+    p.add_argument("--precision", default=d["precision"],
+                   help="autocast dtype of the precision plan: fp32, bf16, fp16, or auto (bf16 where native; "
+                        "default %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--dedup-window", type=int, default=d["dedup_window"],
                    help="batches (current one included) within which a repeated text skips its sample")

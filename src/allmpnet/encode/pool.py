@@ -48,8 +48,9 @@ class EncodePool:
     devices: e.g. ["cuda:0", "cuda:1"], or ["cpu"] * 4 for four CPU processes; default every GPU, else one CPU
     process. Each CPU worker gets an equal share of this machine's cores as torch threads, unless
     threads_per_worker says how many.
-    factory(model, device, precision, max_seq_length) builds each worker's encoder; it must be importable
-    by name (a module-level function), as spawned workers import it afresh.
+    factory(model, device, precision, max_seq_length) builds each worker's encoder (anything with `dim`,
+    `tokenize` and `encode_ids`, as Encoder has); it must be importable by name (a module-level function), as
+    spawned workers import it afresh.
     Use as a context manager, or call close(); workers are also stopped when the pool is garbage-collected.
     """
 
@@ -183,11 +184,9 @@ def _worker_main(index: int, device: str, tasks, results, factory: Callable, fac
     while (task := tasks.get()) is not STOP:
         chunk, texts, batch_size, normalize = task
         try:
-            # counted here and reported once by the caller, rather than once per chunk from each worker
-            truncated = len(encoder.truncated_indices(texts)) if hasattr(encoder, "truncated_indices") else 0
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", TruncationWarning)
-                vectors = encoder.encode(texts, batch_size=batch_size, normalize=normalize, show_progress_bar=False)
+            tokenized = encoder.tokenize(texts)  # once: its truncation flags are counted here, reported by the caller
+            vectors = encoder.encode_ids(tokenized.ids, batch_size=batch_size, normalize=normalize)
+            truncated = sum(tokenized.truncated)
         except BaseException as e:
             results.put(("error", index, _describe(e)))
             return

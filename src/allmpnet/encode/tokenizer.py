@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from allmpnet.model.sentence import TOKENIZER_FILES
+
 
 @dataclass
 class Tokenized:
@@ -21,7 +23,7 @@ class Tokenized:
 
 
 class TextTokenizer:
-    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+    FILES = TOKENIZER_FILES
 
     def __init__(self, tokenizer: Tokenizer, max_seq_length: int, pad_id: int):
         self._tok = tokenizer
@@ -52,8 +54,12 @@ class TextTokenizer:
         encodings = self._tok.encode_batch(list(texts))
         return Tokenized([e.ids for e in encodings], [bool(e.overflowing) for e in encodings])
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
     def pad(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad to the longest item: (B, T) input ids and (B, T) attention mask."""
+        """Right-pad to the longest item: (B, T) input ids and (B, T) attention mask (for graphs that take a
+        padded batch, such as an ONNX export; our own model takes ragged ids)."""
         width = max(len(i) for i in ids)
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), width), dtype=np.int64)

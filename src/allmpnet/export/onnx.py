@@ -13,27 +13,27 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from allmpnet.encode.batching import token_budget_batches
+from allmpnet.encode.batching import TokenBudget, embed_in_batches
 from allmpnet.encode.encoder import Encoder
 from allmpnet.encode.tokenizer import TextTokenizer
+from allmpnet.model import PackedBatch, SentenceModel
 
 PARITY_TEXTS = ["This is an example sentence", "Each sentence is converted", "", "A man is playing a guitar.",
                 "The quick brown fox jumps over the lazy dog near the river bank on a sunny afternoon."]
 
 
 class SentenceGraph(nn.Module):
-    """What gets traced: fp32 network -> pooling -> optional L2 normalisation."""
+    """What gets traced: the fp32 sentence model on a padded batch (the interface ONNX runtimes expect), packed
+    inside the graph with padded attention."""
 
-    def __init__(self, encoder: Encoder):
+    def __init__(self, model: SentenceModel):
         super().__init__()
-        self.network, self.pooling, self.normalize = encoder.network, encoder.pooling, encoder.normalize
+        self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.pooling(self.network(input_ids, attention_mask), attention_mask)  # (B, dim)
-        return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+        return self.model(PackedBatch.from_padded(input_ids, attention_mask))  # (B, dim)
 
 
 def export_onnx(encoder: Encoder, out_dir: str | Path, opset: int = 17) -> Path:
@@ -41,7 +41,7 @@ def export_onnx(encoder: Encoder, out_dir: str | Path, opset: int = 17) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
-    graph = SentenceGraph(encoder).eval()
+    graph = SentenceGraph(encoder.model).eval()
     # a padded row in the example keeps the mask arithmetic in the traced graph general
     ids, mask = encoder.tokenizer.pad([[0, 100, 200, 300, 2], [0, 100, 2]])
     with torch.no_grad(), warnings.catch_warnings():
@@ -69,7 +69,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path | None = None) -> 
 
 
 class OnnxEncoder:
-    """Runs an exported graph with ONNX Runtime: texts -> vectors, same batching and order as Encoder.encode."""
+    """Runs an exported graph with ONNX Runtime: texts -> vectors, with Encoder.encode's batch planner."""
 
     def __init__(self, graph_path: str | Path, tokenizer: TextTokenizer, threads: int | None = None,
                  max_batch_tokens: int | None = 16384):
@@ -81,16 +81,17 @@ class OnnxEncoder:
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
 
+        self.dim = int(self.embed_ids(tokenizer([""]).ids).shape[1])  # the graph leaves it symbolic
+
+    def embed_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        input_ids, mask = self.tokenizer.pad(ids)
+        return self.session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})[0]
+
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         tokenized = self.tokenizer(list(texts))
-        out: np.ndarray | None = None
-        for rows in token_budget_batches(tokenized.lengths, batch_size, self.max_batch_tokens):
-            ids, mask = self.tokenizer.pad([tokenized.ids[r] for r in rows])
-            vectors = self.session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-            if out is None:
-                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
-            out[rows] = vectors
-        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        embed_in_batches(tokenized.ids, self.embed_ids, TokenBudget(self.max_batch_tokens, batch_size), out)
+        return out
 
 
 @dataclass
@@ -101,12 +102,7 @@ class Parity:
 
 def check_parity(encoder: Encoder, graph_path: str | Path, texts: Sequence[str] = PARITY_TEXTS) -> Parity:
     """Compare the graph's vectors with the fp32 PyTorch encoder's on the same texts."""
-    saved = encoder.precision
-    encoder.precision = "fp32"
-    try:
-        expected = encoder.encode(list(texts), show_progress_bar=False)
-    finally:
-        encoder.precision = saved
+    expected = encoder.with_precision("fp32").encode(list(texts), show_progress_bar=False)
     got = OnnxEncoder(graph_path, encoder.tokenizer).encode(texts)
     cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1) + 1e-12)
     return Parity(float(np.abs(got - expected).max()), float(cosine.min()))

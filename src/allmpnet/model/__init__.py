@@ -1,5 +1,7 @@
-"""The network: the MPNet encoder and the pooling that turns its token vectors into one sentence vector."""
+"""The network: the MPNet encoder on packed tokens, pooling, and the sentence model that joins them."""
 from allmpnet.model.mpnet import MPNet, MPNetConfig, WeightsError
+from allmpnet.model.packing import PackedBatch
 from allmpnet.model.pooling import Pooling
+from allmpnet.model.sentence import SentenceModel
 
-__all__ = ["MPNet", "MPNetConfig", "Pooling", "WeightsError"]
+__all__ = ["MPNet", "MPNetConfig", "PackedBatch", "Pooling", "SentenceModel", "WeightsError"]

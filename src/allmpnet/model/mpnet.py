@@ -1,7 +1,8 @@
-"""The MPNet encoder, in one file.
+"""The MPNet encoder, in one file, on packed tokens (model/packing.py): (N, C) real tokens through every layer.
 
-Module names follow the published checkpoint (``embeddings.word_embeddings``, ``encoder.layer.N.attention.attn.q``
-…) so its ``model.safetensors`` loads and saves key for key, and a model we save loads in transformers.
+Module names follow the published checkpoint (``embeddings.word_embeddings``, ``encoder.layer.N.attention.attn.o``
+…) so its ``model.safetensors`` loads and saves key for key (q, k and v joined into one projection on load and
+split on save), and a model we save loads in transformers.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from allmpnet.model.packing import AttentionLayout, BoundAttention, PackedBatch
 
 
 class WeightsError(ValueError):
@@ -66,6 +69,40 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, 
     return bucket + torch.where(distance < max_exact, distance, far)
 
 
+class Linear(nn.Linear):
+    """y = act(x W^T + b), dropped out and added to `residual` when given.
+
+    The unit the inference copies swap (oneDNN prepacked, int8): they keep this call, `forward(x, residual)`, and
+    fuse the activation and the residual add into the matmul."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "none", dropout: float = 0.0):
+        super().__init__(in_features, out_features)
+        if activation not in ("none", "gelu"):
+            raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+        self.activation, self.dropout = activation, dropout
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.activation == "gelu":
+            y = F.gelu(y)  # exact (erf) GELU, as trained
+        y = F.dropout(y, self.dropout, self.training)
+        return y if residual is None else residual + y
+
+
+class RelativePositionBias(nn.Module):
+    """One table for all layers: bucket of (key - query) -> per-head additive attention bias."""
+
+    def __init__(self, cfg: MPNetConfig):
+        super().__init__()
+        self.num_buckets, self.max_distance = cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        self.weight = nn.Parameter(torch.zeros(cfg.relative_attention_num_buckets, cfg.num_attention_heads))
+
+    def forward(self, length: int) -> torch.Tensor:
+        idx = torch.arange(length, device=self.weight.device)
+        buckets = relative_position_bucket(idx[None, :] - idx[:, None], self.num_buckets, self.max_distance)
+        return F.embedding(buckets, self.weight).permute(2, 0, 1)  # (H, T, T)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: MPNetConfig):
         super().__init__()
@@ -76,12 +113,10 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # MPNet numbers real tokens from pad_token_id + 1 and gives padding the padding row itself
-        is_token = input_ids.ne(self.pad_token_id).long()
-        position_ids = torch.cumsum(is_token, dim=1) * is_token + self.pad_token_id  # (B, T)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-        return self.dropout(self.LayerNorm(x))  # (B, T, C)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # MPNet numbers real tokens from pad_token_id + 1; filler rows (position -1) get the padding row itself
+        x = self.word_embeddings(ids) + self.position_embeddings(positions + self.pad_token_id + 1)
+        return self.dropout(self.LayerNorm(x))  # (N, C)
 
 
 class SelfAttention(nn.Module):
@@ -89,18 +124,13 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.num_attention_heads
         self.dropout_p = cfg.attention_probs_dropout_prob
-        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        # q, k and v as one projection; the checkpoint's separate q/k/v tensors are joined on load, split on save
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.o = Linear(cfg.hidden_size, cfg.hidden_size, dropout=cfg.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for proj in (self.q, self.k, self.v))  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.dropout_p if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
+    def forward(self, x: torch.Tensor, attention: BoundAttention) -> torch.Tensor:
+        y = attention(self.qkv(x), self.n_head, self.dropout_p if self.training else 0.0)  # (N, C)
+        return self.o(y, residual=x)
 
 
 class Attention(nn.Module):
@@ -108,30 +138,28 @@ class Attention(nn.Module):
         super().__init__()
         self.attn = SelfAttention(cfg)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(x + self.dropout(self.attn(x, bias)))
+    def forward(self, x: torch.Tensor, attention: BoundAttention) -> torch.Tensor:
+        return self.LayerNorm(self.attn(x, attention))
 
 
 class Intermediate(nn.Module):
     def __init__(self, cfg: MPNetConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size, activation="gelu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))  # exact (erf) GELU, as trained
+        return self.dense(x)
 
 
 class Output(nn.Module):
     def __init__(self, cfg: MPNetConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.dense = Linear(cfg.intermediate_size, cfg.hidden_size, dropout=cfg.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(residual + self.dropout(self.dense(h)))
+        return self.LayerNorm(self.dense(h, residual=residual))
 
 
 class Layer(nn.Module):
@@ -141,54 +169,30 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        a = self.attention(x, bias)
+    def forward(self, x: torch.Tensor, attention: BoundAttention) -> torch.Tensor:
+        a = self.attention(x, attention)  # (N, C)
         return self.output(self.intermediate(a), a)
 
 
 class LayerStack(nn.Module):
     def __init__(self, cfg: MPNetConfig):
         super().__init__()
-        self.cfg = cfg
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-        # one table for all layers: (bucket -> per-head bias)
-        self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_attention_heads)
+        self.relative_attention_bias = RelativePositionBias(cfg)
         self.gradient_checkpointing = False
 
-    def position_bias(self, T: int, device: torch.device) -> torch.Tensor:
-        idx = torch.arange(T, device=device)
-        buckets = relative_position_bucket(idx[None, :] - idx[:, None], self.cfg.relative_attention_num_buckets,
-                                           self.cfg.relative_attention_max_distance)  # (T, T)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, T, T)
-
-    def attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype,
-                       broadcast_unpadded: bool = False) -> torch.Tensor:
-        """The additive attention mask: relative-position bias, and -inf-like at padded keys.
-
-        broadcast_unpadded: a batch without padding gets one (1, H, T, T) bias for all rows. It is a data-dependent
-        branch, so only eager inference uses it (traced exports and training keep one code path).
-        """
-        bias = self.position_bias(attention_mask.shape[1], attention_mask.device).to(dtype)[None]  # (1, H, T, T)
-        if not (broadcast_unpadded and bool(attention_mask.all())):
-            padding = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-            padding.masked_fill_(attention_mask == 0, torch.finfo(dtype).min)
-            bias = bias + padding[:, None, None, :]  # (B, H, T, T)
-        # contiguous: the bias would otherwise keep the permuted (H, T, T) layout, and SDPA copies a strided mask
-        # on every layer
-        return bias.contiguous()
-
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        bias = self.attention_bias(attention_mask, x.dtype)
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        attention = layout.bind(self.relative_attention_bias, x.dtype)  # position biases once for all layers
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, bias, use_reentrant=False)
+                x = checkpoint(layer, x, attention, use_reentrant=False)
             else:
-                x = layer(x, bias)
+                x = layer(x, attention)
         return x
 
 
 class MPNet(nn.Module):
-    """Token embeddings from input ids: (B, T) -> (B, T, C). The pooler of MLM checkpoints is kept, unused."""
+    """Token vectors of a packed batch: (N',) ids -> (N', C). The pooler of MLM checkpoints is kept, unused."""
 
     IGNORED_KEYS = ("embeddings.position_ids",)  # a buffer some transformers versions saved; derived, not learned
 
@@ -199,8 +203,17 @@ class MPNet(nn.Module):
         self.encoder = LayerStack(cfg)
         self.pooler = nn.ModuleDict({"dense": nn.Linear(cfg.hidden_size, cfg.hidden_size)}) if with_pooler else None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.embeddings(input_ids), attention_mask)
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        return self.encoder(self.embeddings(batch.ids, batch.positions), batch.attention)  # (N', C)
+
+    def token_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The padded view: (B, T) ids and mask -> (B, T, C), zeros at padding, right-padded."""
+        batch = PackedBatch.from_padded(input_ids, attention_mask)
+        return batch.unpack(self(batch), input_ids.shape[1])
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in the backward pass: less memory for a third more compute."""
+        self.encoder.gradient_checkpointing = enabled
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "MPNet":
@@ -215,7 +228,8 @@ class MPNet(nn.Module):
         return model.eval()
 
     def load_checked(self, tensors: dict[str, torch.Tensor], source: Path | str = "checkpoint") -> None:
-        expected = self.state_dict()
+        """Load tensors in the checkpoint layout (separate q/k/v), refusing any that do not fit."""
+        expected = self.checkpoint_state()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         misshapen = [f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
@@ -225,14 +239,37 @@ class MPNet(nn.Module):
         if problems:
             shown = "; ".join(problems[:10]) + (f"; … {len(problems) - 10} more" if len(problems) > 10 else "")
             raise WeightsError(f"{source} does not fit the MPNet config: {shown}")
-        self.load_state_dict(tensors, strict=True)
+        self.load_state_dict(join_qkv(tensors), strict=True)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The state dict in the published layout (separate q/k/v): what model.safetensors holds."""
+        return split_qkv(self.state_dict())
 
     def save_pretrained(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "config.json").write_text(json.dumps(self.cfg.to_hf_dict(), indent=2) + "\n")
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.checkpoint_state().items()}
         save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+def join_qkv(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint layout -> ours: each layer's attn.q/k/v weights and biases become one attn.qkv."""
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith(".attn.q.weight") or k.endswith(".attn.q.bias")]:
+        prefix, kind = key.rsplit(".q.", 1)
+        out[f"{prefix}.qkv.{kind}"] = torch.cat([out.pop(f"{prefix}.{p}.{kind}") for p in "qkv"])
+    return out
+
+
+def split_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> checkpoint layout (the inverse of join_qkv)."""
+    out = dict(state)
+    for key in [k for k in state if ".attn.qkv." in k]:
+        prefix, kind = key.rsplit(".qkv.", 1)
+        for name, part in zip("qkv", out.pop(key).chunk(3)):
+            out[f"{prefix}.{name}.{kind}"] = part
+    return out
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from allmpnet.model.packing import PackedBatch
+
 MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")
 
 
@@ -30,19 +32,24 @@ class Pooling:
     def output_dim(self) -> int:
         return self.word_embedding_dimension * len(self.modes)
 
-    def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) token embeddings, (B, T) mask -> (B, C * number of modes)."""
-        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
-        counts = mask.sum(dim=1).clamp(min=1e-9)  # (B, 1)
-        summed = (tokens * mask).sum(dim=1)  # (B, C)
+    def __call__(self, tokens: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """(N', C) packed token vectors -> (B, C * number of modes), in fp32."""
+        tokens = tokens.float()
+        B = batch.size
+        # a (B, N') one-hot matmul rather than index_add: the same sums, and it exports to ONNX (index_add with
+        # repeated indices does not); filler rows (segment B) match no text. Its cost is ~0.1% of the model's.
+        membership = (batch.segments[None, :] == torch.arange(B, device=tokens.device)[:, None]).to(tokens.dtype)
+        counts = batch.lengths.to(tokens.dtype).clamp(min=1)[:, None]  # (B, 1)
+        summed = membership @ tokens  # (B, C)
         out = []
         for mode in self.modes:
             if mode == "cls_token":
-                out.append(tokens[:, 0])
+                out.append(tokens.index_select(0, batch.lengths.cumsum(0) - batch.lengths))
             elif mode == "mean_tokens":
                 out.append(summed / counts)
             elif mode == "max_tokens":
-                out.append(tokens.masked_fill(mask == 0, torch.finfo(tokens.dtype).min).amax(dim=1))
+                padded = batch.unpack(tokens, fill=torch.finfo(tokens.dtype).min)  # (B, T, C)
+                out.append(padded.amax(dim=1))
             else:
                 out.append(summed / counts.sqrt())
         return torch.cat(out, dim=1)

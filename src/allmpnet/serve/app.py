@@ -20,7 +20,6 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tokenizers import Tokenizer
 
 from allmpnet import __version__
 from allmpnet.encode import Encoder, Tokenized
@@ -47,7 +46,7 @@ class Service:
         self.config = config
         self.index = index
         self.metrics = ServerMetrics()
-        self.batcher = DynamicBatcher(encoder, config.batch_tokens_for(encoder.device.type), config.max_batch_size,
+        self.batcher = DynamicBatcher(encoder, config.max_batch_tokens, config.max_batch_size,
                                       config.max_queue, merge_requests=config.dynamic_batching,
                                       on_batch=self.metrics.record_batch)
         self.metrics.queue.set_function(lambda: self.batcher.queued)
@@ -142,7 +141,6 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     guarded = [Depends(require_key)]
-    token_strings = Tokenizer.from_file(str(encoder.model_dir / "tokenizer.json"))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -207,7 +205,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
         return JSONResponse({
             "max_seq_length": encoder.max_seq_length,
             "data": [{"index": i, "count": len(ids), "truncated": cut, "ids": ids,
-                      "tokens": [token_strings.id_to_token(t) for t in ids]}
+                      "tokens": [encoder.tokenizer.id_to_token(t) for t in ids]}
                      for i, (ids, cut) in enumerate(zip(tokenized.ids, tokenized.truncated))],
         })
 

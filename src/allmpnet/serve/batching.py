@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from allmpnet.encode import Encoder
+from allmpnet.encode.batching import TokenBudget, default_batch_tokens
 
 
 class QueueFull(RuntimeError):
@@ -59,17 +60,19 @@ class _Job:
 
 
 class DynamicBatcher:
-    def __init__(self, encoder: Encoder, max_batch_tokens: int = 16_384, max_batch_size: int = 256,
+    def __init__(self, encoder: Encoder, max_batch_tokens: int | None = None, max_batch_size: int = 256,
                  max_queue: int = 8192, merge_requests: bool = True,
                  on_batch: Callable[[BatchStats], None] | None = None):
+        """max_batch_tokens None: the device's default budget (encode/batching.py)."""
+        if max_batch_tokens is None:
+            max_batch_tokens = default_batch_tokens(encoder.device.type)
         if max_batch_tokens < encoder.max_seq_length:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must hold one full-length text "
                              f"({encoder.max_seq_length} tokens)")
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
         self.encoder = encoder
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_size = max_batch_size
+        self.budget = TokenBudget(max_batch_tokens, max_batch_size)
         self.capacity = max_queue
         self.merge_requests = merge_requests
         self.on_batch = on_batch
@@ -103,11 +106,8 @@ class DynamicBatcher:
         up front means the first clients are not slowed and the resident size at startup is the working size.
         """
         length = self.encoder.max_seq_length
-        rows = max(1, min(self.max_batch_size, self.max_batch_tokens // length))
-        ids = torch.full((rows, length), self.encoder.tokenizer.pad_id + 1, dtype=torch.long)  # any real token
-        mask = torch.ones_like(ids)
-        with torch.inference_mode():
-            self.encoder.embed(ids.to(self.encoder.device), mask.to(self.encoder.device))
+        rows = max(1, min(self.budget.max_texts, self.budget.max_tokens // length))
+        self.encoder.embed_ids([[self.encoder.tokenizer.pad_id + 1] * length] * rows)  # any real token
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the batch in flight, fail whatever still waits, stop the worker."""
@@ -162,7 +162,7 @@ class DynamicBatcher:
                 break
             row = int(job.order[job.next])
             width = max(longest, len(job.ids[row]))
-            if batch and (width * (len(batch) + 1) > self.max_batch_tokens or len(batch) >= self.max_batch_size):
+            if batch and not self.budget.fits(len(batch) + 1, width):
                 break
             batch.append((job, row))
             longest = width
@@ -179,7 +179,7 @@ class DynamicBatcher:
                 self.warm_up()
         except Exception as e:
             self.ready.set_exception(RuntimeError(
-                f"the warm-up pass ({self.max_batch_tokens} padded tokens) failed: {e}; lower max_batch_tokens"))
+                f"the warm-up pass ({self.budget.max_tokens} padded tokens) failed: {e}; lower max_batch_tokens"))
             with self._cond:
                 self._closed = True
             return
@@ -198,10 +198,7 @@ class DynamicBatcher:
         start = time.perf_counter()
         seqs = [job.ids[row] for job, row in batch]
         try:
-            ids, mask = self.encoder.tokenizer.pad(seqs)  # (B, T) each
-            with torch.inference_mode():
-                vectors = self.encoder.embed(ids.to(self.encoder.device), mask.to(self.encoder.device))
-            vectors = vectors.float().cpu()  # (B, dim)
+            vectors = self.encoder.embed_ids(seqs)  # (B, dim)
         except Exception as e:  # a failed pass fails its requests, never the worker
             for job in {id(job): job for job, _ in batch}.values():
                 _fail(job, e)
@@ -217,7 +214,8 @@ class DynamicBatcher:
         seconds = time.perf_counter() - start
         self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (len(batch) / max(seconds, 1e-6))
         if self.on_batch is not None:
-            self.on_batch(BatchStats(rows=len(batch), padded_tokens=int(ids.numel()), real_tokens=int(mask.sum()),
+            lengths = [len(seq) for seq in seqs]
+            self.on_batch(BatchStats(rows=len(batch), padded_tokens=len(seqs) * max(lengths), real_tokens=sum(lengths),
                                      requests=len({id(job) for job, _ in batch}), seconds=seconds))
 
 

@@ -15,8 +15,7 @@ class ServeConfig:
     max_chars: int = 20_000  # characters per text; the model reads ~384 word pieces, so longer is almost surely a mistake
     max_body_bytes: int = 64 * 1024 * 1024  # request bodies above this answer 413 before they are parsed
     truncate: bool = True  # False: texts over max_seq_length answer 413 instead of being truncated (and reported)
-    # padded tokens (rows x longest row) per forward pass; None: 16384 on a GPU, 4096 on CPU, where one pass of
-    # the full model over 4096 tokens already takes seconds and a bigger one only adds latency
+    # padded tokens (rows x longest row) per forward pass; None: the device's default (encode/batching.py)
     max_batch_tokens: int | None = None
     max_batch_size: int = 256  # rows per forward pass
     max_queue: int = 8192  # texts waiting to be embedded; beyond this new requests get 503 + Retry-After
@@ -34,11 +33,6 @@ class ServeConfig:
             raise ValueError(f"max_queue ({self.max_queue}) must be at least max_items ({self.max_items})")
         if self.api_key == "":
             raise ValueError("api_key is empty: leave it unset to serve without a key")
-
-    def batch_tokens_for(self, device_type: str) -> int:
-        if self.max_batch_tokens is not None:
-            return self.max_batch_tokens
-        return 16_384 if device_type == "cuda" else 4096
 
     @staticmethod
     def api_key_from_env() -> str | None:

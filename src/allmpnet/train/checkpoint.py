@@ -53,12 +53,7 @@ def _barrier(context: Context) -> None:
 
 def save_model(model: Encoder, path: Path, max_seq_length: int | None = None) -> None:
     """The sentence-transformers layout, listing `max_seq_length` (the inference limit) instead of training's."""
-    training_length = model.max_seq_length
-    model.max_seq_length = max_seq_length or training_length
-    try:
-        model.save(path)
-    finally:
-        model.max_seq_length = training_length
+    model.save(path, max_seq_length)
 
 
 def save_checkpoint(out: Path, step: int, model: Encoder, training_state: dict, context: Context,

@@ -33,7 +33,7 @@ def forward_backward(model: Encoder, columns: TokenColumns, context: Context = C
     with length-sorted chunks of that many texts.
     """
     if chunk_size is None:
-        embeddings = [model(*_padded(model, column)) for column in columns]  # each (N, D)
+        embeddings = [embed_for_training(model, column) for column in columns]  # each (N, D)
         loss = batch_loss(embeddings, context, scale)
         loss.backward()
         return float(loss.detach())
@@ -48,7 +48,7 @@ def forward_backward(model: Encoder, columns: TokenColumns, context: Context = C
     with torch.no_grad():
         for rows in chunks:
             rng_states.append(_rng_state(model.device))
-            cached[rows.to(model.device)] = model(*_padded(model, [texts[r] for r in rows])).float()
+            cached[rows.to(model.device)] = embed_for_training(model, [texts[r] for r in rows]).float()
 
     cached.requires_grad_(True)
     loss = batch_loss(list(cached.split(len(columns[0]))), context, scale)
@@ -57,14 +57,16 @@ def forward_backward(model: Encoder, columns: TokenColumns, context: Context = C
 
     for rows, state in zip(chunks, rng_states):
         _set_rng_state(model.device, state)
-        out = model(*_padded(model, [texts[r] for r in rows]))
+        out = embed_for_training(model, [texts[r] for r in rows])
         out.backward(grads[rows.to(model.device)].to(out.dtype))
     return float(loss.detach())
 
 
-def _padded(model: Encoder, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    input_ids, mask = model.tokenizer.pad(ids)
-    return input_ids.to(model.device), mask.to(model.device)
+def embed_for_training(model: Encoder, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(N, D) sentence vectors with their graph: the fp32 master weights, autocast to the plan's dtype."""
+    dtype = model.plan.dtype
+    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model.model(model.pack(ids, for_training=True))
 
 
 def _rng_state(device: torch.device) -> tuple:

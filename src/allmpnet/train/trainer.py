@@ -39,7 +39,7 @@ class TrainConfig:
     scale: float = 20.0
     max_seq_length: int = 128
     chunk_size: int | None = None  # GradCache chunk (texts per forward); None: plain step
-    precision: str = "auto"  # auto: bf16 autocast where the hardware has it, else fp32
+    precision: str = "auto"  # autocast in the precision plan's dtype (auto: bf16 where the hardware has it)
     gradient_checkpointing: bool = False
     dedup_window: int = 3  # batches (the current one included) within which a repeated text skips its sample
     shuffle_buffer: int = 10_000
@@ -63,20 +63,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision in ("fp32", "bf16"):
-        return precision
-    if precision != "auto":
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
-
-
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -98,19 +84,22 @@ def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Path:
     resume_from = checkpoint.latest_checkpoint(out) if cfg.resume and out.is_dir() else None
     if cfg.resume and resume_from is None and context.is_main:
         warnings.warn(f"--resume: no checkpoint under {out}; starting from {cfg.model}", stacklevel=2)
-    model = Encoder(resume_from or cfg.model, device=device)
-    # training truncates at 128 word pieces, but the saved model keeps its inference limit (384 for the card's)
-    inference_max_length = cfg.save_max_seq_length or model.max_seq_length
-    model.normalize = True  # the recipe trains normalized embeddings; the saved model lists Normalize
-    model.max_seq_length = cfg.max_seq_length
-    model.precision = resolve_precision(cfg.precision, device)
-    model.network.encoder.gradient_checkpointing = cfg.gradient_checkpointing
+    # training truncates at 128 word pieces (the encoder's tokenizer, also used by the evaluation hook), but the
+    # saved model keeps its inference limit (384 for the card's)
+    model = Encoder(resume_from or cfg.model, device=device, precision=cfg.precision,
+                    max_seq_length=cfg.max_seq_length)
+    if model.plan.name == "int8":
+        raise ValueError("precision 'int8' is for inference only: train in fp32, bf16 or auto")
+    inference_max_length = cfg.save_max_seq_length or min(model.model.max_seq_length or model.model.max_positions,
+                                                          model.model.max_positions)
+    model.model.normalize = True  # the recipe trains normalized embeddings; the saved model lists Normalize
+    model.model.network.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     torch.manual_seed(cfg.seed + context.rank)
-    broadcast_parameters(model, context)
+    broadcast_parameters(model.model, context)
 
     sampler = build_sampler(cfg.data_config, cfg.batch_size, seed=cfg.seed, dedup_window=cfg.dedup_window,
                             buffer_size=cfg.shuffle_buffer, skip_bad=cfg.skip_bad)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))

@@ -1,0 +1,88 @@
+"""The inference copy of a SentenceModel: the same modules and forward pass, with its linear layers swapped for
+the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not a second forward pass).
+
+- "onednn": the weight is reordered once by oneDNN into its blocked (on AMX: tile) layout, and the bias, GELU or
+  residual add are applied while the output is still in cache instead of in separate passes over memory.
+- "int8-amx": our kernel (kernels.py), int8 weights widened to bf16 on the AMX tiles.
+- a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
+
+In fp32 with torch's linears the copy is the model itself (no second set of weights); otherwise it is a frozen
+deep copy cast to the plan's dtype, so the fp32 master weights (training, saving) are never touched.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from allmpnet.encode.kernels import Int8Linear
+from allmpnet.encode.precision import PrecisionPlan
+from allmpnet.model.mpnet import Linear
+from allmpnet.model.sentence import SentenceModel
+
+
+class PackedLinear(nn.Module):
+    """Linear with W prepacked by oneDNN and the bias, GELU or residual add fused into the matmul."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none",
+                 batch_hint: int = 1024):
+        super().__init__()
+        self.activation = activation
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint))
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:  # the model adds a residual only after layers with no activation
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], "none")
+
+
+class RowSwitchedLinear(nn.Module):
+    """Batches of at most `max_small_rows` rows go to `small`, larger ones to `large` (two forms of one layer)."""
+
+    def __init__(self, small: nn.Module, large: nn.Module, max_small_rows: int):
+        super().__init__()
+        self.small, self.large, self.max_small_rows = small, large, max_small_rows
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.small if x.shape[0] <= self.max_small_rows else self.large)(x, residual)
+
+
+LINEAR_KINDS: dict[str, Callable[[Linear], nn.Module]] = {
+    "torch": lambda linear: linear,
+    "onednn": lambda linear: PackedLinear(linear.weight, linear.bias, linear.activation),
+    "int8-amx": lambda linear: Int8Linear(linear.weight, linear.bias, linear.activation),
+}
+
+
+def swap_linears(module: nn.Module, make: Callable[[Linear], nn.Module]) -> None:
+    """Replace every model Linear under `module` (in place) by make(linear)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, Linear):
+            setattr(module, name, make(child))
+        else:
+            swap_linears(child, make)
+
+
+def linear_factory(plan: PrecisionPlan) -> Callable[[Linear], nn.Module]:
+    large = LINEAR_KINDS[plan.linear]
+    if plan.small_linear is None:
+        return large
+    small = LINEAR_KINDS[plan.small_linear]
+    return lambda linear: RowSwitchedLinear(small(linear), large(linear), plan.small_batch_tokens)
+
+
+def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.device) -> SentenceModel:
+    """The model encode() runs under `plan`: frozen, in eval mode."""
+    if plan.exact:
+        return model
+    # deepcopy with every tensor pre-cast in the memo: the copy never holds a second full fp32 set of weights
+    memo = {id(t): (nn.Parameter(t.detach().to(device=device, dtype=plan.dtype), requires_grad=False)
+                    if isinstance(t, nn.Parameter) else t.to(device=device, dtype=plan.dtype if t.is_floating_point()
+                                                                    else t.dtype))
+            for t in list(model.parameters()) + list(model.buffers())}
+    fast = copy.deepcopy(model, memo).eval()
+    swap_linears(fast.network, linear_factory(plan))
+    return fast

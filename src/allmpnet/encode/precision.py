@@ -1,0 +1,161 @@
+"""Precision plans: the one place a precision name ("auto", "bf16", "int8" …) is decoded.
+
+`plan_precision(request, device)` turns the request, the device and what the hardware can do (`Capabilities`,
+detected once, or passed in by tests) into a small frozen `PrecisionPlan`: the compute dtype, which linear
+layers run large and small batches, how attention runs, and why. The encoder builds its inference copy from it,
+the trainer takes its autocast dtype from it, and `allmpnet info` prints it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "bf16+int8")
+# batches of at most this many packed tokens use int8 weights in "bf16+int8": they are memory-bound and int8
+# weights are half the bytes (2 AMX cores: ~4 vs ~9 ms for a query's 48 projections, still 20% faster at 512
+# rows); oneDNN's bf16 wins from ~1k rows, where the maths dominates
+INT8_SMALL_BATCH_TOKENS = 512
+
+# linear layer kinds (encode/inference.py builds them):
+#   "torch"     F.linear in the plan's dtype
+#   "onednn"    oneDNN's prepacked bf16 linear, bias/GELU/residual fused (CPU)
+#   "int8-amx"  our int8-weight kernel on AMX tiles (CPU with AMX)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the device can run, as plain values (tests construct them to plan for hardware they lack)."""
+    device_type: str
+    cpu_flags: frozenset[str] = frozenset()
+    onednn_bf16: bool = False  # oneDNN's prepacked bf16 linear runs here
+    amx_kernels: str = "not checked"  # "" when our AMX kernels compiled and passed their self-test; else why not
+    cuda_bf16: bool = False
+
+    @property
+    def native_bf16(self) -> bool:
+        if self.device_type == "cuda":
+            return self.cuda_bf16
+        return self.device_type == "cpu" and bool({"amx_bf16", "avx512_bf16"} & self.cpu_flags)
+
+    @classmethod
+    def detect(cls, device: torch.device | str) -> "Capabilities":
+        return _detect(torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)
+def _detect(device_type: str) -> Capabilities:
+    if device_type == "cuda":
+        return Capabilities("cuda", cuda_bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return Capabilities(device_type)
+    return Capabilities("cpu", frozenset(cpu_flags()), onednn_linear_available(), kernels_unavailable())
+
+
+def onednn_linear_available() -> bool:
+    """True where this torch build has oneDNN's prepacked linear op and it runs on this CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4, dtype=torch.bfloat16), 2)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4, dtype=torch.bfloat16), w, None, "none", [], "")
+        return bool(torch.allclose(y.float(), torch.full((2, 4), 4.0)))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    name: str  # the resolved precision: one of PRECISIONS
+    dtype: torch.dtype  # activations, and weights except where a linear kind stores its own
+    linear: str  # linear layers of large batches (kinds above)
+    small_linear: str | None = None  # linear layers of batches of at most small_batch_tokens packed tokens
+    small_batch_tokens: int = 0
+    attention: str = "grouped"  # "grouped" (CPU: SDPA per equal-length group) or "padded" (GPU: one call)
+    short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
+    bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape)
+    requested: str = ""
+    reason: str = field(default="as requested", compare=False)
+
+    @property
+    def exact(self) -> bool:
+        """fp32 with torch's linears: the same vectors as sentence-transformers."""
+        return self.dtype == torch.float32 and self.linear == "torch" and self.small_linear is None
+
+    def describe(self) -> str:
+        linear = self.linear if self.small_linear is None else (
+            f"{self.small_linear} up to {self.small_batch_tokens} tokens, {self.linear} above")
+        attention = self.attention + (", our kernel for a lone short block" if self.short_attention_kernel else "")
+        why = f" ({self.reason})" if self.reason else ""
+        return (f"{self.name}{why}: {str(self.dtype).removeprefix('torch.')} activations; linear {linear}; "
+                f"attention {attention}")
+
+
+def check_precision_name(request: str) -> str:
+    """`request` if it names a precision (whether this machine can run it is for plan_precision to say)."""
+    if request != "auto" and request not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {request!r}")
+    return request
+
+
+def plan_precision(request: str, device: torch.device | str, capabilities: Capabilities | None = None
+                   ) -> PrecisionPlan:
+    """The plan for `request` ("auto" or one of PRECISIONS) on `device`.
+
+    "auto" picks the fastest path this hardware has whose quality passes the project's contract (min cosine to
+    fp32 >= 0.99, STSBenchmark within 0.1): on CPUs with AMX bf16 + int8 weights for small batches, on other
+    CPUs that compute bf16 natively bf16, on GPUs bf16 (fp16 where bf16 is not native), else fp32. A request
+    the hardware cannot run raises ValueError saying why; "auto" never does.
+    """
+    device = torch.device(device)
+    caps = capabilities or Capabilities.detect(device)
+    if request == "auto":
+        name, reason = _choose(caps)
+    else:
+        name, reason = check_precision_name(request), "as requested"
+        why_not = _unavailable(name, caps)
+        if why_not:
+            raise ValueError(f"precision {name!r} is not available here: {why_not}")
+    return _build(name, caps, request, reason)
+
+
+def _choose(caps: Capabilities) -> tuple[str, str]:
+    if caps.device_type == "cuda":
+        return ("bf16", "GPU computes bf16 natively") if caps.cuda_bf16 else ("fp16", "GPU without native bf16")
+    if caps.device_type != "cpu":
+        return "fp32", f"no faster path tested on {caps.device_type}"
+    if not caps.native_bf16:
+        return "fp32", "this CPU has no native bf16 (AMX or AVX512-BF16)"
+    if not _unavailable("bf16+int8", caps):
+        return "bf16+int8", "AMX: bf16, int8 weights for small batches"
+    return "bf16", "native bf16 (" + ("AMX" if "amx_bf16" in caps.cpu_flags else "AVX512-BF16") + ")"
+
+
+def _unavailable(name: str, caps: Capabilities) -> str:
+    """Why precision `name` cannot run with these capabilities ("" when it can)."""
+    if name in ("int8", "bf16+int8"):
+        if caps.device_type != "cpu":
+            return "int8 weights run on CPUs only"
+        return caps.amx_kernels
+    if name == "fp16" and caps.device_type == "cpu":
+        return ""  # runs (slowly, emulated); kept for comparisons
+    return ""
+
+
+def _build(name: str, caps: Capabilities, requested: str, reason: str) -> PrecisionPlan:
+    cpu = caps.device_type == "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(name, torch.bfloat16)
+    large = "onednn" if cpu and dtype == torch.bfloat16 and caps.onednn_bf16 else "torch"
+    small, small_tokens = None, 0
+    if name == "int8":
+        large = "int8-amx"
+    elif name == "bf16+int8":
+        small, small_tokens = "int8-amx", INT8_SMALL_BATCH_TOKENS
+    return PrecisionPlan(
+        name=name, dtype=dtype, linear=large, small_linear=small, small_batch_tokens=small_tokens,
+        attention="grouped" if cpu else "padded",
+        short_attention_kernel=cpu and dtype == torch.bfloat16 and not caps.amx_kernels,
+        bucket_rows=cpu, requested=requested, reason=reason)

@@ -1,0 +1,221 @@
+"""Packed token batches: the texts' real tokens as one (N, C) matrix, and how attention runs over them.
+
+Every position-wise step of the encoder (the projections, GELU, residual adds, LayerNorms: ~95% of the FLOPs)
+works on real tokens only, so a batch of mixed lengths costs its tokens, not rows x longest. Only attention
+needs to know where each text starts; a batch carries one of two layouts for it:
+
+- `GroupedAttention` (CPU): one SDPA call per group of equal-length texts, with no padding mask; texts shorter
+  than a block are laid side by side in blocks of ~32 tokens with a block-diagonal bias. Length-sorted batches
+  make few groups. SDPA's CPU kernel gains nothing from one big padded call, which would cost it (B, H, T, T)
+  mask traffic; a lone short block (a single query) may go to a kernel of ours instead (`short_kernel`).
+- `PaddedAttention` (GPUs, ONNX export): the tokens are scattered into a padded (B, T) batch for one SDPA call.
+  One big kernel beats a launch per group, and it is built from tensors alone, so it traces.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# attention on very short texts is all per-call overhead: texts shorter than this go side by side in blocks
+ATTENTION_BLOCK_TOKENS = 32
+
+# kernel(qkv, out, bias (H, T, T) fp32, start, blocks, block_tokens, n_head): attention over lone short blocks
+ShortKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int], None]
+# position_bias(length) -> (H, length, length): the model's relative-position bias
+PositionBias = Callable[[int], torch.Tensor]
+
+
+class BoundAttention(Protocol):
+    def __call__(self, qkv: torch.Tensor, n_head: int, dropout_p: float) -> torch.Tensor:
+        """Packed (N', 3C) q|k|v -> (N', C) attention output (filler rows zero)."""
+
+
+class AttentionLayout(Protocol):
+    def bind(self, position_bias: PositionBias, dtype: torch.dtype) -> BoundAttention:
+        """The per-batch attention, with its biases computed once for all layers."""
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """`blocks` consecutive blocks of `rows_per_block` texts of `length` tokens, from packed token `start` on."""
+    start: int
+    blocks: int
+    rows_per_block: int
+    length: int
+
+    @property
+    def block_tokens(self) -> int:
+        return self.rows_per_block * self.length
+
+    @property
+    def end(self) -> int:
+        return self.start + self.blocks * self.block_tokens
+
+
+def attention_groups(lengths: Sequence[int], block_tokens: int = ATTENTION_BLOCK_TOKENS) -> list[AttentionGroup]:
+    """Cut texts (in packed order) into groups SDPA runs as one (blocks, H, rows x length, D) call."""
+    groups, token, row = [], 0, 0
+    while row < len(lengths):
+        length, end = lengths[row], row
+        while end < len(lengths) and lengths[end] == length:
+            end += 1
+        rows = end - row
+        if length > 0:
+            per_block = max(1, min(rows, block_tokens // length))
+            for blocks, per in ((rows // per_block, per_block), (1, rows % per_block)):
+                if blocks and per:
+                    groups.append(AttentionGroup(token, blocks, per, length))
+                    token += blocks * per * length
+        row = end
+    return groups
+
+
+def block_bias(position_bias: torch.Tensor, rows: int) -> torch.Tensor:
+    """(H, L, L) -> (1, H, rows*L, rows*L): the position bias on the diagonal blocks, -inf-like elsewhere."""
+    H, L, _ = position_bias.shape
+    if rows == 1:
+        return position_bias[None].contiguous()
+    row_of = torch.arange(rows * L, device=position_bias.device) // L
+    same_row = row_of[:, None] == row_of[None, :]
+    tiled = position_bias.repeat(1, rows, rows)  # (H, rows*L, rows*L): relative positions right within a block
+    return tiled.masked_fill(~same_row, torch.finfo(tiled.dtype).min)[None].contiguous()
+
+
+class GroupedAttention:
+    def __init__(self, lengths: Sequence[int], short_kernel: ShortKernel | None = None,
+                 short_kernel_max_tokens: int = 0):
+        self.groups = attention_groups(lengths)
+        self.tokens = sum(lengths)
+        self.short_kernel = short_kernel
+        self.short_kernel_max_tokens = short_kernel_max_tokens
+
+    def on_short_kernel(self, group: AttentionGroup) -> bool:
+        """Whether `group` runs on the short-block kernel: a lone block (one call would be all fixed cost)."""
+        return (self.short_kernel is not None and group.blocks == 1
+                and group.block_tokens <= self.short_kernel_max_tokens)
+
+    def bind(self, position_bias: PositionBias, dtype: torch.dtype) -> BoundAttention:
+        biases, cache = [], {}
+        for g in self.groups:
+            ours = self.on_short_kernel(g)
+            key = (g.length, g.rows_per_block, ours)
+            if key not in cache:
+                bias = block_bias(position_bias(g.length).to(torch.float32 if ours else dtype), g.rows_per_block)
+                cache[key] = bias[0] if ours else bias  # ours: (H, T, T) fp32; SDPA: (1, H, T, T)
+            biases.append(cache[key])
+
+        def attend(qkv: torch.Tensor, n_head: int, dropout_p: float) -> torch.Tensor:
+            C = qkv.shape[1] // 3
+            out = qkv.new_empty(qkv.shape[0], C)
+            out[self.tokens:].zero_()  # filler rows: finite, never attended to
+            for g, bias in zip(self.groups, biases):
+                if bias.dim() == 3:
+                    self.short_kernel(qkv, out, bias, g.start, g.blocks, g.block_tokens, n_head)
+                    continue
+                rows = qkv[g.start:g.end].view(g.blocks, g.block_tokens, 3, n_head, C // n_head)
+                q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+                out[g.start:g.end].view(g.blocks, g.block_tokens, n_head, C // n_head).copy_(y.transpose(1, 2))
+            return out
+        return attend
+
+
+class PaddedAttention:
+    def __init__(self, index: torch.Tensor, mask: torch.Tensor):
+        self.index = index  # (N,) flat position in the padded (B, T) batch of each real token
+        self.mask = mask  # (B, T) 1 at real tokens
+
+    def bind(self, position_bias: PositionBias, dtype: torch.dtype) -> BoundAttention:
+        B, T = self.mask.shape
+        bias = position_bias(T).to(dtype)[None]  # (1, H, T, T)
+        padding = torch.zeros((B, T), dtype=dtype, device=self.mask.device)
+        padding = padding.masked_fill(self.mask == 0, torch.finfo(dtype).min)
+        # contiguous: SDPA copies a strided mask on every layer
+        bias = (bias + padding[:, None, None, :]).contiguous()  # (B, H, T, T)
+
+        def attend(qkv: torch.Tensor, n_head: int, dropout_p: float) -> torch.Tensor:
+            N, C = self.index.shape[0], qkv.shape[1] // 3
+            padded = qkv.new_zeros(B * T, 3 * C).index_copy(0, self.index, qkv[:N])
+            q, k, v = padded.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, H, T, D)
+            real = y.transpose(1, 2).reshape(B * T, C).index_select(0, self.index)  # (N, C)
+            return torch.cat([real, real.new_zeros(qkv.shape[0] - N, C)])
+        return attend
+
+
+def row_bucket(n: int) -> int:
+    """Rows a packed batch is padded to on CPU. oneDNN builds and caches a kernel, with buffers, per matrix shape:
+    every distinct N costs a few MB for good (~20 MB per N for a layer's four projections measured), so 100k
+    sentences in batches of ever-different N grew RSS past 3 GB. Rounding N up keeps the shapes few for ~1-3%
+    extra rows; small N (single queries) round finely, since their cost is reading the weights anyway."""
+    step = 16 if n <= 256 else 128 if n <= 4096 else 512
+    return -(-n // step) * step
+
+
+@dataclass
+class PackedBatch:
+    """B texts as N real tokens (plus filler rows up to N' when rows are bucketed).
+
+    ids, positions, segments: (N',) each; positions count from 0 within a text (-1 for filler); segments give
+    each token's text (B for filler). lengths: (B,) tokens per text."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    segments: torch.Tensor
+    lengths: torch.Tensor
+    attention: AttentionLayout
+
+    @property
+    def size(self) -> int:
+        return self.lengths.shape[0]
+
+    @classmethod
+    def from_ids(cls, ids: Sequence[Sequence[int]], device: torch.device | str = "cpu", attention: str = "grouped",
+                 bucket_rows: bool = False, short_kernel: ShortKernel | None = None,
+                 short_kernel_max_tokens: int = 0) -> "PackedBatch":
+        """Pack ragged token ids; attention "grouped" or "padded". bucket_rows pads N to row_bucket(N)."""
+        lengths = [len(i) for i in ids]
+        n = sum(lengths)
+        filler = (row_bucket(n) if bucket_rows else n) - n
+        length_t = torch.tensor(lengths, dtype=torch.long)
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=n)
+        segments = torch.repeat_interleave(torch.arange(len(ids)), length_t)  # (N,)
+        starts = length_t.cumsum(0) - length_t  # (B,)
+        positions = torch.arange(n) - starts[segments]
+        flat = torch.cat([torch.from_numpy(flat), torch.zeros(filler, dtype=torch.long)])
+        segments = torch.cat([segments, torch.full((filler,), len(ids), dtype=torch.long)])
+        positions = torch.cat([positions, torch.full((filler,), -1, dtype=torch.long)])
+        device = torch.device(device)
+        if attention == "grouped":
+            layout = GroupedAttention(lengths, short_kernel, short_kernel_max_tokens)
+        elif attention == "padded":
+            width = max(lengths, default=0)
+            mask = (torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]).long()
+            index = mask.reshape(-1).nonzero().squeeze(1)
+            layout = PaddedAttention(index.to(device), mask.to(device))
+        else:
+            raise ValueError(f"attention must be 'grouped' or 'padded', got {attention!r}")
+        return cls(flat.to(device), positions.to(device), segments.to(device), length_t.to(device), layout)
+
+    @classmethod
+    def from_padded(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "PackedBatch":
+        """From a right- or left-padded (B, T) batch, with tensor ops only (traceable for export)."""
+        B, T = input_ids.shape
+        keep = attention_mask.reshape(-1) != 0
+        index = keep.nonzero().squeeze(1)  # (N,)
+        positions = (attention_mask.cumsum(1) - 1).reshape(-1).index_select(0, index)
+        segments = torch.arange(B, device=input_ids.device)[:, None].expand(B, T).reshape(-1).index_select(0, index)
+        return cls(input_ids.reshape(-1).index_select(0, index), positions, segments, attention_mask.sum(1),
+                   PaddedAttention(index, attention_mask))
+
+    def unpack(self, tokens: torch.Tensor, width: int | None = None, fill: float = 0.0) -> torch.Tensor:
+        """(N', C) token vectors -> right-padded (B, T, C), `fill` at padding."""
+        T = width if width is not None else int(self.lengths.max())
+        N = self.lengths.sum()
+        out = tokens.new_full((self.size * T, tokens.shape[1]), fill)
+        out = out.index_copy(0, self.segments[:N] * T + self.positions[:N], tokens[:N])
+        return out.view(self.size, T, -1)

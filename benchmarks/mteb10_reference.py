@@ -28,8 +28,10 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,24 @@ def load_mteb10() -> types.SimpleNamespace:
                                                                root / "tasks" / "Classification" / f"{task}.py"))
 
 
+def load_ours() -> types.SimpleNamespace:
+    """Our classification and clustering evaluators from src/, without allmpnet's __init__ (which needs torch),
+    so that both sides run on the same numpy and scikit-learn."""
+    src = ROOT / "src" / "allmpnet"
+    for name, folder in (("allmpnet", src), ("allmpnet.evaluate", src / "evaluate")):
+        module = types.ModuleType(name)
+        module.__path__ = [str(folder)]
+        sys.modules[name] = module
+    loaded = {}
+    for name in ("data", "classification", "clustering"):
+        spec = importlib.util.spec_from_file_location(f"allmpnet.evaluate.{name}", src / "evaluate" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        loaded[name] = module
+    return types.SimpleNamespace(**loaded)
+
+
 class RowVectors:
     """The model mteb sees: train 'texts' are row numbers (so the rows it picks can be read off exactly),
     test texts are test row numbers offset by `TEST`; each maps to our exported vector."""
@@ -175,33 +195,55 @@ def classify(args: argparse.Namespace) -> None:
     task = mteb_task(mteb, args.task, args.data)
     with contextlib.redirect_stdout(sys.stderr):
         scores = task.evaluate(RowVectors(args.vectors), eval_split="test", train_split="train")
+    # ours, on the same vectors and the same scikit-learn
+    ours = load_ours()
+    train, test = task.dataset["train"], task.dataset["test"]
+    model = RowVectors(args.vectors)
+    our_scores = ours.classification.evaluate_classification(
+        model, train["text"], train["label"], test["text"], test["label"],
+        samples_per_label=task.samples_per_label, n_experiments=task.n_experiments)
     import sklearn
     print(json.dumps({"task": args.task, "mteb": "1.0.0", "scikit-learn": sklearn.__version__,
-                      **{k: 100 * float(v) for k, v in scores.items()}}, indent=1))
+                      "mteb_1_0": {k: 100 * float(v) for k, v in scores.items()},
+                      "allmpnet": our_scores}, indent=1))
 
 
 def cluster(args: argparse.Namespace) -> None:
-    """Cluster sets cut from the test split (by row order, `--sets` of them), k = their distinct labels."""
-    mteb = load_mteb10()
+    """Cluster sets cut from the test split (by row order, `--sets` of them), k = their distinct labels.
+    With --ours-only, just our side (to compare scikit-learn versions: run it in the project's environment)."""
     import sklearn
     _, labels = classification_split(args.task, "eval_split", args.data)
     vectors = np.load(args.vectors)["test_vectors"]
     sets = np.array_split(np.arange(len(labels)), args.sets)
-    task = types.SimpleNamespace()
-    mteb.abstasks.AbsTaskClustering.__init__(task)  # the seeding a task's creation does
-    task.data_loaded = True
-    task.dataset = {"test": [{"sentences": [RowVectors.TEST + int(i) for i in rows],
-                              "labels": [labels[i] for i in rows]} for rows in sets]}
-    model = RowVectors(None)
-    model.test = vectors
-    scores = mteb.abstasks.AbsTaskClustering.evaluate(task, model, split="test")
-    per_set = []
-    for rows in sets:  # each set alone, as ClusteringEvaluator scores it
-        evaluator = mteb.evaluators.ClusteringEvaluator([RowVectors.TEST + int(i) for i in rows],
-                                                        [labels[i] for i in rows])
-        per_set.append(100 * float(evaluator(model)["v_measure"]))
-    print(json.dumps({"task": args.task, "mteb": "1.0.0", "scikit-learn": sklearn.__version__, "sets": args.sets,
-                      "v_measure": 100 * float(scores["v_measure"]), "v_measure_per_set": per_set}, indent=1))
+    report = {"task": args.task, "scikit-learn": sklearn.__version__, "sets": args.sets}
+    if not args.ours_only:
+        mteb = load_mteb10()
+        class LocalClustering(mteb.abstasks.AbsTaskClustering):
+            description = {"name": f"{args.task} test split as cluster sets", "type": "Clustering",
+                           "main_score": "v_measure"}
+
+        task = LocalClustering()  # seeds numpy's global generator with 42, as a task's creation does
+        task.data_loaded = True
+        task.dataset = {"test": [{"sentences": [RowVectors.TEST + int(i) for i in rows],
+                                  "labels": [labels[i] for i in rows]} for rows in sets]}
+        model = RowVectors(None)
+        model.test = vectors
+        with contextlib.redirect_stderr(open(os.devnull, "w")), warnings.catch_warnings():
+            # its progress bar, and scikit-learn 1.2-1.3's notice that the default n_init (3) will change
+            warnings.simplefilter("ignore", FutureWarning)
+            scores = task.evaluate(model, split="test")
+        per_set = []
+        for rows in sets:  # each set alone, as ClusteringEvaluator scores it
+            evaluator = mteb.evaluators.ClusteringEvaluator([RowVectors.TEST + int(i) for i in rows],
+                                                            [labels[i] for i in rows])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                per_set.append(100 * float(evaluator(model)["v_measure"]))
+        report["mteb_1_0"] = {"v_measure": 100 * float(scores["v_measure"]), "per_set": per_set}
+    ours = load_ours()
+    our_per_set = [ours.clustering.cluster_v_measure(vectors[rows], [labels[i] for i in rows]) for rows in sets]
+    report["allmpnet"] = {"v_measure": float(np.mean(our_per_set)), "per_set": our_per_set}
+    print(json.dumps(report, indent=1))
 
 
 def main() -> None:
@@ -224,6 +266,7 @@ def main() -> None:
             p.add_argument("--vectors", type=Path, required=True)
         if name == "cluster":
             p.add_argument("--sets", type=int, default=1)
+            p.add_argument("--ours-only", action="store_true")
     args = parser.parse_args()
     args.func(args)
 

@@ -19,7 +19,7 @@ import torch
 
 from allmpnet import Encoder
 from allmpnet.evaluate import CachedEncoder, load_task, read_card, run_tasks, table_rows
-from allmpnet.evaluate.card import Comparison
+from allmpnet.evaluate.card import EXPECTED_MATCH, Comparison, builtin_card, scores_by_task
 from allmpnet.evaluate.data import read_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tasks", nargs="*", help="task folder names (default: every task in --data)")
     parser.add_argument("--data", type=Path, default=SHARED / "data")
-    parser.add_argument("--card", type=Path, default=SHARED / "seed" / "all-mpnet-base-v2-model-card.md")
+    parser.add_argument("--card", type=Path, help="model card to compare with (default: the built-in scores of "
+                                                  "the published model's card)")
     parser.add_argument("--model", default="all-mpnet-base-v2")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default=None)
@@ -55,7 +56,7 @@ def main() -> int:
     tasks = [load_task(f) for f in folders]
     for task in tasks:
         read_task(task)  # a bad folder stops here, not after an hour of encoding
-    card = read_card(args.card)
+    card = read_card(args.card) if args.card else scores_by_task(builtin_card()["results"])
     encoder = Encoder(args.model, device=args.device, precision=args.precision)
     model = encoder if args.no_cache else CachedEncoder(encoder)
     started = time.perf_counter()
@@ -77,14 +78,17 @@ def report(results: list[dict], card: dict, args: argparse.Namespace, encoder: E
              "", f"precision {args.precision}, device {encoder.device}, torch {torch.__version__}, "
              f"{platform.machine()} · {len(results)} of {n_tasks} tasks in {seconds:.0f} s "
              f"(vectors from the embedding cache where present) · `python benchmarks/mteb_table.py`", "",
-             "| task | type | metric | ours | card | difference | tolerance | within |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+             "| task | type | metric | ours | card | difference | expected | tolerance | within |",
+             "|---|---|---|---:|---:|---:|---|---:|---|"]
     for row in table_rows(results, card):
         tolerance, ok = verdict(row)
         card_value = "–" if row.card is None else f"{row.card:.2f}"
         diff = "–" if row.difference is None else f"{row.difference:+.2f}"
+        expected = EXPECTED_MATCH.get(row.type, ("–", ""))[0] if row.card is not None else "–"
         lines.append(f"| {row.task} | {row.type} | {row.metric} | {row.ours:.2f} | {card_value} | {diff} "
-                     f"| {tolerance} | {ok} |")
+                     f"| {expected} | {tolerance} | {ok} |")
+    types_present = list(dict.fromkeys(r["type"] for r in results if r["type"] in EXPECTED_MATCH))
+    lines += [""] + [f"- {t}: {EXPECTED_MATCH[t][0]}: {EXPECTED_MATCH[t][1]}." for t in types_present]
     return "\n".join(lines) + "\n"
 
 

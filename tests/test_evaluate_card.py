@@ -107,3 +107,13 @@ def test_eval_of_the_published_weights_prints_the_card_comparison(real_model_dir
     captured = capsys.readouterr()
     assert "card comparison: the model card of sentence-transformers/all-mpnet-base-v2 (built in)" in captured.err
     assert "| STSBenchmark | STS | cos_sim_spearman |" in captured.out and "| 83.42 |" in captured.out
+
+
+def test_a_malformed_model_index_is_one_clear_error(tmp_path):
+    (tmp_path / "README.md").write_text("---\nmodel-index:\n- name: x\n  results:\n  - task: {type: STS}\n"
+                                        "    dataset: {name: MTEB STS12}\n    metrics:\n    - type: cos_sim_spearman\n"
+                                        "      value: high\n---\n")
+    with pytest.raises(ValueError, match=r"README\.md: model-index is not in the expected form"):
+        model_index_results(tmp_path)
+    card, source = card_for_model(tmp_path)
+    assert card is None and "not in the expected form" in source

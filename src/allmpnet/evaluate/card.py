@@ -34,16 +34,20 @@ def model_index_results(path: str | os.PathLike) -> list[dict]:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: front matter is not valid YAML ({e})") from None
     entries = []
-    for model in meta.get("model-index") or []:
-        for result in model.get("results") or []:
-            dataset = result.get("dataset") or {}
-            config = str(dataset.get("config") or "default")
-            name = re.sub(r"^MTEB\s+", "", str(dataset.get("name", ""))).replace(f" ({config})", "")
-            entries.append({"task": name, "type": (result.get("task") or {}).get("type"), "subset": config,
-                            "split": dataset.get("split"), "dataset": dataset.get("type"),
-                            "revision": dataset.get("revision"),
-                            "metrics": {m["type"]: float(m["value"]) for m in result.get("metrics") or []
-                                        if "type" in m}})
+    try:
+        for model in meta.get("model-index") or []:
+            for result in model.get("results") or []:
+                dataset = result.get("dataset") or {}
+                config = str(dataset.get("config") or "default")
+                name = re.sub(r"^MTEB\s+", "", str(dataset.get("name", ""))).replace(f" ({config})", "")
+                entries.append({"task": name, "type": (result.get("task") or {}).get("type"), "subset": config,
+                                "split": dataset.get("split"), "dataset": dataset.get("type"),
+                                "revision": dataset.get("revision"),
+                                "metrics": {m["type"]: float(m["value"]) for m in result.get("metrics") or []
+                                            if "type" in m}})
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # a hand-edited card: say where, not a traceback from deep inside the walk
+        raise ValueError(f"{path}: model-index is not in the expected form ({type(e).__name__}: {e})") from None
     if not entries:
         raise ValueError(f"{path}: front matter has no model-index results")
     return entries

@@ -10,6 +10,7 @@ most of it the SciFact corpus.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -49,11 +50,21 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mteb")
     parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--keep", nargs="+", default=[], metavar="TASK",
+                        help="take these tasks' results from OUT/TASK.json of an earlier run instead of running them "
+                             "(for deterministic tasks a change elsewhere cannot move); the table marks them")
     args = parser.parse_args()
 
     folders = [args.data / t for t in args.tasks] or sorted(p for p in args.data.iterdir()
                                                             if (p / "task.json").is_file())
     tasks = [load_task(f) for f in folders]
+    kept = {}
+    for name in args.keep:
+        path = args.out / f"{name}.json"
+        if not path.is_file():
+            parser.error(f"--keep {name}: no earlier result at {path}")
+        kept[name] = json.loads(path.read_text())
+    tasks = [t for t in tasks if t.name not in kept]
     for task in tasks:
         read_task(task)  # a bad folder stops here, not after an hour of encoding
     card = read_card(args.card) if args.card else scores_by_task(builtin_card()["results"])
@@ -64,7 +75,7 @@ def main() -> int:
 
     def write_table(results: list[dict]) -> None:
         # rewritten after every task, so an interrupted run still leaves a table of what it finished
-        table.write_text(report(results, card, args, encoder, len(tasks), time.perf_counter() - started))
+        table.write_text(report(results, card, args, encoder, len(tasks), time.perf_counter() - started, kept))
 
     run_tasks(tasks, model, encoder.name, args.out, card, batch_size=args.batch_size, after_each=write_table)
     text = table.read_text()
@@ -73,13 +84,16 @@ def main() -> int:
 
 
 def report(results: list[dict], card: dict, args: argparse.Namespace, encoder: Encoder, n_tasks: int,
-           seconds: float) -> str:
+           seconds: float, kept: dict[str, dict] | None = None) -> str:
+    kept = kept or {}
+    kept_note = f" · kept from the earlier run in {args.out.name}/ (`--keep`): {', '.join(kept)}" if kept else ""
     lines = [f"# {encoder.name} on MTEB tasks from {args.data.name}/, mteb 1.0 protocol, against the model card",
              "", f"precision {args.precision}, device {encoder.device}, torch {torch.__version__}, "
-             f"{platform.machine()} · {len(results)} of {n_tasks} tasks in {seconds:.0f} s "
-             f"(vectors from the embedding cache where present) · `python benchmarks/mteb_table.py`", "",
+             f"{platform.machine()} · {len(results)} of {n_tasks} tasks run in {seconds:.0f} s "
+             f"(vectors from the embedding cache where present){kept_note} · `python benchmarks/mteb_table.py`", "",
              "| task | type | metric | ours | card | difference | expected | tolerance | within |",
              "|---|---|---|---:|---:|---:|---|---:|---|"]
+    results = results + list(kept.values())
     for row in table_rows(results, card):
         tolerance, ok = verdict(row)
         card_value = "–" if row.card is None else f"{row.card:.2f}"

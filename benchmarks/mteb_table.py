@@ -20,7 +20,7 @@ import torch
 
 from allmpnet import Encoder
 from allmpnet.evaluate import CachedEncoder, load_task, read_card, run_tasks, table_rows
-from allmpnet.evaluate.card import EXPECTED_MATCH, Comparison, builtin_card, scores_by_task
+from allmpnet.evaluate.card import EXPECTED_MATCH, Comparison, builtin_card, expected_match, scores_by_task
 from allmpnet.evaluate.data import read_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def report(results: list[dict], card: dict, args: argparse.Namespace, encoder: E
         tolerance, ok = verdict(row)
         card_value = "–" if row.card is None else f"{row.card:.2f}"
         diff = "–" if row.difference is None else f"{row.difference:+.2f}"
-        expected = EXPECTED_MATCH.get(row.type, ("–", ""))[0] if row.card is not None else "–"
+        expected = expected_match(row)
         lines.append(f"| {row.task} | {row.type} | {row.metric} | {row.ours:.2f} | {card_value} | {diff} "
                      f"| {expected} | {tolerance} | {ok} |")
     types_present = list(dict.fromkeys(r["type"] for r in results if r["type"] in EXPECTED_MATCH))

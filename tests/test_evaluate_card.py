@@ -117,3 +117,15 @@ def test_a_malformed_model_index_is_one_clear_error(tmp_path):
         model_index_results(tmp_path)
     card, source = card_for_model(tmp_path)
     assert card is None and "not in the expected form" in source
+
+
+def test_the_summeval_fixed_mean_is_not_expected_to_match_the_cards_legacy_figure():
+    from allmpnet.evaluate.runner import table_rows
+
+    result = {"task": "SummEval", "type": "Summarization", "main_score": "cos_sim_spearman",
+              "scores": {"cos_sim_spearman": 23.89, "cos_sim_spearman_legacy": 27.43}}
+    table = markdown_table(table_rows([result], {"SummEval": {"cos_sim_spearman": 27.49}}))
+    assert "| SummEval | Summarization | cos_sim_spearman | 23.89 | 27.49 | -3.60 | differs by design (fixed mean) |" \
+        in table
+    assert "| SummEval | Summarization | cos_sim_spearman (legacy mean) | 27.43 | 27.49 | -0.06 | exact (legacy mean) |" \
+        in table

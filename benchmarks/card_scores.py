@@ -1,6 +1,6 @@
 """Writes the package's built-in card scores (src/allmpnet/evaluate/card_scores.json) from the model card.
 
-    .venv/bin/python benchmarks/card_scores.py                      # reads ../shared/seed/all-mpnet-base-v2-model-card.md
+    .venv/bin/python benchmarks/card_scores.py       # reads ../shared/seed/all-mpnet-base-v2-model-card.md
 
 The published model's README carries no model-index, so `allmpnet eval` would have nothing to compare the
 published weights with; these are the model card's own figures (68 results: the 56 MTEB English tasks, with

@@ -127,5 +127,5 @@ def test_the_summeval_fixed_mean_is_not_expected_to_match_the_cards_legacy_figur
     table = markdown_table(table_rows([result], {"SummEval": {"cos_sim_spearman": 27.49}}))
     assert "| SummEval | Summarization | cos_sim_spearman | 23.89 | 27.49 | -3.60 | differs by design (fixed mean) |" \
         in table
-    assert "| SummEval | Summarization | cos_sim_spearman (legacy mean) | 27.43 | 27.49 | -0.06 | exact (legacy mean) |" \
-        in table
+    legacy = "| SummEval | Summarization | cos_sim_spearman (legacy mean) | 27.43 | 27.49 | -0.06 | exact (legacy mean) |"
+    assert legacy in table

@@ -167,6 +167,28 @@ def test_clustering_separated_groups_and_single_group():
         evaluate_clustering(enc, [ClusteringSet([], [])])
 
 
+def test_clustering_seeds_kmeans_as_mtebs_evaluator_does():
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics import v_measure_score
+
+    from allmpnet.evaluate.clustering import cluster_v_measure
+
+    # overlapping blobs, so that the seed decides some assignments
+    rng = np.random.RandomState(7)
+    labels = [i % 5 for i in range(600)]
+    vectors = (rng.normal(size=(5, 16))[labels] * 0.6 + rng.normal(size=(600, 16))).astype(np.float32)
+    # the reference, mteb 1.0's call: its evaluator seeds numpy's global generator with 42, then an unseeded
+    # MiniBatchKMeans (scikit-learn's default then: n_init=3) draws from it
+    np.random.seed(42)
+    assigned = MiniBatchKMeans(n_clusters=5, batch_size=500, n_init=3).fit(vectors).labels_
+    reference = 100 * v_measure_score(labels, assigned)
+    assert cluster_v_measure(vectors, labels) == pytest.approx(reference, abs=1e-12)
+    assert 5 < reference < 95  # neither trivial nor perfect: other draws would score otherwise
+    np.random.seed(0)
+    other = 100 * v_measure_score(labels, MiniBatchKMeans(n_clusters=5, batch_size=500, n_init=3).fit(vectors).labels_)
+    assert other != pytest.approx(reference, abs=1e-9)
+
+
 # --- Retrieval -----------------------------------------------------------------------------------------------
 
 def test_document_text_joins_title_and_text():

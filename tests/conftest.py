@@ -11,6 +11,7 @@ from allmpnet.weights import STAMP, published_dir
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
+SEED_CARD = SHARED / "seed" / "all-mpnet-base-v2-model-card.md"
 
 
 @pytest.fixture(scope="session")
@@ -40,5 +41,15 @@ def shared_data() -> Path:
     if not DATA.is_dir():
         if os.environ.get("CI"):
             pytest.fail(f"{DATA} missing")
-        pytest.skip(f"{DATA} missing")
+        pytest.skip(f"{DATA} missing (the evaluation data lies in ../shared beside the repository, as in CI)")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def seed_card() -> Path:
+    """The published model card (with its model-index), beside the repository like ../shared/data."""
+    if not SEED_CARD.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SEED_CARD} missing")
+        pytest.skip(f"{SEED_CARD} missing (it lies in ../shared beside the repository, as in CI)")
+    return SEED_CARD

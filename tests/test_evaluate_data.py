@@ -12,8 +12,6 @@ from allmpnet.evaluate.card import Comparison, compare, markdown_table
 from allmpnet.evaluate.data import (read_classification, read_clustering, read_pairs, read_reranking,
                                    read_retrieval, read_sts, read_summarization, read_task)
 
-SEED_CARD = Path(__file__).resolve().parents[2] / "shared" / "seed" / "all-mpnet-base-v2-model-card.md"
-
 
 def make_task(root: Path, task_type: str, files: dict[str, str | list], **params) -> Path:
     folder = root / params.pop("name", task_type)
@@ -130,8 +128,8 @@ def test_shared_data_folders_all_load(shared_data):
 
 # --- card ----------------------------------------------------------------------------------------------------
 
-def test_read_seed_card():
-    card = read_card(SEED_CARD)
+def test_read_seed_card(seed_card):
+    card = read_card(seed_card)
     assert card["STSBenchmark"]["cos_sim_spearman"] == pytest.approx(83.421898505618)
     assert card["SciFact"]["ndcg_at_10"] == pytest.approx(65.57)
     assert card["Banking77Classification"]["accuracy"] == pytest.approx(81.8603896103896)

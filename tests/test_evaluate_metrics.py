@@ -1,7 +1,9 @@
 """Each evaluator on small hand-built cases; every expected figure is worked out by hand in the comment beside it."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +12,13 @@ from allmpnet.evaluate import (evaluate_classification, evaluate_clustering, eva
                                evaluate_reranking, evaluate_retrieval, evaluate_sts, evaluate_summarization,
                                exact_top_k, score_run, search)
 from allmpnet.evaluate.classification import fit_and_score, undersample_plan
-from allmpnet.evaluate.data import ClusteringSet, RerankingSample, RetrievalData, SummaryText
+from allmpnet.evaluate.data import (ClusteringSet, RerankingSample, RetrievalData, SummaryText, load_task,
+                                   read_classification)
 from allmpnet.evaluate.pair_classification import best_accuracy, best_f1
 from allmpnet.evaluate.reranking import rank_metrics
 from allmpnet.evaluate.retrieval import document_text, mrr_at_k
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 class LookupEncoder:
@@ -73,14 +78,16 @@ def test_sts_rejects_empty_and_mismatched_input():
 
 # --- Classification ------------------------------------------------------------------------------------------
 
-def test_undersample_plan_follows_mtebs_seeded_global_shuffle():
+def test_undersample_plan_reseeds_before_every_shuffle_as_mteb_does():
     labels = ["a", "b", "a", "c", "b", "a", "c", "b", "a", "c"]
     plan = undersample_plan(labels, samples_per_label=2, n_experiments=3, seed=42)
-    # the reference: mteb 1.0 seeds numpy's global state once and re-shuffles one index list per experiment
+    # the reference, mteb 1.0's loop: one index list shuffled in place per experiment, and numpy's global
+    # generator seeded 42 again right after each shuffle (by the evaluator built for that experiment)
     np.random.seed(42)
     idxs = np.arange(len(labels))
     for rows in plan:
         np.random.shuffle(idxs)
+        np.random.seed(42)
         expected, taken = [], {}
         for i in idxs:
             if taken.get(labels[i], 0) < 2:
@@ -88,7 +95,26 @@ def test_undersample_plan_follows_mtebs_seeded_global_shuffle():
                 taken[labels[i]] = taken.get(labels[i], 0) + 1
         assert rows == expected
         assert sorted(labels[i] for i in rows) == ["a", "a", "b", "b", "c", "c"]
-    assert plan[0] != plan[1]  # the list is shuffled again, not re-seeded
+    assert plan[0] != plan[1]  # the same permutation, applied to an already shuffled list
+    # one generator drawn from throughout (the earlier, wrong reading) gives other rows from experiment 2 on
+    rng, order, drifting = np.random.RandomState(42), np.arange(len(labels)), []
+    for _ in range(3):
+        rng.shuffle(order)
+        drifting.append(order.tolist())
+    np.random.seed(42)
+    assert np.random.permutation(len(labels)).tolist() == drifting[0]
+    assert [plan[1][0], plan[2][0]] != [drifting[1][0], drifting[2][0]]
+
+
+def test_undersample_plan_matches_mteb_1_0_on_banking77(shared_data):
+    # rows the real mteb 1.0.0 classes picked on this train split (benchmarks/mteb10_reference.py undersample)
+    pinned = json.loads((FIXTURES / "mteb10_banking77_undersample.json").read_text())
+    labels = read_classification(load_task(shared_data / "Banking77Classification")).train_labels
+    plan = undersample_plan(labels, pinned["samples_per_label"], len(pinned["first_rows_per_experiment"]))
+    assert [len(rows) for rows in plan] == pinned["rows_per_experiment"] == [616] * 3  # 77 labels x 8
+    for rows, first in zip(plan, pinned["first_rows_per_experiment"]):
+        assert rows[:len(first)] == first
+    assert pinned["first_rows_per_experiment"][1][:3] == [1774, 4068, 3356]
 
 
 def test_undersample_takes_every_example_of_a_rare_label():
@@ -139,6 +165,28 @@ def test_clustering_separated_groups_and_single_group():
         evaluate_clustering(enc, [ClusteringSet(["a1", "b1"], ["x", "y", "z"])])
     with pytest.raises(ValueError, match="empty cluster set"):
         evaluate_clustering(enc, [ClusteringSet([], [])])
+
+
+def test_clustering_seeds_kmeans_as_mtebs_evaluator_does():
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics import v_measure_score
+
+    from allmpnet.evaluate.clustering import cluster_v_measure
+
+    # overlapping blobs, so that the seed decides some assignments
+    rng = np.random.RandomState(7)
+    labels = [i % 5 for i in range(600)]
+    vectors = (rng.normal(size=(5, 16))[labels] * 0.6 + rng.normal(size=(600, 16))).astype(np.float32)
+    # the reference, mteb 1.0's call: its evaluator seeds numpy's global generator with 42, then an unseeded
+    # MiniBatchKMeans (scikit-learn's default then: n_init=3) draws from it
+    np.random.seed(42)
+    assigned = MiniBatchKMeans(n_clusters=5, batch_size=500, n_init=3).fit(vectors).labels_
+    reference = 100 * v_measure_score(labels, assigned)
+    assert cluster_v_measure(vectors, labels) == pytest.approx(reference, abs=1e-12)
+    assert 5 < reference < 95  # neither trivial nor perfect: other draws would score otherwise
+    np.random.seed(0)
+    other = 100 * v_measure_score(labels, MiniBatchKMeans(n_clusters=5, batch_size=500, n_init=3).fit(vectors).labels_)
+    assert other != pytest.approx(reference, abs=1e-9)
 
 
 # --- Retrieval -----------------------------------------------------------------------------------------------

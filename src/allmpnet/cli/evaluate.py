@@ -19,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(needs `datasets`); 'all' runs every task in --data")
     p.add_argument("--data", type=Path, default=os.environ.get("ALLMPNET_EVAL_DATA"),
                    help="folder holding one sub-folder per task (default: $ALLMPNET_EVAL_DATA)")
-    p.add_argument("--card", type=Path, help="model card to compare with (default: the model directory's README.md)")
+    p.add_argument("--card", type=Path, help="model card to compare with (default: the model directory's README.md "
+                                             "when it has a model-index, else for the published weights the "
+                                             "built-in scores of their model card)")
     p.add_argument("--out", type=Path, default=Path("eval-results"),
                    help="where TASK.json files and table.md go (default: ./eval-results)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -55,24 +57,20 @@ def task_dirs(names: list[str], data: Path | None) -> list[Path]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from allmpnet.evaluate import CachedEncoder, load_task, read_card, run_tasks, table_rows
-    from allmpnet.evaluate.card import markdown_table
+    from allmpnet.evaluate.card import card_for_model, markdown_table
     from allmpnet.evaluate.data import read_task
 
     tasks = [load_task(d) for d in task_dirs(args.tasks, args.data)]
     for task in tasks:
         read_task(task)  # every file checked before the first (slow) encoding, not after it
     encoder = load_encoder(args)
-    card_path = args.card or (encoder.model_dir / "README.md")
-    card = None
-    if args.card or card_path.is_file():
-        try:
-            card = read_card(card_path)
-        except ValueError as e:
-            if args.card:
-                raise
-            print(f"no card comparison: {e}", file=sys.stderr)
+    if args.card:
+        card, card_source = read_card(args.card), str(args.card)
+    else:
+        card, card_source = card_for_model(encoder.model_dir)
+        print(f"card comparison: {card_source}" if card else f"no card comparison: {card_source}", file=sys.stderr)
     model = encoder if args.no_cache else CachedEncoder(encoder, args.cache_dir)
     results = run_tasks(tasks, model, encoder.name, args.out, card, batch_size=args.batch_size)
-    print(markdown_table(table_rows(results, card)), end="")
+    print(markdown_table(table_rows(results, card), card_source if card else None), end="")
     print(f"results: {args.out}/<task>.json and {args.out}/table.md", file=sys.stderr)
     return 0

@@ -1,6 +1,7 @@
 """Reading a model card's `model-index` (its YAML front matter) and setting our scores beside it."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -16,8 +17,9 @@ def card_metric(name: str) -> str:
     return METRIC_ALIASES.get(name, name)
 
 
-def read_card(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """{task name: {metric: value}} from a model card's model-index; the 'MTEB ' prefix and '(en)' are dropped."""
+def model_index_results(path: str | os.PathLike) -> list[dict]:
+    """Every result of a model card's model-index, one dict each: task, type, subset, split, dataset, revision,
+    metrics ({metric: value}). The task name is the card's without 'MTEB ' and its subset suffix."""
     import yaml
 
     path = Path(path)
@@ -31,19 +33,79 @@ def read_card(path: str | os.PathLike) -> dict[str, dict[str, float]]:
         meta = yaml.safe_load(match.group(1)) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: front matter is not valid YAML ({e})") from None
-    scores: dict[str, dict[str, float]] = {}
-    for model in meta.get("model-index") or []:
-        for result in model.get("results") or []:
-            dataset = result.get("dataset") or {}
-            name = re.sub(r"^MTEB\s+", "", str(dataset.get("name", "")))
-            config = dataset.get("config")
-            if config and config != "default":
-                name = name.replace(f" ({config})", "")
-                name = f"{name} ({config})" if config != "en" else name
-            scores[name] = {m["type"]: float(m["value"]) for m in result.get("metrics") or [] if "type" in m}
-    if not scores:
+    entries = []
+    try:
+        for model in meta.get("model-index") or []:
+            for result in model.get("results") or []:
+                dataset = result.get("dataset") or {}
+                config = str(dataset.get("config") or "default")
+                name = re.sub(r"^MTEB\s+", "", str(dataset.get("name", ""))).replace(f" ({config})", "")
+                entries.append({"task": name, "type": (result.get("task") or {}).get("type"), "subset": config,
+                                "split": dataset.get("split"), "dataset": dataset.get("type"),
+                                "revision": dataset.get("revision"),
+                                "metrics": {m["type"]: float(m["value"]) for m in result.get("metrics") or []
+                                            if "type" in m}})
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # a hand-edited card: say where, not a traceback from deep inside the walk
+        raise ValueError(f"{path}: model-index is not in the expected form ({type(e).__name__}: {e})") from None
+    if not entries:
         raise ValueError(f"{path}: front matter has no model-index results")
+    return entries
+
+
+def scores_by_task(entries: list[dict]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}}; a subset other than the default or 'en' stays in the name, e.g. 'STS17 (en-en)'."""
+    scores = {}
+    for entry in entries:
+        subset = entry.get("subset") or "default"
+        name = entry["task"] if subset in ("default", "en") else f"{entry['task']} ({subset})"
+        scores[name] = dict(entry["metrics"])
     return scores
+
+
+def read_card(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """{task name: {metric: value}} from a model card's model-index; the 'MTEB ' prefix and '(en)' are dropped."""
+    return scores_by_task(model_index_results(path))
+
+
+# The published model's own README carries no model-index, so its card's scores ship with the package
+# (benchmarks/card_scores.py wrote them from the card; tests check them against it).
+BUILTIN_CARD_FILE = Path(__file__).with_name("card_scores.json")
+
+
+def builtin_card() -> dict:
+    """The packaged model-index of sentence-transformers/all-mpnet-base-v2: {"model", "source", "results"}."""
+    return json.loads(BUILTIN_CARD_FILE.read_text(encoding="utf-8"))
+
+
+def is_published_model(model_dir: str | os.PathLike) -> bool:
+    """Whether a model directory holds the published all-mpnet-base-v2 weights (by their SHA-256)."""
+    from allmpnet.evaluate.cache import weights_sha256
+    from allmpnet.weights import ALL_MPNET, WEIGHTS
+
+    weights = Path(model_dir) / WEIGHTS
+    if not weights.is_file() or weights.stat().st_size != ALL_MPNET.size:
+        return False
+    return weights_sha256(Path(model_dir)) == ALL_MPNET.sha256
+
+
+def card_for_model(model_dir: str | os.PathLike) -> tuple[dict[str, dict[str, float]] | None, str]:
+    """The scores to compare a model with, and where they come from (or why there are none).
+
+    A model directory's own README model-index wins; without one, the published weights get the built-in
+    card scores; any other model has nothing to compare with.
+    """
+    readme = Path(model_dir) / "README.md"
+    own_problem = f"{readme} does not exist"
+    if readme.is_file():
+        try:
+            return read_card(readme), f"the model-index in {readme}"
+        except ValueError as e:
+            own_problem = str(e)
+    if is_published_model(model_dir):
+        return scores_by_task(builtin_card()["results"]), \
+            "the model card of sentence-transformers/all-mpnet-base-v2 (built in)"
+    return None, f"{own_problem}, and these are not the published all-mpnet-base-v2 weights (pass --card CARD.md)"
 
 
 @dataclass
@@ -70,13 +132,52 @@ def compare(results: list[dict], card: dict[str, dict[str, float]] | None) -> li
     return rows
 
 
-def markdown_table(rows: list[Comparison]) -> str:
+# How closely each task type can match the card, and why (docs/evaluate.md has the measurements behind these)
+EXPECTED_MATCH: dict[str, tuple[str, str]] = {
+    "STS": ("exact", "no randomness: cosine similarities and rank correlations; only float rounding moves the "
+                     "last digit (tiny sets such as BIOSSES: ~0.02)"),
+    "Retrieval": ("exact", "no randomness: exact cosine search and pytrec_eval; only float rounding can swap "
+                           "near-tied documents at a cutoff"),
+    "Reranking": ("exact", "no randomness: cosine ranking of each sample's candidates"),
+    "PairClassification": ("exact", "no randomness: cosine scores and the best threshold over them"),
+    "Summarization": ("exact (legacy mean)", "no randomness; the card's figure averages each text's Spearman "
+                                             "statistic together with its p-value (mteb <= 1.14.3), shown as "
+                                             "the legacy-mean row"),
+    "Classification": ("within sampling noise", "our training subsets are exactly mteb 1.0's (seeded), but the "
+                                                "card came from mteb 0.0.2, whose first shuffle drew from "
+                                                "numpy's unseeded global generator: the card's subsets were "
+                                                "random, so its mean over 10 experiments carries their noise "
+                                                "(a few tenths of a point with many training rows, such as "
+                                                "Banking77's 616; points with few, such as Emotion's 96)"),
+    "Clustering": ("within k-means noise", "MiniBatchKMeans is seeded exactly as mteb 1.0 seeds it (the same "
+                                           "clusters on the same scikit-learn), but its clusters change with the "
+                                           "scikit-learn version: about a point either way"),
+}
+
+
+def expected_match(row: Comparison) -> str:
+    """The short 'expected' entry of a table row (the reasons are in EXPECTED_MATCH)."""
+    if row.card is None:
+        return "–"
+    if row.type == "Summarization" and "legacy" not in row.metric:
+        return "differs by design (fixed mean)"
+    return EXPECTED_MATCH.get(row.type, ("–", ""))[0]
+
+
+def markdown_table(rows: list[Comparison], card_source: str | None = None) -> str:
+    """The rows as a Markdown table, then one line per task type present on how exactly it can match."""
     def fmt(v: float | None, signed: bool = False) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "–"
         return f"{v:+.2f}" if signed else f"{v:.2f}"
 
-    lines = ["| task | type | metric | ours | card | difference |", "|---|---|---|---:|---:|---:|"]
-    lines += [f"| {r.task} | {r.type} | {r.metric} | {fmt(r.ours)} | {fmt(r.card)} | {fmt(r.difference, True)} |"
-              for r in rows]
+    lines = ["| task | type | metric | ours | card | difference | expected |", "|---|---|---|---:|---:|---:|---|"]
+    lines += [f"| {r.task} | {r.type} | {r.metric} | {fmt(r.ours)} | {fmt(r.card)} | {fmt(r.difference, True)} "
+              f"| {expected_match(r)} |" for r in rows]
+    compared = list(dict.fromkeys(r.type for r in rows if r.card is not None and r.type in EXPECTED_MATCH))
+    if compared:
+        lines.append("")
+        if card_source:
+            lines.append(f"Card: {card_source}.")
+        lines += [f"- {t}: {EXPECTED_MATCH[t][0]}: {EXPECTED_MATCH[t][1]}." for t in compared]
     return "\n".join(lines) + "\n"

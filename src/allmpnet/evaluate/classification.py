@@ -1,7 +1,7 @@
 """Classification: a logistic regression trained on a few embedded examples per label.
 
 Protocol of mteb 1.0: 10 experiments; each undersamples the train split to `samples_per_label` examples
-per label, walking an index list that numpy (seeded 42) re-shuffles in place before every experiment;
+per label, walking an index list re-shuffled in place before every experiment by numpy freshly seeded 42;
 LogisticRegression(max_iter=100, random_state=42) on the vectors; accuracy and macro F1 on the test split,
 plus, for two labels, average precision of the hard predictions (as mteb 1.0 computed it). Main score:
 mean accuracy over experiments, ×100.
@@ -26,16 +26,17 @@ SAMPLES_PER_LABEL = {"AmazonCounterfactualClassification": 32, "ToxicConversatio
 
 def undersample_plan(labels: Sequence[Hashable], samples_per_label: int, n_experiments: int,
                      seed: int = 42) -> list[list[int]]:
-    """The train rows each experiment uses: the first `samples_per_label` of each label in a fresh shuffle.
+    """The train rows each experiment uses: the first `samples_per_label` of each label in the shuffled order.
 
-    One index list is shuffled in place before each experiment (so experiment i sees i+1 shuffles),
-    by a RandomState seeded once: the same draws as mteb's seeded global numpy state.
+    mteb 1.0 keeps one index list and shuffles it in place before each experiment, but the evaluator it
+    builds right after each shuffle re-seeds numpy's global generator with 42. So every shuffle is the same
+    seeded permutation, applied to the order the previous experiments left (experiment i sees it i+1 times),
+    not the next draws of one long-running generator.
     """
-    rng = np.random.RandomState(seed)
     order = np.arange(len(labels))
     plan = []
     for _ in range(n_experiments):
-        rng.shuffle(order)
+        np.random.RandomState(seed).shuffle(order)
         taken: dict[Hashable, int] = defaultdict(int)
         rows = []
         for i in order:

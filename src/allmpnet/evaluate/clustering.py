@@ -2,8 +2,10 @@
 
 Protocol of mteb 1.0: per cluster set, MiniBatchKMeans with k = number of distinct gold labels and
 batch_size=500, then v-measure against the gold labels; main score: mean v-measure over sets, ×100.
-mteb 1.0 left the k-means seed to numpy's global state (seeded 42) and used sklearn's then default
-n_init=3; here both are explicit so a run is reproducible.
+mteb 1.0 left the k-means seed to numpy's global generator, which its evaluator had just seeded with 42
+(a RandomState(42) is the same stream), and used scikit-learn's then default n_init=3 (1.4+ default to 1);
+here both are explicit. On the same scikit-learn this gives mteb 1.0's clusters exactly; other
+scikit-learn versions cluster differently (docs/evaluate.md).
 """
 from __future__ import annotations
 

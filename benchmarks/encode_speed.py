@@ -1,19 +1,23 @@
-"""Encode speed and quality, every path against the reference in one run.
+"""Encode speed and quality: our paths against the tools a speed-seeking user picks, in one run.
 
-Paths: sentence-transformers fp32 (the reference) and its bf16 cast; ours fp32; ours bf16 without the inference
-copy (plain cast of the padded network: what packing and the oneDNN layers buy); ours bf16; ours int8 (int8
-weights on AMX, bf16 maths); ours auto (on AMX CPUs "bf16+int8": bf16, with int8 weights for batches of at most
-512 tokens); optionally ONNX Runtime fp32 and int8 exports (--onnx). Workloads: (a) the STSBenchmark
-sentences, (b) SciFact abstracts cut at 256 word pieces, (c) one short query at a time (latency p50/p99).
-Each tool runs with its own default batching (sentence-transformers batch_size=32; ours the 4,096-token budget)
-and encodes each workload once as warm-up before the timed pass. Each path runs in its own process (peak RSS
-is per path) and the paths take turns for --reps rounds, so machine load hits them alike; the best round counts.
-Quality per path: min cosine to our fp32 vectors and STSBenchmark Spearman x100 on all pairs.
-GPU section: with CUDA, sentence-transformers fp16 against ours fp16/bf16 on a random model of the same shape.
+Paths (benchmarks/speed_paths.py): sentence-transformers fp32 (the reference) and bf16; its ONNX Runtime backend in
+fp32 and dynamic int8; its OpenVINO backend at OpenVINO's default precision, in fp32 and static int8 (NNCF);
+fastembed; ours fp32, bf16, int8 and auto. Peers run in their own venvs (`--setup-peers` makes them). A path this
+machine cannot run is skipped with the reason, never a crash.
+Workloads: (a) the STSBenchmark sentences, (b) SciFact abstracts cut at 256 word pieces, (c) one short query at a
+time (latency p50/p99). Each tool uses its own default batching (sentence-transformers and fastembed 32 texts;
+ours the token budget) and encodes each workload once as warm-up before the timed pass. Each path runs in its own
+process (peak RSS is per path) and the paths take turns for --reps rounds, so machine load hits them alike; the
+best round counts. Quality per path: min cosine to our fp32 vectors on (a) and on (b), and STSBenchmark Spearman
+x100 on all pairs. Machine figures in the same run: matmul ceilings (fp32, bf16, int8), memory read bandwidth, and
+the single-query floor (layer weights over bandwidth). GPU section: with CUDA, sentence-transformers fp16 against
+ours fp16/bf16 on a random model of the published shape.
 
-    .venv/bin/python benchmarks/encode_speed.py                      # CPU paths, 2 rounds
-    .venv/bin/python benchmarks/encode_speed.py --onnx --reps 3
-    .venv/bin/python benchmarks/encode_speed.py --stream 100000 --paths ours-bf16   # peak RSS, 100k sentences
+    .venv/bin/python benchmarks/encode_speed.py --setup-peers                 # once: the peers' venvs
+    .venv/bin/python benchmarks/encode_speed.py --reps 2 --out benchmarks/results/encode_speed_<cpu>.txt
+    .venv/bin/python benchmarks/encode_speed.py --paths st-fp32 ours-fp32 ours-auto
+    ONEDNN_MAX_CPU_ISA=AVX2 ALLMPNET_MAX_ISA=avx2 .venv/bin/python benchmarks/encode_speed.py --paths st-fp32 ours-fp32 ours-auto
+    .venv/bin/python benchmarks/encode_speed.py --stream 100000 --paths ours-auto   # peak RSS, 100k sentences
 """
 from __future__ import annotations
 
@@ -33,11 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_paths import PATHS, load_path, peer_versions, prepare, setup_peers, unavailable, venv_python  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PATHS = ["st-fp32", "st-bf16", "ours-fp32", "ours-bf16-plain", "ours-bf16", "ours-int8", "ours-auto"]
-ONNX_PATHS = ["onnx-fp32", "onnx-int8"]
 PASSAGE_TOKENS = 256
 QUERY = "How do I bake bread at home?"
+QUALITY_BASE = "ours-fp32"
 
 
 def sts_pairs(data: Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -68,44 +74,6 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------- one path, in its own process
 
 
-def load_path(name: str, model_dir: str, work: Path, max_len: int):
-    """An object with encode(texts) -> (N, 768) float32 for the named path, cutting texts at max_len word pieces."""
-    from allmpnet.model import MPNetConfig
-    cfg = MPNetConfig.load(model_dir)
-    max_len = min(max_len, cfg.max_position_embeddings - cfg.pad_token_id - 1)  # small test models are shorter
-    if name.startswith("st-"):
-        from sentence_transformers import SentenceTransformer
-        st = SentenceTransformer(model_dir, device="cpu")
-        if name == "st-bf16":
-            st.to(torch.bfloat16)
-        st.max_seq_length = max_len
-
-        class Ref:
-            def encode(self, texts):
-                return st.encode(texts, batch_size=32, convert_to_numpy=False, convert_to_tensor=True,
-                                 show_progress_bar=False).float().numpy()
-        return Ref()
-    from allmpnet import Encoder
-    if name.startswith("onnx-"):
-        from allmpnet.export.onnx import OnnxEncoder
-        enc = Encoder(model_dir, device="cpu", max_seq_length=max_len)
-        graph = work / ("model.onnx" if name == "onnx-fp32" else "model.int8.onnx")
-        runner = OnnxEncoder(graph, enc.tokenizer)
-        del enc
-        return runner
-    precision = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-bf16-plain": "bf16", "ours-int8": "int8",
-                 "ours-auto": "auto"}[name]
-    enc = Encoder(model_dir, device="cpu", precision=precision, max_seq_length=max_len)
-    if name == "ours-bf16-plain":  # ablation: the same bf16 copy without oneDNN prepacking / fusion
-        import dataclasses
-        enc.plan = dataclasses.replace(enc.plan, linear="torch", short_attention_kernel=False)
-
-    class Ours:
-        def encode(self, texts):
-            return enc.encode(texts, show_progress_bar=False)  # our default batching: the token budget
-    return Ours()
-
-
 def timed(fn, *args) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn(*args)
@@ -120,15 +88,15 @@ def worker(args: argparse.Namespace) -> None:
     passages = scifact_passages(DATA, args.passages)
     result = {"path": args.worker}
     if args.stream:
-        model = load_path(args.worker, args.model, work, 384)
+        model = load_path(args.worker, args.model, 384)
         texts = [f"{sentences[i % len(sentences)]} ({i})" for i in range(args.stream)]  # distinct texts
         seconds, vectors = timed(model.encode, texts)
         result.update(stream_texts=len(texts), stream_seconds=seconds, stream_shape=list(vectors.shape))
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
-    model = load_path(args.worker, args.model, work, 384)
-    model.encode(sentences)  # warm-up on the same inputs: first-call allocations, oneDNN kernels for each shape
+    model = load_path(args.worker, args.model, 384)
+    model.encode(sentences)  # warm-up on the same inputs: first-call allocations, kernels for each shape
     result["a_seconds"], vec_a = timed(model.encode, sentences)
     np.save(work / f"{args.worker}.a.npy", vec_a)
     latencies = []
@@ -139,7 +107,7 @@ def worker(args: argparse.Namespace) -> None:
     result["latency_ms"] = [1000 * s for s in latencies]
     del model  # one model at a time: peak RSS is the path's, not two copies'
     gc.collect()  # the wrapper classes sit in reference cycles: free the first model before loading the second
-    model = load_path(args.worker, args.model, work, PASSAGE_TOKENS)
+    model = load_path(args.worker, args.model, PASSAGE_TOKENS)
     model.encode(passages)
     result["b_seconds"], vec_b = timed(model.encode, passages)
     np.save(work / f"{args.worker}.b.npy", vec_b)
@@ -147,17 +115,43 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-# ---------------------------------------------------------------- the parent: rounds, figures, report
+def run_in_venv(name: str, extra: list[str], args: argparse.Namespace, work: Path) -> str:
+    cmd = [str(venv_python(PATHS[name][0] if name in PATHS else name)), __file__, "--work", str(work),
+           "--model", args.model, "--sentences", str(args.sentences), "--passages", str(args.passages),
+           "--queries", str(args.queries), "--stream", str(args.stream), *extra]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
 
 
-def matmul_ceiling_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 20) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def run_worker(name: str, args: argparse.Namespace, work: Path) -> dict:
+    return json.loads(run_in_venv(name, ["--worker", name], args, work).strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- machine figures
+
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 20) -> float:
+    """GFLOP/s (GOP/s for int8, through torch._int_mm) of a square matmul with torch's threads."""
+    if dtype == torch.int8:
+        a = torch.randint(-100, 100, (n, n), dtype=torch.int8)
+        b = torch.randint(-100, 100, (n, n), dtype=torch.int8)
+        try:
+            run = lambda: torch._int_mm(a, b)  # noqa: E731
+            run()
+        except RuntimeError:
+            return float("nan")
+    else:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        run = lambda: a @ b  # noqa: E731
     best = float("inf")
     for _ in range(3):
-        a @ b
+        run()
         start = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            run()
         best = min(best, (time.perf_counter() - start) / reps)
     return 2 * n ** 3 / best / 1e9
 
@@ -172,6 +166,19 @@ def read_bandwidth_gbs(megabytes: int = 1024, reps: int = 5) -> float:
         buffer.sum()
         best = min(best, time.perf_counter() - start)
     return buffer.numel() * 4 / best / 1e9
+
+
+def cpu_description() -> str:
+    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    get = lambda k: fields.get(k, "?").strip()  # noqa: E731
+    flags = set(get("Flags").split())
+    shown = [f for f in ("amx_int8", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+             if f in flags]
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"{get('Model name')} (vendor {get('Vendor ID')}, family {get('CPU family')}, model {get('Model')}), "
+            f"{get('CPU(s)')} CPUs; {' '.join(shown)}" + (f"; ONEDNN_MAX_CPU_ISA={limit}" if limit else "")
+            + (f"; ALLMPNET_MAX_ISA={os.environ['ALLMPNET_MAX_ISA']}" if os.environ.get("ALLMPNET_MAX_ISA") else ""))
 
 
 def layer_weight_count(cfg) -> int:
@@ -190,14 +197,11 @@ def spearman_x100(a: np.ndarray, b: np.ndarray, gold: np.ndarray) -> float:
     return 100 * float(spearmanr(cos, gold).statistic)
 
 
-def run_worker(name: str, args: argparse.Namespace, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--model", args.model,
-           "--sentences", str(args.sentences), "--passages", str(args.passages), "--queries", str(args.queries),
-           "--stream", str(args.stream)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"path {name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+# ---------------------------------------------------------------- GPU
 
 
 def gpu_section(out) -> None:
@@ -223,7 +227,7 @@ def gpu_section(out) -> None:
         return st.encode(texts, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
     runs = {"st-fp16": st_run}
     for p, e in enc.items():
-        runs[f"ours-{p}"] = lambda e=e: e.encode(texts, batch_size=512, convert_to="torch", show_progress_bar=False)
+        runs[f"ours-{p}"] = lambda e=e: e.encode(texts, convert_to="torch", show_progress_bar=False)
     best = {}
     for name, fn in runs.items():
         fn()
@@ -239,11 +243,14 @@ def gpu_section(out) -> None:
         out(f"  {name:<10} {tps:>12,.0f} tokens/s  {tps / best['st-fp16']:5.2f}x st-fp16")
 
 
+# ---------------------------------------------------------------- the parent: rounds, figures, report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory (default: the verified published weights)")
-    parser.add_argument("--paths", nargs="+", default=None, help=f"subset of {PATHS + ONNX_PATHS}")
-    parser.add_argument("--onnx", action="store_true", help="also export to ONNX and time ONNX Runtime fp32/int8")
+    parser.add_argument("--paths", nargs="+", default=None, choices=list(PATHS), metavar="PATH",
+                        help=f"subset of {list(PATHS)} (default: all)")
     parser.add_argument("--reps", type=int, default=2, help="rounds; each path's best round is reported")
     parser.add_argument("--sentences", type=int, default=0, help="STS sentences for (a); 0: all (needed for the "
                         "STSBenchmark score)")
@@ -252,13 +259,19 @@ def main() -> None:
     parser.add_argument("--stream", type=int, default=0, help="instead: encode this many short sentences per path "
                         "and report peak RSS")
     parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--setup-peers", action="store_true", help="create the peers' venvs, then exit")
     parser.add_argument("--out", type=Path, help="also write the report here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.setup_peers:
+        return setup_peers()
     if args.model is None:
         from allmpnet.weights import published_dir
         args.model = str(published_dir())
+    if args.prepare:
+        return prepare(args.prepare, args.model)
     if args.worker:
         return worker(args)
 
@@ -268,21 +281,29 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
 
-    paths = args.paths or (PATHS + (ONNX_PATHS if args.onnx else []))
     work = Path(tempfile.mkdtemp(prefix="encode_speed_"))
     out(f"encode_speed  {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+        f"{torch.get_num_threads()} threads")
+    out(f"CPU: {cpu_description()}")
+    out(f"peers: onnx venv: {peer_versions('onnx')}; openvino venv: {peer_versions('openvino')}")
     out(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if any(p.startswith("onnx-") for p in paths):
-        from allmpnet import Encoder
-        from allmpnet.export.onnx import export_onnx, quantize_int8
-        graph = export_onnx(Encoder(args.model, device="cpu"), work)
-        quantize_int8(graph)
+    paths = []
+    for name in args.paths or list(PATHS):
+        why = unavailable(name)
+        if why:
+            out(f"skipped {name}: {why}")
+        else:
+            paths.append(name)
+    if QUALITY_BASE not in paths:
+        paths.insert(0, QUALITY_BASE)  # the quality columns compare against it
+    for venv in sorted({PATHS[p][0] for p in paths} - {"main"}):
+        print(f"  preparing {venv} exports (once per model)", file=sys.stderr, flush=True)
+        run_in_venv(venv, ["--prepare", venv], args, work)
 
     if args.stream:
         for name in paths:
             r = run_worker(name, args, work)
-            out(f"{name:<16} {r['stream_texts']:,} sentences in {r['stream_seconds']:.0f} s "
+            out(f"{name:<18} {r['stream_texts']:,} sentences in {r['stream_seconds']:.0f} s "
                 f"({r['stream_texts'] / r['stream_seconds']:,.0f}/s), output {r['stream_shape']}, "
                 f"peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
         out(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -290,16 +311,17 @@ def main() -> None:
             args.out.write_text("\n".join(lines) + "\n")
         return
 
-    ceiling = {"fp32": matmul_ceiling_gflops(torch.float32), "bf16": matmul_ceiling_gflops(torch.bfloat16)}
-
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+    ceiling = {k: matmul_ceiling(d) for k, d in dtypes.items()}
     from allmpnet.encode.tokenizer import TextTokenizer
     from allmpnet.model import MPNetConfig
     cfg = MPNetConfig.load(args.model)
     bandwidth = read_bandwidth_gbs()
     layer_weights = layer_weight_count(cfg)
-    out(f"single-query floor: a query reads every layer weight once; bf16 {2 * layer_weights / 1e6:.0f} MB at the "
-        f"{bandwidth:.1f} GB/s this run reads from memory = {2 * layer_weights / bandwidth / 1e6:.1f} ms "
-        f"(int8: {layer_weights / bandwidth / 1e6:.1f} ms, fp32: {4 * layer_weights / bandwidth / 1e6:.1f} ms)")
+    int8_floor_ms = layer_weights / bandwidth / 1e6
+    out(f"single-query floor: a query reads every layer weight once; int8 {layer_weights / 1e6:.0f} MB at the "
+        f"{bandwidth:.1f} GB/s this run reads from memory = {int8_floor_ms:.1f} ms "
+        f"(bf16: {2 * int8_floor_ms:.1f} ms, fp32: {4 * int8_floor_ms:.1f} ms)")
     s1, s2, gold = sts_pairs(DATA)
     sentences = (s1 + s2)[: args.sentences or None]
     passages = scifact_passages(DATA, args.passages)
@@ -311,6 +333,8 @@ def main() -> None:
     out(f"(b) {len(passages)} SciFact abstracts cut at {PASSAGE_TOKENS}, {workloads['b'][1]:,} tokens "
         f"(mean {tok_b.mean():.1f})")
     out(f"(c) one query at a time, {args.queries} calls: {QUERY!r}")
+    for name in paths:
+        out(f"  {name:<18} {PATHS[name][1]}")
 
     results: dict[str, list[dict]] = {p: [] for p in paths}
     for rep in range(args.reps):
@@ -319,45 +343,45 @@ def main() -> None:
             print(f"  round {rep + 1}/{args.reps}: {name} done", file=sys.stderr, flush=True)
 
     reference = "st-fp32" if "st-fp32" in paths else paths[0]
-    quality_base = "ours-fp32" if "ours-fp32" in paths else reference
-    base = {w: np.load(work / f"{quality_base}.{w}.npy") for w in "ab"}
+    base = {w: np.load(work / f"{QUALITY_BASE}.{w}.npy") for w in "ab"}
     best = {p: {w: min(r[f"{w}_seconds"] for r in rs) for w in "ab"} for p, rs in results.items()}
     out()
-    # measured again after the paths: a burst of load on a shared machine during one measurement would otherwise
-    # understate the ceiling (and overstate every path's share of it)
-    ceiling = {"fp32": max(ceiling["fp32"], matmul_ceiling_gflops(torch.float32)),
-               "bf16": max(ceiling["bf16"], matmul_ceiling_gflops(torch.bfloat16))}
+    # measured again after the paths: a burst of load during one measurement would understate a ceiling
+    ceiling = {k: max(ceiling[k], matmul_ceiling(d)) for k, d in dtypes.items()}
     out(f"matmul ceiling (2048^3, best of before and after the paths): fp32 {ceiling['fp32']:.0f} GFLOP/s, "
-        f"bf16 {ceiling['bf16']:.0f} GFLOP/s")
-    out(f"best of {args.reps} rounds; ratios against {reference}; ceiling % = achieved FLOP/s over the bf16 matmul "
-        f"ceiling above; cosine against {quality_base}")
-    header = (f"{'path':<16}{'(a) sent/s':>11}{'tok/s':>8}{'x ref':>7}{'%bf16':>7}   {'(b) pass/s':>10}{'tok/s':>8}"
-              f"{'x ref':>7}{'%bf16':>7}   {'(c) p50 ms':>10}{'p99 ms':>8}   {'RSS GB':>7}{'min cos':>10}"
-              f"{'STS':>7}")
+        f"bf16 {ceiling['bf16']:.0f} GFLOP/s, int8 (torch._int_mm) {ceiling['int8']:.0f} GOP/s")
+    out(f"best of {args.reps} rounds; ratios against {reference}; %bf16 = achieved FLOP/s over the bf16 matmul "
+        f"ceiling; min cos against {QUALITY_BASE} on (a) and on (b)")
+    header = (f"{'path':<18}{'(a) sent/s':>11}{'tok/s':>8}{'x ref':>7}{'%bf16':>7}   {'(b) pass/s':>10}{'tok/s':>8}"
+              f"{'x ref':>7}{'%bf16':>7}   {'(c) p50 ms':>10}{'p99 ms':>8}   {'RSS GB':>7}{'cos (a)':>9}"
+              f"{'cos (b)':>9}{'STS':>7}")
     out(header)
     out("-" * len(header))
+    summary = {}
     for name in paths:
         cells = []
         for w in "ab":
             n, tokens, flop = workloads[w]
             tps = tokens / best[name][w]
             ratio = best[reference][w] / best[name][w]
-            cells.append(f"{n / best[name][w]:>11.1f}{tps:>8.0f}{ratio:>7.2f}{100 * tps * flop / 1e9 / ceiling['bf16']:>6.0f}%")
+            cells.append(f"{n / best[name][w]:>11.1f}{tps:>8.0f}{ratio:>7.2f}"
+                         f"{100 * tps * flop / 1e9 / ceiling['bf16']:>6.0f}%")
         lat = sorted(x for r in results[name] for x in r["latency_ms"])
         p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
         rss = max(r["peak_rss_mb"] for r in results[name]) / 1024
         vec = {w: np.load(work / f"{name}.{w}.npy") for w in "ab"}
-        cos = min(float(((vec[w] * base[w]).sum(1) / (np.linalg.norm(vec[w], axis=1)
-                                                       * np.linalg.norm(base[w], axis=1))).min()) for w in "ab")
+        cos = {w: min_cosine(vec[w], base[w]) for w in "ab"}
         sts = (spearman_x100(vec["a"][: len(s1)], vec["a"][len(s1):], gold) if len(sentences) == 2 * len(s1)
                else float("nan"))
-        out(f"{name:<16}{cells[0]}   {cells[1]}   {p50:>10.1f}{p99:>8.1f}   {rss:>7.2f}{cos:>10.5f}{sts:>7.2f}")
+        summary[name] = {"a": best[reference]["a"] / best[name]["a"], "b": best[reference]["b"] / best[name]["b"],
+                         "p50": p50, "cos": min(cos.values()), "sts": sts}
+        out(f"{name:<18}{cells[0]}   {cells[1]}   {p50:>10.1f}{p99:>8.1f}   {rss:>7.2f}{cos['a']:>9.5f}"
+            f"{cos['b']:>9.5f}{sts:>7.2f}")
+    out()
     if "ours-auto" in paths:
         from allmpnet.encode.precision import plan_precision
-        auto = plan_precision("auto", "cpu").name
-        out(f"ours-auto is {auto!r} here" + (": batches of at most 512 tokens, such as (c), run with int8 weights "
-                                             "and give ours-int8's vectors; ours-int8's quality columns cover them"
-                                             if auto == "bf16+int8" else ""))
+        out(f"ours-auto here: {plan_precision('auto', 'cpu').describe()}")
+        report_targets(out, summary, int8_floor_ms)
     out()
     if not args.no_gpu:
         gpu_section(out)
@@ -365,6 +389,28 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
+
+
+def report_targets(out, summary: dict[str, dict], int8_floor_ms: float) -> None:
+    """ours-auto against the reference, the fastest good peer, every peer, and the single-query floor."""
+    auto = summary["ours-auto"]
+    peers = {n: s for n, s in summary.items() if not n.startswith("ours-") and n != "st-fp32"}
+    for w, label in (("a", "sentences"), ("b", "passages")):
+        line = f"(a/b) {label}: ours-auto {auto[w]:.2f}x st-fp32"
+        good = {n: s[w] for n, s in peers.items() if s["cos"] >= 0.99}
+        if good:
+            name = max(good, key=good.get)
+            line += f"; {auto[w] / good[name]:.2f}x the fastest peer with min cos >= 0.99 ({name})"
+        if peers:
+            name = max(peers, key=lambda n: peers[n][w])
+            line += f"; {auto[w] / peers[name][w]:.2f}x the fastest peer of any quality ({name})"
+        out(line)
+    line = f"(c) ours-auto p50 {auto['p50']:.1f} ms = {auto['p50'] / int8_floor_ms:.2f}x the int8 floor"
+    if peers:
+        name = min(peers, key=lambda n: peers[n]["p50"])
+        line += f"; fastest peer {name} {peers[name]['p50']:.1f} ms"
+    out(line)
+    out(f"quality: ours-auto min cos {auto['cos']:.5f}, STSBenchmark {auto['sts']:.2f} (fp32 83.42)")
 
 
 if __name__ == "__main__":

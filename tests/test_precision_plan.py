@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from allmpnet import Encoder
-from allmpnet.encode.precision import Capabilities, check_precision_name, plan_precision
+from allmpnet.encode.precision import Capabilities, check_precision_name, limit_isa, plan_precision
 
 AMX = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}), onednn_bf16=True,
                    amx_kernels="")
@@ -80,3 +80,14 @@ def test_encoder_takes_a_plan_and_reports_it(tiny_model_dir):
     assert exact.plan.exact and exact.model is enc.model and exact.tokenizer is enc.tokenizer
     with pytest.raises(ValueError, match="precision"):
         Encoder(tiny_model_dir, device="cpu", precision="int4")
+
+
+def test_isa_limit_hides_the_higher_levels_flags():
+    flags = frozenset({"sse4_2", "avx2", "fma", "avx512f", "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16",
+                       "amx_tile", "amx_bf16"})
+    assert limit_isa(flags, "avx2") == {"sse4_2", "avx2", "fma"}
+    assert limit_isa(flags, "AVX512_CORE_VNNI") == flags - {"avx512_bf16", "amx_tile", "amx_bf16"}
+    assert limit_isa(flags, "avx512_core_bf16") == flags - {"amx_tile", "amx_bf16"}
+    assert limit_isa(flags, None) == flags and limit_isa(flags, "unknown") == flags
+    capped = Capabilities("cpu", limit_isa(flags, "avx2"), onednn_bf16=False, amx_kernels="capped")
+    assert plan_precision("auto", "cpu", capped).name == "fp32"  # no native bf16 below AVX512-BF16

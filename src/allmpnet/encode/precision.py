@@ -8,6 +8,7 @@ the trainer takes its autocast dtype from it, and `allmpnet info` prints it.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -46,13 +47,45 @@ class Capabilities:
         return _detect(torch.device(device).type)
 
 
+# instruction-set levels, each adding CPU flags to the ones below it (oneDNN's names, lower-cased)
+ISA_LEVELS = {
+    "avx2": {"avx", "avx2", "fma", "f16c"},
+    "avx2_vnni": {"avx_vnni"},
+    "avx512_core": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"},
+    "avx512_core_vnni": {"avx512_vnni"},
+    "avx512_core_bf16": {"avx512_bf16"},
+    "avx512_core_amx": {"amx_tile", "amx_bf16", "amx_int8"},
+}
+
+
+def limit_isa(flags: frozenset[str], max_isa: str | None) -> frozenset[str]:
+    """The flags a CPU capped at `max_isa` (e.g. "avx2", "AVX512_CORE_VNNI") shows: the higher levels' removed.
+    None or an unknown name leaves them all."""
+    names = list(ISA_LEVELS)
+    level = (max_isa or "").lower()
+    if level not in names:
+        return flags
+    higher = names[names.index(level) + 1:]
+    above = set().union(*(ISA_LEVELS[n] for n in higher))
+    families = tuple(prefix for prefix, first in (("avx512", "avx512_core"), ("amx", "avx512_core_amx"))
+                     if first in higher)  # AVX-512's and AMX's other extensions go with their level
+    return frozenset(f for f in flags if f not in above and not f.startswith(families))
+
+
+def max_isa_from_env() -> str | None:
+    """ALLMPNET_MAX_ISA, else oneDNN's own ONEDNN_MAX_CPU_ISA: a user limiting one limits both."""
+    return os.environ.get("ALLMPNET_MAX_ISA") or os.environ.get("ONEDNN_MAX_CPU_ISA")
+
+
 @functools.lru_cache(maxsize=None)
 def _detect(device_type: str) -> Capabilities:
     if device_type == "cuda":
         return Capabilities("cuda", cuda_bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device_type != "cpu":
         return Capabilities(device_type)
-    return Capabilities("cpu", frozenset(cpu_flags()), onednn_linear_available(), kernels_unavailable())
+    flags = limit_isa(frozenset(cpu_flags()), max_isa_from_env())
+    amx = kernels_unavailable() if {"amx_tile", "amx_bf16"} <= flags else "this CPU has no AMX bf16 units"
+    return Capabilities("cpu", flags, onednn_linear_available(), amx)
 
 
 def onednn_linear_available() -> bool:

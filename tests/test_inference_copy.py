@@ -2,6 +2,8 @@
 changes, and training through the same model with gradients."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 
 from allmpnet import Encoder
 from allmpnet.encode.inference import PackedLinear, RowSwitchedLinear, swap_linears
-from allmpnet.encode.precision import onednn_linear_available
+from allmpnet.encode.precision import Capabilities, PrecisionPlan, onednn_linear_available, plan_precision
 from allmpnet.model.mpnet import Linear
 from allmpnet.train.gradcache import embed_for_training
 
@@ -22,9 +24,25 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_exact_fp32_runs_the_model_itself(tiny_model_dir):
-    enc = Encoder(tiny_model_dir, device="cpu")
+def plain_fp32() -> PrecisionPlan:
+    """fp32 on this CPU as if oneDNN had no prepacked layers."""
+    return plan_precision("fp32", "cpu", dataclasses.replace(Capabilities.detect("cpu"), onednn_dtypes=frozenset()))
+
+
+def test_plain_fp32_runs_the_model_itself(tiny_model_dir):
+    enc = Encoder(tiny_model_dir, device="cpu", precision=plain_fp32())
     assert enc.inference_model() is enc.model  # no second copy of the weights
+
+
+@pytest.mark.skipif(not onednn_linear_available(torch.float32), reason="no oneDNN fp32 linear on this CPU/build")
+def test_prepacked_fp32_copy_keeps_the_exact_vectors_and_shares_the_rest(tiny_model_dir):
+    enc = Encoder(tiny_model_dir, device="cpu")
+    assert enc.plan.linear == "onednn" and enc.plan.exact
+    copy = enc.inference_model()
+    assert copy is not enc.model and isinstance(copy.network.encoder.layer[0].output.dense, PackedLinear)
+    shared = copy.network.embeddings.word_embeddings.weight
+    assert shared.data_ptr() == enc.model.network.embeddings.word_embeddings.weight.data_ptr()  # not duplicated
+    np.testing.assert_allclose(enc.encode(TEXTS), enc.with_precision(plain_fp32()).encode(TEXTS), atol=1e-6)
 
 
 def test_bf16_matches_fp32_closely(tiny_model_dir):
@@ -85,8 +103,8 @@ def test_training_goes_through_fp32_masters_with_gradients(tiny_model_dir):
     assert np.abs(enc.encode(TEXTS) - before).max() > 1e-4
 
 
-def test_exact_encoder_refuses_to_encode_in_training_mode(tiny_model_dir):
-    enc = Encoder(tiny_model_dir, device="cpu").train()
+def test_encoder_running_the_model_itself_refuses_to_encode_in_training_mode(tiny_model_dir):
+    enc = Encoder(tiny_model_dir, device="cpu", precision=plain_fp32()).train()
     with pytest.raises(RuntimeError, match="training mode"):
         enc.encode(TEXTS)
     enc.eval()

@@ -211,7 +211,8 @@ def test_bf16_int8_switches_on_batch_size(tiny_model_dir):
 def test_int8_precisions_say_why_they_cannot_run(tiny_model_dir):
     with pytest.raises(ValueError, match="CPUs only"):
         Encoder(tiny_model_dir, device="cuda", precision="int8")
-    no_kernels = Capabilities("cpu", frozenset({"avx512_bf16"}), True, "this CPU has no AMX bf16 units")
+    no_kernels = Capabilities("cpu", frozenset({"avx512_bf16"}), frozenset({"bf16"}),
+                              "this CPU has no AMX bf16 units")
     for precision in ("int8", "bf16+int8"):
         with pytest.raises(ValueError, match="no AMX"):
             plan_precision(precision, "cpu", no_kernels)

@@ -1,17 +1,19 @@
 """Precision plans from capabilities passed in: what "auto" picks on each kind of hardware, and the errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from allmpnet import Encoder
 from allmpnet.encode.precision import Capabilities, check_precision_name, limit_isa, plan_precision
 
-AMX = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}), onednn_bf16=True,
-                   amx_kernels="")
-ZEN4 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), onednn_bf16=True,
+ONEDNN = frozenset({"fp32", "bf16"})
+AMX = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}), ONEDNN, amx_kernels="")
+ZEN4 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), ONEDNN,
                     amx_kernels="this CPU has no AMX bf16 units")
-AVX2 = Capabilities("cpu", frozenset({"avx2", "fma"}), onednn_bf16=False, amx_kernels="this CPU has no AMX bf16 units")
+AVX2 = Capabilities("cpu", frozenset({"avx2", "fma"}), amx_kernels="this CPU has no AMX bf16 units")
 GPU_BF16 = Capabilities("cuda", cuda_bf16=True)
 GPU_OLD = Capabilities("cuda", cuda_bf16=False)
 
@@ -20,6 +22,7 @@ GPU_OLD = Capabilities("cuda", cuda_bf16=False)
     (AMX, "cpu", "bf16+int8", "onednn", "int8-amx"),
     (ZEN4, "cpu", "bf16", "onednn", None),
     (AVX2, "cpu", "fp32", "torch", None),
+    (dataclasses.replace(AVX2, onednn_dtypes=frozenset({"fp32"})), "cpu", "fp32", "onednn", None),
     (GPU_BF16, "cuda", "bf16", "torch", None),
     (GPU_OLD, "cuda", "fp16", "torch", None),
 ])
@@ -32,7 +35,10 @@ def test_auto_picks_by_hardware(caps, device, name, linear, small):
 
 
 def test_explicit_requests_are_planned_as_asked():
-    assert plan_precision("fp32", "cpu", AMX).exact
+    fp32 = plan_precision("fp32", "cpu", AMX)
+    assert fp32.exact and fp32.linear == "onednn" and not fp32.runs_the_model_itself  # prepacked fp32 copy
+    assert plan_precision("fp32", "cpu", AVX2).runs_the_model_itself  # no oneDNN layers: the model as it is
+    assert plan_precision("fp32", "cuda", GPU_BF16).runs_the_model_itself
     assert not plan_precision("bf16", "cpu", AMX).exact
     int8 = plan_precision("int8", "cpu", AMX)
     assert (int8.linear, int8.small_linear, int8.dtype) == ("int8-amx", None, torch.bfloat16)
@@ -89,5 +95,5 @@ def test_isa_limit_hides_the_higher_levels_flags():
     assert limit_isa(flags, "AVX512_CORE_VNNI") == flags - {"avx512_bf16", "amx_tile", "amx_bf16"}
     assert limit_isa(flags, "avx512_core_bf16") == flags - {"amx_tile", "amx_bf16"}
     assert limit_isa(flags, None) == flags and limit_isa(flags, "unknown") == flags
-    capped = Capabilities("cpu", limit_isa(flags, "avx2"), onednn_bf16=False, amx_kernels="capped")
+    capped = Capabilities("cpu", limit_isa(flags, "avx2"), amx_kernels="capped")
     assert plan_precision("auto", "cpu", capped).name == "fp32"  # no native bf16 below AVX512-BF16

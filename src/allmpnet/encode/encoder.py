@@ -150,7 +150,7 @@ class Encoder:
         """One batch of ragged token ids -> (B, dim) float32 vectors on the CPU (no sorting or splitting)."""
         if len(ids) == 0:
             return torch.empty((0, self.dim), dtype=torch.float32)
-        if self.plan.exact and self.model.training:  # the copy is the model itself: dropout would be on
+        if self.plan.runs_the_model_itself and self.model.training:  # dropout would be on
             raise RuntimeError("the model is in training mode: call encoder.eval() before encoding")
         return self.inference_model()(self.pack(ids), normalize).float().cpu()
 

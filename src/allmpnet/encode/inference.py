@@ -2,12 +2,14 @@
 the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not a second forward pass).
 
 - "onednn": the weight is reordered once by oneDNN into its blocked (on AMX: tile) layout, and the bias, GELU or
-  residual add are applied while the output is still in cache instead of in separate passes over memory.
+  residual add are applied while the output is still in cache instead of in separate passes over memory. In
+  fp32 too: F.linear re-packs the weight on every call, which a query's few rows cannot amortise.
 - "int8-amx": our kernel (kernels.py), int8 weights widened to bf16 on the AMX tiles.
 - a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
 
-In fp32 with torch's linears the copy is the model itself (no second set of weights); otherwise it is a frozen
-deep copy cast to the plan's dtype, so the fp32 master weights (training, saving) are never touched.
+In fp32 with torch's linears the copy is the model itself; otherwise it is a frozen deep copy cast to the plan's
+dtype (in fp32 sharing every tensor but the swapped linears'), so the fp32 master weights (training, saving) are
+never touched.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def linear_factory(plan: PrecisionPlan) -> Callable[[Linear], nn.Module]:
 
 def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.device) -> SentenceModel:
     """The model encode() runs under `plan`: frozen, in eval mode."""
-    if plan.exact:
+    if plan.runs_the_model_itself:
         return model
     # deepcopy with every tensor pre-cast in the memo: the copy never holds a second full fp32 set of weights
     memo = {id(t): (nn.Parameter(t.detach().to(device=device, dtype=plan.dtype), requires_grad=False)

@@ -16,6 +16,7 @@ import torch
 from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "bf16+int8")
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # batches of at most this many packed tokens use int8 weights in "bf16+int8": they are memory-bound and int8
 # weights are half the bytes (2 AMX cores: ~4 vs ~9 ms for a query's 48 projections, still 20% faster at 512
 # rows); oneDNN's bf16 wins from ~1k rows, where the maths dominates
@@ -23,7 +24,7 @@ INT8_SMALL_BATCH_TOKENS = 512
 
 # linear layer kinds (encode/inference.py builds them):
 #   "torch"     F.linear in the plan's dtype
-#   "onednn"    oneDNN's prepacked bf16 linear, bias/GELU/residual fused (CPU)
+#   "onednn"    oneDNN's prepacked linear (fp32 or bf16), bias/GELU/residual fused (CPU)
 #   "int8-amx"  our int8-weight kernel on AMX tiles (CPU with AMX)
 
 
@@ -32,7 +33,7 @@ class Capabilities:
     """What the device can run, as plain values (tests construct them to plan for hardware they lack)."""
     device_type: str
     cpu_flags: frozenset[str] = frozenset()
-    onednn_bf16: bool = False  # oneDNN's prepacked bf16 linear runs here
+    onednn_dtypes: frozenset[str] = frozenset()  # dtypes ("fp32", "bf16") oneDNN's prepacked linear runs in here
     amx_kernels: str = "not checked"  # "" when our AMX kernels compiled and passed their self-test; else why not
     cuda_bf16: bool = False
 
@@ -85,16 +86,17 @@ def _detect(device_type: str) -> Capabilities:
         return Capabilities(device_type)
     flags = limit_isa(frozenset(cpu_flags()), max_isa_from_env())
     amx = kernels_unavailable() if {"amx_tile", "amx_bf16"} <= flags else "this CPU has no AMX bf16 units"
-    return Capabilities("cpu", flags, onednn_linear_available(), amx)
+    onednn = frozenset(name for name in ("fp32", "bf16") if onednn_linear_available(COMPUTE_DTYPES[name]))
+    return Capabilities("cpu", flags, onednn, amx)
 
 
-def onednn_linear_available() -> bool:
-    """True where this torch build has oneDNN's prepacked linear op and it runs on this CPU."""
+def onednn_linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True where this torch build has oneDNN's prepacked linear op and it runs on this CPU in `dtype`."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4, dtype=torch.bfloat16), 2)
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4, dtype=torch.bfloat16), w, None, "none", [], "")
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4, dtype=dtype), 2)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4, dtype=dtype), w, None, "none", [], "")
         return bool(torch.allclose(y.float(), torch.full((2, 4), 4.0)))
     except (RuntimeError, AttributeError):
         return False
@@ -115,7 +117,12 @@ class PrecisionPlan:
 
     @property
     def exact(self) -> bool:
-        """fp32 with torch's linears: the same vectors as sentence-transformers."""
+        """fp32 arithmetic throughout: the vectors of sentence-transformers (within 1e-5)."""
+        return self.dtype == torch.float32 and self.linear in ("torch", "onednn") and self.small_linear is None
+
+    @property
+    def runs_the_model_itself(self) -> bool:
+        """No inference copy: fp32 with torch's linears runs the (fp32 master) model as it is."""
         return self.dtype == torch.float32 and self.linear == "torch" and self.small_linear is None
 
     def describe(self) -> str:
@@ -173,15 +180,16 @@ def _unavailable(name: str, caps: Capabilities) -> str:
         if caps.device_type != "cpu":
             return "int8 weights run on CPUs only"
         return caps.amx_kernels
-    if name == "fp16" and caps.device_type == "cpu":
-        return ""  # runs (slowly, emulated); kept for comparisons
-    return ""
+    return ""  # fp16 and bf16 run everywhere (slowly where emulated); kept for comparisons
 
 
 def _build(name: str, caps: Capabilities, requested: str, reason: str) -> PrecisionPlan:
     cpu = caps.device_type == "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(name, torch.bfloat16)
-    large = "onednn" if cpu and dtype == torch.bfloat16 and caps.onednn_bf16 else "torch"
+    compute = name if name in ("fp32", "fp16") else "bf16"
+    dtype = COMPUTE_DTYPES[compute]
+    # oneDNN's prepacked layers in fp32 too: a query's few rows otherwise pay for re-packing every weight on
+    # every call (fp32 F.linear at 16 rows streams ~2x slower than the prepacked layer)
+    large = "onednn" if cpu and compute in caps.onednn_dtypes else "torch"
     small, small_tokens = None, 0
     if name == "int8":
         large = "int8-amx"

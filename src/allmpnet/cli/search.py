@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "documents ranked by their best chunk, with the passage and its span; recorded in the "
                         "index, so `index add` chunks the same way")
     p.add_argument("--chunk-tokens", type=int, default=None,
-                   help=f"with --chunk: model tokens per chunk, at most the model's 384 (default {CHUNK_TOKENS})")
+                   help=f"with --chunk: model tokens per chunk, at most the model's max_seq_length (default "
+                        f"{CHUNK_TOKENS}, or the model's max_seq_length if shorter)")
     p.add_argument("--overlap", type=int, default=None,
                    help=f"with --chunk: word pieces a chunk repeats from the one before (default {OVERLAP})")
     add_encoder_args(p, default_model=DEFAULT_MODEL)
@@ -242,12 +243,8 @@ def build_document_index(args: argparse.Namespace, ann, report, records, encoder
     from allmpnet.encode.documents import ChunkSettings
     from allmpnet.search import Index, open_writer
     from allmpnet.search.index import model_signature
-    settings = ChunkSettings(args.chunk_tokens if args.chunk_tokens is not None else CHUNK_TOKENS,
-                             args.overlap if args.overlap is not None else OVERLAP)
-    settings.text_tokens(2)  # a bad overlap fails before anything is read
-    if settings.chunk_tokens > encoder.max_seq_length:
-        raise ValueError(f"--chunk-tokens {settings.chunk_tokens} is above the model's max_seq_length "
-                         f"({encoder.max_seq_length})")
+    settings = ChunkSettings.for_model(encoder.max_seq_length, args.chunk_tokens, args.overlap)
+    settings.text_tokens(len(sum(encoder.tokenizer.special_ids, [])))  # a bad overlap fails before any encoding
     with open_writer(args.out, dim=encoder.dim, model=model_signature(encoder), ann=ann, overwrite=args.overwrite,
                      chunking=settings) as writer:
         chunks = append_documents(writer, encoder, records, report, args.batch_size)

@@ -52,6 +52,20 @@ class ChunkSettings:
     def as_dict(self) -> dict:
         return {"chunk_tokens": self.chunk_tokens, "overlap": self.overlap}
 
+    @classmethod
+    def for_model(cls, max_seq_length: int, chunk_tokens: int | None = None,
+                  overlap: int | None = None) -> "ChunkSettings":
+        """The settings asked for, with the defaults scaled down to a model shorter than they assume."""
+        if chunk_tokens is None:
+            chunk_tokens = min(DEFAULT_CHUNK_TOKENS, max_seq_length)
+        if overlap is None:
+            overlap = min(DEFAULT_OVERLAP, max(0, (chunk_tokens - 2) // 4))
+        settings = cls(chunk_tokens, overlap)
+        if chunk_tokens > max_seq_length:
+            raise ValueError(f"chunk_tokens ({chunk_tokens}) is above the model's max_seq_length "
+                             f"({max_seq_length}): its chunks would be truncated")
+        return settings
+
 
 @dataclass
 class DocumentChunks:

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 from allmpnet.encode import kernels
 from allmpnet.encode.batching import (SORT_WINDOW, TokenBudget, default_batch_tokens, embed_in_batches, prefetched,
                                      windows)
-from allmpnet.encode.documents import (DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, ChunkSettings, DocumentChunks,
-                                      chunk_token_ranges)
+from allmpnet.encode.documents import ChunkSettings, DocumentChunks, chunk_token_ranges
 from allmpnet.encode.inference import inference_model
 from allmpnet.encode.precision import PrecisionPlan, plan_precision
 from allmpnet.encode.quantize import Quantizer, resolve as resolve_quantizer
@@ -210,19 +209,18 @@ class Encoder:
         result = out[0] if single else out
         return result.numpy() if convert_to == "numpy" else result
 
-    def encode_documents(self, docs: str | Sequence[str], chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                         overlap: int = DEFAULT_OVERLAP, batch_size: int | None = None,
+    def encode_documents(self, docs: str | Sequence[str], chunk_tokens: int | None = None,
+                         overlap: int | None = None, batch_size: int | None = None,
                          show_progress_bar: bool | None = None) -> DocumentChunks:
         """Embed whole documents as chunks of at most `chunk_tokens` model tokens (nothing is truncated).
 
         Chunks follow the tokenizer's word pieces and end at paragraph or sentence ends where they can; each
         repeats up to `overlap` word pieces of the one before (encode/documents.py). Returns every chunk's vector
         with its document's position in `docs` and its [start, end) character span in that document.
+        Defaults: 256 tokens, 32 of overlap (measured: benchmarks/results/long_documents/), scaled down for a
+        model whose max_seq_length is shorter.
         """
-        settings = ChunkSettings(chunk_tokens, overlap)
-        if chunk_tokens > self.max_seq_length:
-            raise ValueError(f"chunk_tokens ({chunk_tokens}) is above the model's max_seq_length "
-                             f"({self.max_seq_length}): its chunks would be truncated")
+        settings = ChunkSettings.for_model(self.max_seq_length, chunk_tokens, overlap)
         docs = check_texts([docs] if isinstance(docs, str) else docs)
         vectors, documents, spans = [], [], []
         show = sum(map(len, docs)) > 200_000 if show_progress_bar is None else show_progress_bar

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 FIRST_WINDOW = 4  # rows looked at per wanted document at first; the window grows by this factor while short
 
 
-def as_settings(chunking) -> ChunkSettings:
+def as_settings(chunking, max_seq_length: int) -> ChunkSettings:
     if chunking is True:
-        return ChunkSettings()
+        return ChunkSettings.for_model(max_seq_length)
     if isinstance(chunking, ChunkSettings):
         return chunking
     if isinstance(chunking, dict):
@@ -81,8 +81,8 @@ def _documents_in(texts, ids, metadata, vectors, encoder):
 def build_documents(index_cls, root: Path, texts, ids, metadata, vectors, encoder, ann: "AnnConfig",
                     overwrite: bool, batch_size: int | None, chunking) -> "Index":
     from allmpnet.search.index import model_signature, open_writer
-    settings = as_settings(chunking)
     texts, ids, metadata = _documents_in(texts, ids, metadata, vectors, encoder)
+    settings = as_settings(chunking, encoder.max_seq_length)
     chunks = encoder.encode_documents(texts, settings.chunk_tokens, settings.overlap, batch_size=batch_size)
     with open_writer(root, dim=encoder.dim, model=model_signature(encoder), ann=ann, overwrite=overwrite,
                      chunking=settings) as writer:
@@ -92,8 +92,8 @@ def build_documents(index_cls, root: Path, texts, ids, metadata, vectors, encode
 
 def add_documents(index: "Index", texts, ids, metadata, vectors, batch_size: int | None) -> "Index":
     from allmpnet.search.index import open_writer
-    settings = as_settings(index.chunking)
     texts, ids, metadata = _documents_in(texts, ids, metadata, vectors, index.encoder)
+    settings = as_settings(index.chunking, index.encoder.max_seq_length)
     chunks = index.encoder.encode_documents(texts, settings.chunk_tokens, settings.overlap, batch_size=batch_size)
     with open_writer(index.root, extend=True) as writer:
         writer.append_documents(ids, texts, metadata, chunks)

@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> dict:
     encoder = Encoder(args.model, device="cpu", precision=args.precision)
     check_queries(encoder, docs, queries)
     words = [len(d.split()) for d in docs]
+    outside = [(i, n) for i, n in enumerate(words) if not 1000 <= n <= 5000]
+    if outside:
+        raise ValueError(f"documents outside 1,000-5,000 words (index, words): {outside}")
     pieces = [len(e.ids) for e in encoder.tokenizer.tokenize_whole(docs)]
     ids = [f"doc{i:02d}" for i in range(len(docs))]
     targets = [ids[q["doc"]] for q in queries]

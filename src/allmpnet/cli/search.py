@@ -14,7 +14,7 @@ from allmpnet.cli.core import PRECISION_HELP
 from allmpnet.weights import DEFAULT_MODEL
 
 SHOWN_CHARS = 160  # text shown per hit or example on the terminal; --json gives whole texts
-CHUNK_TOKENS, OVERLAP = 256, 32  # encode/documents.py's defaults (not imported: `--help` stays free of torch)
+CHUNK_TOKENS, OVERLAP = 128, 16  # encode/documents.py's defaults (not imported: `--help` stays free of torch)
 PLAIN_MAX_CHARS = 100_000  # a plain index embeds 384 word pieces of a row: longer rows are almost all unembedded
 DOCUMENT_MAX_CHARS = 10_000_000  # a document index embeds every character: this only guards memory
 

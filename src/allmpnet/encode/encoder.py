@@ -217,7 +217,7 @@ class Encoder:
         Chunks follow the tokenizer's word pieces and end at paragraph or sentence ends where they can; each
         repeats up to `overlap` word pieces of the one before (encode/documents.py). Returns every chunk's vector
         with its document's position in `docs` and its [start, end) character span in that document.
-        Defaults: 256 tokens, 32 of overlap (measured: benchmarks/results/long_documents/), scaled down for a
+        Defaults: 128 tokens, 16 of overlap (measured: benchmarks/results/long_documents/), scaled down for a
         model whose max_seq_length is shorter.
         """
         settings = ChunkSettings.for_model(self.max_seq_length, chunk_tokens, overlap)

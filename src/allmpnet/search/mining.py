@@ -15,8 +15,8 @@ pick the same negatives (tests/test_mining.py runs both on one corpus):
    than `num_negatives` gets fewer triplets (counted in the report, never padded).
 
 A candidate is a positive when its stored text equals the positive's text (for a chunked index: the document's
-text or the matching passage). Positive scores come from embedding the positives with the index's model, so a
-positive need not be in the index.
+text or the matching passage). Positive scores use the stored vector of a positive that is a record of the index
+and embed the others with the index's model, so a positive need not be in the index.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def mine_hard_negatives(index: "Index", pairs: Sequence[Sequence[str]], num_nega
     show = len(anchors) > 256 if show_progress_bar is None else show_progress_bar
     anchor_vectors = encoder.encode(anchors, batch_size=batch_size, show_progress_bar=show)
     flat_positives = [p for group in positives for p in group]
-    positive_vectors = encoder.encode(flat_positives, batch_size=batch_size, show_progress_bar=show)
+    positive_vectors = _positive_vectors(index, flat_positives, batch_size, show)
     positive_scores = np.einsum("ij,ij->i", _unit(np.repeat(anchor_vectors, list(map(len, positives)), axis=0)),
                                 _unit(positive_vectors))
     rng = np.random.default_rng(seed)
@@ -178,6 +178,24 @@ def _select(index: "Index", hits, positives: set[str], lowest_positive: float, r
         return window[:num_negatives]
     chosen = np.sort(rng.choice(len(window), size=num_negatives, replace=False))
     return [window[i] for i in chosen]
+
+
+def _positive_vectors(index: "Index", positives: list[str], batch_size: int, show: bool) -> np.ndarray:
+    """Positives' vectors: the stored ones for positives that are records of a plain index (the same model made
+    them, as sentence-transformers scores positives from its corpus embeddings), the rest embedded now."""
+    rows = {}
+    if not index.chunking:
+        wanted = set(positives)
+        rows = {line["text"]: row for row, line in enumerate(index.iter_docs()) if line["text"] in wanted}
+    vectors = np.empty((len(positives), index.dim), dtype=np.float32)
+    missing = [i for i, p in enumerate(positives) if p not in rows]
+    found = [i for i, p in enumerate(positives) if p in rows]
+    if found:
+        vectors[found] = np.asarray(index.vectors[[rows[positives[i]] for i in found]])
+    if missing:
+        vectors[missing] = index.encoder.encode([positives[i] for i in missing], batch_size=batch_size,
+                                                show_progress_bar=show)
+    return vectors
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@
 
     # hard negatives: mine (claim, cited abstract, negative) triplets for the same train claims from an index of
     # the corpus, then train on them with the same protocol (dev --data)
-    nice -n 10 python benchmarks/train_scifact.py mine --work /tmp/scifact-mined --relative-margin 0.05
+    nice -n 10 python benchmarks/train_scifact.py mine --work /tmp/scifact-mined --relative-margin 0.05 --range-max 100
     nice -n 10 python benchmarks/train_scifact.py dev --work /tmp/scifact-mined --data /tmp/scifact-mined/triplets.jsonl
 
 Training pairs are (claim, cited abstract as `title text`), one per train qrel of the non-dev claims, truncated to

@@ -8,6 +8,11 @@
     nice -n 10 python benchmarks/train_scifact.py prefill --model /tmp/scifact-train/run --shard 1 --shards 2
     nice -n 10 python benchmarks/train_scifact.py test --model /tmp/scifact-train/run
 
+    # hard negatives: mine (claim, cited abstract, negative) triplets for the same train claims from an index of
+    # the corpus, then train on them with the same protocol (dev --data)
+    nice -n 10 python benchmarks/train_scifact.py mine --work /tmp/scifact-mined --relative-margin 0.05 --range-max 100
+    nice -n 10 python benchmarks/train_scifact.py dev --work /tmp/scifact-mined --data /tmp/scifact-mined/triplets.jsonl
+
 Training pairs are (claim, cited abstract as `title text`), one per train qrel of the non-dev claims, truncated to
 128 word pieces (the recipe). To keep dev scoring affordable on 2 CPU cores, dev claims are scored against a reduced
 corpus: every abstract cited by a dev claim plus a fixed random sample of other abstracts (seed 0), with abstracts
@@ -28,6 +33,8 @@ from allmpnet import Encoder
 from allmpnet.evaluate import CachedEncoder, load_task
 from allmpnet.evaluate.data import RetrievalData, read_retrieval
 from allmpnet.evaluate.retrieval import document_text, evaluate_retrieval
+from allmpnet.search import Index
+from allmpnet.search.mining import mine_hard_negatives
 from allmpnet.train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "SciFact"
@@ -64,15 +71,58 @@ def dev_evaluator(data: RetrievalData, max_seq_length: int):
     return evaluate
 
 
+def train_pairs(data: RetrievalData, train_claims: list[str]) -> list[list[str]]:
+    return [[data.queries[c], document_text(data.corpus[d])] for c in train_claims for d in sorted(data.qrels[c])]
+
+
+def cmd_mine(args: argparse.Namespace) -> None:
+    """Triplets for the train claims (dev held out as in `dev`), negatives from an index of the whole corpus."""
+    data = read_retrieval(load_task(DATA), "train_queries.jsonl", "train_qrels.tsv")
+    train_claims, _ = split_train_claims(data, args.dev_fraction, args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    index_dir = args.work / "corpus-index"
+    encoder = Encoder(args.model, device="cpu", precision=args.precision)
+    encoder.max_seq_length = args.max_seq_length  # what the trainer will see of each negative
+    start = time.perf_counter()
+    if (index_dir / "CURRENT").is_file():
+        index = Index.open(index_dir, encoder=encoder)
+    else:
+        doc_ids = list(data.corpus)
+        index = Index.build(index_dir, texts=[document_text(data.corpus[d]) for d in doc_ids], ids=doc_ids,
+                            encoder=encoder)
+    print(f"index of {len(index)} abstracts ready in {time.perf_counter() - start:.0f} s", flush=True)
+    pairs = train_pairs(data, train_claims)
+    result = mine_hard_negatives(index, pairs, num_negatives=args.negatives, range_min=args.range_min,
+                                 range_max=args.range_max, relative_margin=args.relative_margin,
+                                 absolute_margin=args.absolute_margin, max_score=args.max_score, exact=True,
+                                 show_progress_bar=True)
+    with (args.work / "triplets.jsonl").open("w") as f:
+        f.writelines(json.dumps([t.anchor, t.positive, t.negative]) + "\n" for t in result.triplets)
+    scores = np.array([[t.positive_score, t.negative_score] for t in result.triplets])
+    summary = {"pairs": len(pairs), "triplets": len(result.triplets), "short_anchors": result.report.short_anchors,
+               "skipped": dict(result.report.skipped), "mean_positive_score": round(float(scores[:, 0].mean()), 4),
+               "mean_negative_score": round(float(scores[:, 1].mean()), 4), "settings": {
+                   k: getattr(args, k) for k in ("negatives", "range_min", "range_max", "relative_margin",
+                                                 "absolute_margin", "max_score", "max_seq_length", "precision")}}
+    (args.work / "mining.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(result.report.summary())
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     task = load_task(DATA)
     data = read_retrieval(task, "train_queries.jsonl", "train_qrels.tsv")
     train_claims, dev = split_train_claims(data, args.dev_fraction, args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
-    pairs = [[data.queries[c], document_text(data.corpus[d])] for c in train_claims for d in sorted(data.qrels[c])]
-    with (args.work / "scifact_train_pairs.jsonl").open("w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in pairs)
-    (args.work / "data.json").write_text(json.dumps([{"name": "scifact_train_pairs.jsonl", "weight": 1,
+    if args.data is None:
+        pairs = train_pairs(data, train_claims)
+        with (args.work / "scifact_train_pairs.jsonl").open("w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in pairs)
+        data_file = args.work / "scifact_train_pairs.jsonl"
+    else:  # e.g. the triplets of `mine` (made from the same train claims)
+        data_file = args.data.resolve()
+        pairs = data_file.read_text().splitlines()
+    (args.work / "data.json").write_text(json.dumps([{"name": str(data_file), "weight": 1,
                                                       "lines": len(pairs)}]) + "\n")
     held_out = dev_data(data, dev, args.dev_extra_docs, args.seed)
     print(f"train claims {len(train_claims)} ({len(pairs)} pairs), dev claims {len(dev)} scored against "
@@ -139,7 +189,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dev-extra-docs", type=int, default=400)
     p.add_argument("--dev-max-seq-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=None,
+                   help="train on this .jsonl (e.g. mined triplets) instead of the train claims' pairs")
     p.set_defaults(func=cmd_dev)
+    p = sub.add_parser("mine", help="mine hard-negative triplets for the train claims from an index of the corpus")
+    p.add_argument("--work", type=Path, required=True, help="folder for the index, triplets.jsonl, mining.json")
+    p.add_argument("--model", default="all-mpnet-base-v2")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--max-seq-length", type=int, default=128, help="abstracts embedded for mining at this length")
+    p.add_argument("--negatives", type=int, default=1)
+    p.add_argument("--range-min", type=int, default=0)
+    p.add_argument("--range-max", type=int, default=None)
+    p.add_argument("--relative-margin", type=float, default=None)
+    p.add_argument("--absolute-margin", type=float, default=None)
+    p.add_argument("--max-score", type=float, default=None)
+    p.add_argument("--dev-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_mine)
     p = sub.add_parser("test", help="SciFact test nDCG@10 of one model, the evaluation issue's protocol")
     p.add_argument("--model", required=True)
     p.add_argument("--precision", default="fp32")

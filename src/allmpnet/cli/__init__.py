@@ -6,7 +6,7 @@ import sys
 from importlib import import_module
 
 # one entry per command module; each defines register(subparsers)
-COMMAND_MODULES = ["allmpnet.cli.core", "allmpnet.cli.serve", "allmpnet.cli.search", "allmpnet.cli.bulk", "allmpnet.cli.evaluate", "allmpnet.cli.train", "allmpnet.cli.export"]
+COMMAND_MODULES = ["allmpnet.cli.core", "allmpnet.cli.serve", "allmpnet.cli.search", "allmpnet.cli.bulk", "allmpnet.cli.evaluate", "allmpnet.cli.train", "allmpnet.cli.export", "allmpnet.cli.mining"]
 
 
 def build_parser() -> argparse.ArgumentParser:

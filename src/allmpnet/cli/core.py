@@ -30,6 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count bad rows (their source line numbers go to OUT.lines.npy)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quantize", choices=["int8", "uint8", "binary", "ubinary"], default=None,
+                   help="write quantized vectors: int8/uint8 (one byte per dimension, per-dimension ranges) or "
+                        "binary/ubinary (one bit per dimension, packed)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="int8/uint8 ranges: a .npy of (2, dim) ranges (e.g. the OUT.ranges.npy of an earlier run) "
+                        "or of float embeddings to take them from; default: this file's own vectors, saved to "
+                        "OUT.ranges.npy so later files can be cut into the same buckets")
     add_model_args(p)
     p.set_defaults(func=cmd_encode)
 
@@ -81,12 +88,27 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> None:
     from allmpnet.cli.inputs import read_texts
+    from allmpnet.encode.quantize import calibration_ranges, load_calibration, quantize_embeddings
+    if args.calibration is not None and args.quantize not in ("int8", "uint8"):
+        raise ValueError("--calibration sets the ranges of --quantize int8 or uint8")
+    ranges = load_calibration(args.calibration) if args.calibration is not None else None
     rows = read_texts(args.input, args.field, skip_bad=args.skip_bad)
     enc = load_encoder(args)
     vectors = enc.encode(rows.texts, batch_size=args.batch_size, show_progress_bar=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, vectors)
-    print(f"wrote {vectors.shape[0]} x {enc.dim} float32 to {args.out}")
+    if args.quantize is None:
+        np.save(args.out, vectors)
+        print(f"wrote {vectors.shape[0]} x {enc.dim} float32 to {args.out}")
+    else:
+        if args.quantize in ("int8", "uint8") and ranges is None:
+            ranges = calibration_ranges(vectors)
+            ranges_path = args.out.with_suffix(".ranges.npy")
+            np.save(ranges_path, ranges)
+            print(f"{args.quantize} ranges taken from these {len(vectors)} vectors, saved to {ranges_path} "
+                  "(pass it as --calibration to quantize other files the same way)")
+        quantized = quantize_embeddings(vectors, args.quantize, ranges)
+        np.save(args.out, quantized)
+        print(f"wrote {quantized.shape[0]} x {quantized.shape[1]} {quantized.dtype} ({args.quantize}) to {args.out}")
     if rows.bad:
         lines_path = args.out.with_suffix(".lines.npy")
         np.save(lines_path, np.asarray(rows.line_numbers, dtype=np.int64))

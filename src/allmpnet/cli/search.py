@@ -14,6 +14,9 @@ from allmpnet.cli.core import PRECISION_HELP
 from allmpnet.weights import DEFAULT_MODEL
 
 SHOWN_CHARS = 160  # text shown per hit or example on the terminal; --json gives whole texts
+CHUNK_TOKENS, OVERLAP = 128, 16  # encode/documents.py's defaults (not imported: `--help` stays free of torch)
+PLAIN_MAX_CHARS = 100_000  # a plain index embeds 384 word pieces of a row: longer rows are almost all unembedded
+DOCUMENT_MAX_CHARS = 10_000_000  # a document index embeds every character: this only guards memory
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how the HNSW graph stores vectors (i8/b1: smaller; hits are re-scored in float32)")
     p.add_argument("--connectivity", type=int, default=16, help="HNSW links per node (M)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index at --out (atomically)")
+    p.add_argument("--chunk", action="store_true",
+                   help="a document index: embed each row whole as chunks (nothing truncated); search returns "
+                        "documents ranked by their best chunk, with the passage and its span; recorded in the "
+                        "index, so `index add` chunks the same way")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help=f"with --chunk: model tokens per chunk, at most the model's max_seq_length (default "
+                        f"{CHUNK_TOKENS}, or the model's max_seq_length if shorter)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help=f"with --chunk: word pieces a chunk repeats from the one before (default {OVERLAP})")
     add_encoder_args(p, default_model=DEFAULT_MODEL)
     p.set_defaults(func=cmd_index_build)
 
@@ -90,7 +102,9 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-field", default=None,
                    help="field with each row's id (default: 'id' or '_id' when present, else the line number)")
     p.add_argument("--meta-fields", default=None, help="fields kept as metadata, comma-separated (default: all others)")
-    p.add_argument("--max-chars", type=int, default=100_000, help="longer texts are bad rows")
+    p.add_argument("--max-chars", type=int, default=None,
+                   help=f"longer texts are bad rows (default {PLAIN_MAX_CHARS:,}; {DOCUMENT_MAX_CHARS:,} in a "
+                        "document index)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
     p.add_argument("--batch-size", type=int, default=32)
 
@@ -102,14 +116,16 @@ def add_encoder_args(p: argparse.ArgumentParser, default_model: str | None) -> N
     p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
 
 
-def corpus_spec(args: argparse.Namespace):
+def corpus_spec(args: argparse.Namespace, documents: bool = False):
     from allmpnet.search import CorpusSpec
     split = lambda s: tuple(f.strip() for f in s.split(",") if f.strip())  # noqa: E731
-    if args.max_chars < 1:
+    max_chars = args.max_chars if args.max_chars is not None else (DOCUMENT_MAX_CHARS if documents
+                                                                   else PLAIN_MAX_CHARS)
+    if max_chars < 1:
         raise ValueError("--max-chars must be at least 1")
     return CorpusSpec(text_fields=split(args.text_field), id_field=args.id_field,
                       meta_fields=split(args.meta_fields) if args.meta_fields is not None else None,
-                      max_chars=args.max_chars)
+                      max_chars=max_chars)
 
 
 def load_encoder(args: argparse.Namespace, model: str):
@@ -128,9 +144,9 @@ def shown(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"… (+{len(text) - SHOWN_CHARS} chars)"
 
 
-def read_corpus(args: argparse.Namespace, path: Path, existing_ids=frozenset()):
+def read_corpus(args: argparse.Namespace, path: Path, existing_ids=frozenset(), documents: bool = False):
     from allmpnet.search import iter_records, scan
-    spec = corpus_spec(args)
+    spec = corpus_spec(args, documents)
     report = scan(path, spec, existing_ids, skip_bad=args.skip_bad)
     return report, spec, iter_records(path, report, spec)
 
@@ -156,6 +172,35 @@ def append_corpus(writer, encoder, records, report, batch_size: int, vectors=Non
     return truncated
 
 
+def append_documents(writer, encoder, records, report, batch_size: int) -> int:
+    """Chunk, encode and append documents in groups with one progress bar; returns the number of chunks."""
+    from tqdm.auto import tqdm
+    settings = writer.chunking
+    chunks_written = 0
+    with tqdm(total=report.rows, desc="indexing documents", unit="doc") as bar:
+        for group in document_groups(records):
+            texts = [r.text for r in group]
+            chunks = encoder.encode_documents(texts, settings["chunk_tokens"], settings["overlap"],
+                                              batch_size=batch_size, show_progress_bar=False)
+            writer.append_documents([r.id for r in group], texts, [r.metadata for r in group], chunks)
+            chunks_written += len(chunks)
+            bar.update(len(group))
+    return chunks_written
+
+
+def document_groups(records, max_chars: int = 1_000_000, max_docs: int = 1024) -> Iterator[list]:
+    """Consecutive records of about max_chars characters together (one longer document is a group alone)."""
+    group, size = [], 0
+    for record in records:
+        if group and (size + len(record.text) > max_chars or len(group) == max_docs):
+            yield group
+            group, size = [], 0
+        group.append(record)
+        size += len(record.text)
+    if group:
+        yield group
+
+
 def report_read(report, truncated: int, encoder) -> None:
     print(f"read {report.path}: {report.summary()}; ids from "
           f"{repr(report.id_field) if report.id_field else 'line numbers'}")
@@ -169,9 +214,16 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     from allmpnet.search import AnnConfig, Index, open_writer
     from allmpnet.search.index import check_build_target, model_signature
     ann = AnnConfig(dtype=args.dtype, connectivity=args.connectivity)
+    if not args.chunk and (args.chunk_tokens is not None or args.overlap is not None):
+        raise ValueError("--chunk-tokens and --overlap shape a document index: add --chunk")
+    if args.chunk and args.vectors is not None:
+        raise ValueError("--vectors gives one vector per row; a document index (--chunk) embeds its chunks itself")
     check_build_target(args.out, args.overwrite)  # before reading or embedding anything
-    report, _, records = read_corpus(args, args.corpus)
+    report, _, records = read_corpus(args, args.corpus, documents=args.chunk)
     encoder = load_encoder(args, args.model)
+    if args.chunk:
+        build_document_index(args, ann, report, records, encoder)
+        return
     vectors = None
     if args.vectors is not None:
         vectors = np.load(args.vectors, mmap_mode="r")
@@ -184,6 +236,22 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     report_read(report, truncated, encoder)
     info = Index.open(args.out, verify=False).info()
     print(f"built {args.out}: {info['count']} rows, {info['dim']}-d, HNSW {info['ann_dtype']}, "
+          f"{info['bytes'] / 1e6:.1f} MB ({info['version']})")
+
+
+def build_document_index(args: argparse.Namespace, ann, report, records, encoder) -> None:
+    from allmpnet.encode.documents import ChunkSettings
+    from allmpnet.search import Index, open_writer
+    from allmpnet.search.index import model_signature
+    settings = ChunkSettings.for_model(encoder.max_seq_length, args.chunk_tokens, args.overlap)
+    settings.text_tokens(len(sum(encoder.tokenizer.special_ids, [])))  # a bad overlap fails before any encoding
+    with open_writer(args.out, dim=encoder.dim, model=model_signature(encoder), ann=ann, overwrite=args.overwrite,
+                     chunking=settings) as writer:
+        chunks = append_documents(writer, encoder, records, report, args.batch_size)
+    report_read(report, 0, encoder)
+    info = Index.open(args.out, verify=False).info()
+    print(f"built {args.out}: {info['documents']} documents as {chunks} chunks of at most {settings.chunk_tokens} "
+          f"tokens (overlap {settings.overlap}), {info['dim']}-d, HNSW {info['ann_dtype']}, "
           f"{info['bytes'] / 1e6:.1f} MB ({info['version']})")
 
 
@@ -202,13 +270,22 @@ def open_for_text(args: argparse.Namespace, verify: bool = True):
 def cmd_index_add(args: argparse.Namespace) -> None:
     from allmpnet.search import Index, open_writer
     index = open_for_text(args, verify=False)
-    report, _, records = read_corpus(args, args.corpus, existing_ids=set(index.ids()))
-    before = len(index)
+    documents = bool(index.chunking)
+    report, _, records = read_corpus(args, args.corpus, existing_ids=set(index.ids()), documents=documents)
+    before, records_before = len(index), index.record_count
     with open_writer(args.index, extend=True) as writer:
-        truncated = append_corpus(writer, index.encoder, records, report, args.batch_size)
+        if documents:  # chunked as the index records
+            append_documents(writer, index.encoder, records, report, args.batch_size)
+            truncated = 0
+        else:
+            truncated = append_corpus(writer, index.encoder, records, report, args.batch_size)
     report_read(report, truncated, index.encoder)
     after = Index.open(args.index, verify=False)
-    print(f"added {len(after) - before} rows to {args.index}: {len(after)} rows ({after.version.name})")
+    if documents:
+        print(f"added {after.record_count - records_before} documents ({len(after) - before} chunks) to "
+              f"{args.index}: {after.record_count} documents ({after.version.name})")
+    else:
+        print(f"added {len(after) - before} rows to {args.index}: {len(after)} rows ({after.version.name})")
 
 
 def cmd_index_info(args: argparse.Namespace) -> None:
@@ -238,12 +315,20 @@ def cmd_search(args: argparse.Namespace) -> None:
     results = index.search(queries, k=args.k, exact=args.exact)
     for query, hits in zip(queries, results):
         if args.json:
-            print(json.dumps({"query": query, "hits": [{"id": h.id, "score": round(h.score, 6), "text": h.text,
-                                                       "metadata": h.metadata} for h in hits]}, ensure_ascii=False))
+            print(json.dumps({"query": query, "hits": [hit_json(h) for h in hits]}, ensure_ascii=False))
             continue
         print(f"query: {shown(query)}")
         for rank, hit in enumerate(hits, start=1):
-            print(f"  {rank:>2}. {hit.score:.4f}  [{hit.id}]  {shown(hit.text)}")
+            where = f" chars {hit.span[0]}-{hit.span[1]}" if hit.span is not None else ""
+            print(f"  {rank:>2}. {hit.score:.4f}  [{hit.id}]{where}  {shown(hit.text)}")
+
+
+def hit_json(hit) -> dict:
+    """A hit as JSON: a document index's hits also carry the passage's span (their text is the passage)."""
+    record = {"id": hit.id, "score": round(hit.score, 6), "text": hit.text, "metadata": hit.metadata}
+    if hit.span is not None:
+        record["span"] = list(hit.span)
+    return record
 
 
 def embed_file(args: argparse.Namespace):

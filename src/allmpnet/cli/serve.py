@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-warm-up", action="store_true",
                    help="skip the full-budget forward pass at startup (faster start, slower first requests)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--calibration", default=None,
+                   help="ranges for embedding_type int8/uint8: a .npy of (2, dim) ranges (`allmpnet encode "
+                        "--quantize int8` saves one) or of embeddings to take them from (default: each request's "
+                        "own vectors)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     p.set_defaults(func=cmd_serve)
@@ -60,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          max_chars=args.max_chars, max_body_bytes=args.max_body_bytes, truncate=not args.no_truncate,
                          max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, dynamic_batching=not args.no_dynamic_batching,
-                         warm_up=not args.no_warm_up)
+                         warm_up=not args.no_warm_up, calibration=args.calibration)
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)

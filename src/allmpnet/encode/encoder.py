@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 from allmpnet.encode import kernels
 from allmpnet.encode.batching import (SORT_WINDOW, TokenBudget, default_batch_tokens, embed_in_batches, prefetched,
                                      windows)
+from allmpnet.encode.documents import ChunkSettings, DocumentChunks, chunk_token_ranges
 from allmpnet.encode.inference import inference_model
 from allmpnet.encode.precision import PrecisionPlan, plan_precision
+from allmpnet.encode.quantize import Quantizer, resolve as resolve_quantizer
 from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
 from allmpnet.model import PackedBatch, Pooling, SentenceModel
 from allmpnet.weights import DEFAULT_MODEL, resolve, verify_weights
@@ -168,8 +170,8 @@ class Encoder:
         return TokenBudget(self.max_batch_tokens, max_texts)
 
     def encode(self, texts: str | Sequence[str], batch_size: int | None = None, normalize: bool | None = None,
-               convert_to: Literal["numpy", "torch"] = "numpy",
-               show_progress_bar: bool | None = None) -> np.ndarray | torch.Tensor:
+               convert_to: Literal["numpy", "torch"] = "numpy", show_progress_bar: bool | None = None,
+               quantize: str | Quantizer | None = None) -> np.ndarray | torch.Tensor:
         """Embed texts in length-sorted batches; the result keeps the caller's order.
 
         batch_size caps the texts per batch; None leaves it to the token budget (max_batch_tokens), which gives
@@ -177,7 +179,12 @@ class Encoder:
 
         A single string gives a 1-D vector. normalize=None follows the model directory (True for all-mpnet-base-v2);
         normalize=False returns the raw pooled vectors of a model that normalizes.
+
+        quantize: "int8", "uint8", "binary" or "ubinary" returns quantized vectors (encode/quantize.py); int8/uint8
+        then take their calibration ranges from these vectors, so pass a `Quantizer.calibrate(...)` to cut every
+        call's vectors into the same buckets.
         """
+        quantizer = resolve_quantizer(quantize)
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
         if convert_to not in ("numpy", "torch"):
@@ -197,8 +204,36 @@ class Encoder:
             warnings.warn(f"{truncated} of {len(texts)} texts were longer than {self.max_seq_length} word pieces and "
                           "were truncated; Encoder.truncated_indices(texts) lists them", TruncationWarning,
                           stacklevel=2)
+        if quantizer is not None:
+            out = torch.from_numpy(quantizer(out.numpy()))
         result = out[0] if single else out
         return result.numpy() if convert_to == "numpy" else result
+
+    def encode_documents(self, docs: str | Sequence[str], chunk_tokens: int | None = None,
+                         overlap: int | None = None, batch_size: int | None = None,
+                         show_progress_bar: bool | None = None) -> DocumentChunks:
+        """Embed whole documents as chunks of at most `chunk_tokens` model tokens (nothing is truncated).
+
+        Chunks follow the tokenizer's word pieces and end at paragraph or sentence ends where they can; each
+        repeats up to `overlap` word pieces of the one before (encode/documents.py). Returns every chunk's vector
+        with its document's position in `docs` and its [start, end) character span in that document.
+        Defaults: 128 tokens, 16 of overlap (measured: benchmarks/results/long_documents/), scaled down for a
+        model whose max_seq_length is shorter.
+        """
+        settings = ChunkSettings.for_model(self.max_seq_length, chunk_tokens, overlap)
+        docs = check_texts([docs] if isinstance(docs, str) else docs)
+        vectors, documents, spans = [], [], []
+        show = sum(map(len, docs)) > 200_000 if show_progress_bar is None else show_progress_bar
+        with tqdm(total=len(docs), desc="encoding documents", unit="doc", disable=not show) as bar:
+            for start, stop in document_windows(docs):
+                ids, positions, window_spans = chunk_token_ranges(self.tokenizer, docs[start:stop], settings)
+                vectors.append(self.encode_ids(ids, batch_size).numpy())
+                documents.extend(p + start for p in positions)
+                spans.extend(window_spans)
+                bar.update(stop - start)
+        return DocumentChunks(np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32),
+                              np.asarray(documents, dtype=np.int64).reshape(-1),
+                              np.asarray(spans, dtype=np.int64).reshape(-1, 2))
 
     def save(self, out_dir: str | os.PathLike, max_seq_length: int | None = None) -> Path:
         """Write the sentence-transformers layout: a directory both libraries load with the same vectors. It lists
@@ -208,6 +243,20 @@ class Encoder:
 
 def as_plan(precision: str | PrecisionPlan, device: torch.device) -> PrecisionPlan:
     return precision if isinstance(precision, PrecisionPlan) else plan_precision(precision, device)
+
+
+def document_windows(docs: Sequence[str], max_chars: int = 2_000_000) -> list[tuple[int, int]]:
+    """Consecutive groups of documents of about max_chars characters (a longer document is a group alone):
+    chunked and embedded together, so memory stays bounded while batches stay full."""
+    groups, start, size = [], 0, 0
+    for i, doc in enumerate(docs):
+        if i > start and size + len(doc) > max_chars:
+            groups.append((start, i))
+            start, size = i, 0
+        size += len(doc)
+    if start < len(docs):
+        groups.append((start, len(docs)))
+    return groups
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:

@@ -31,6 +31,7 @@ class TextTokenizer:
         self._tok.no_padding()
         self.pad_id = pad_id
         self.max_seq_length = max_seq_length
+        self._whole: Tokenizer | None = None  # an untruncated copy, made on first use (document chunking)
 
     @classmethod
     def from_dir(cls, model_dir: Path, max_seq_length: int, pad_id: int) -> "TextTokenizer":
@@ -53,6 +54,24 @@ class TextTokenizer:
     def __call__(self, texts: Sequence[str]) -> Tokenized:
         encodings = self._tok.encode_batch(list(texts))
         return Tokenized([e.ids for e in encodings], [bool(e.overflowing) for e in encodings])
+
+    def tokenize_whole(self, texts: Sequence[str]) -> list:
+        """Every word piece of each text, without special tokens or truncation, with character offsets and word
+        ids (`tokenizers.Encoding`s): what document chunking splits."""
+        if self._whole is None:
+            whole = Tokenizer.from_str(self._tok.to_str())
+            whole.no_truncation()
+            whole.no_padding()
+            self._whole = whole
+        return self._whole.encode_batch(list(texts), add_special_tokens=False)
+
+    @property
+    def special_ids(self) -> tuple[list[int], list[int]]:
+        """The special token ids the model puts before and after a text's word pieces (<s> and </s>)."""
+        encoding = self._tok.encode("a")
+        mask = encoding.special_tokens_mask
+        first, last = mask.index(0), len(mask) - 1 - mask[::-1].index(0)
+        return list(encoding.ids[:first]), list(encoding.ids[last + 1:])
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

@@ -6,6 +6,9 @@ One committed version of an index folder (see storage.py for how versions are sw
     ann.usearch     the HNSW graph over the rows (keys = row numbers), stored as f32, f16, i8 or b1
     docs.jsonl      one {"id", "text", "metadata"} line per row
     offsets.u64     (count + 1) byte offsets of the docs lines, for random access
+
+A document index (`build(..., chunking=...)`, `allmpnet index build --chunk`) has the same files, one row per
+chunk of a document, and its manifest records the chunking; search/documents.py describes its rows.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ class Hit:
     text: str
     metadata: dict = field(default_factory=dict)
     row: int = -1
+    span: tuple[int, int] | None = None  # document index: the passage's [start, end) characters in its document
 
 
 def encode_probe(encoder) -> np.ndarray:
@@ -191,6 +195,16 @@ class Index:
         return self.manifest["count"]
 
     @property
+    def chunking(self) -> dict | None:
+        """{"chunk_tokens", "overlap", "documents"} for a document index (rows are chunks), None for a plain one."""
+        return self.manifest.get("chunking")
+
+    @property
+    def record_count(self) -> int:
+        """What a search ranks: documents in a document index, rows otherwise."""
+        return self.chunking["documents"] if self.chunking else len(self)
+
+    @property
     def dim(self) -> int:
         return self.manifest["dim"]
 
@@ -235,7 +249,16 @@ class Index:
             yield self.doc(row)
 
     def ids(self) -> list[str]:
-        return [d["id"] for d in self.iter_docs()]
+        """Record ids in index order (a document index: each document once)."""
+        ids = [d["id"] for d in self.iter_docs()]
+        return list(dict.fromkeys(ids)) if self.chunking else ids
+
+    def document_text(self, row: int) -> str:
+        """The whole text of the record row `row` belongs to (in a document index, its document)."""
+        line = self.doc(row)
+        if "first" in line:
+            line = self.doc(line["first"])
+        return line.get("document", line.get("text", ""))
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -243,7 +266,9 @@ class Index:
                 "model": m["model"]["name"] if m["model"] else None, "metric": "cosine",
                 "ann_dtype": m["ann"]["dtype"], "connectivity": m["ann"]["connectivity"],
                 "bytes": sum(f["bytes"] for f in m["files"].values()), "created": m["created"],
-                "updated": m["updated"]}
+                "updated": m["updated"],
+                **({"documents": m["chunking"]["documents"], "chunk_tokens": m["chunking"]["chunk_tokens"],
+                    "overlap": m["chunking"]["overlap"]} if m.get("chunking") else {})}
 
     # ----- searching -----
     def query_vectors(self, queries: str | Sequence[str] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -275,13 +300,20 @@ class Index:
         q = self.query_vectors(queries)
         if exact is None:
             exact = len(self) <= self.ann_config.exact_below
+        if self.chunking:
+            from allmpnet.search.documents import search_documents
+            hits = search_documents(self, q, k, exact)
+        else:
+            hits = [[self._hit(int(r), float(s)) for s, r in zip(scores, rows)]
+                    for scores, rows in self.search_rows(q, k, exact)]
+        return hits[0] if single else hits
+
+    def search_rows(self, q: np.ndarray, k: int, exact: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(scores, rows) of the top-k rows of each (Q, dim) query vector, best first."""
         if exact:
             scores, rows = topk_scores(q, self.vectors, k)
-            results = list(zip(scores.numpy(), rows.numpy()))
-        else:
-            results = self._ann_search(q, k)
-        hits = [[self._hit(int(r), float(s)) for s, r in zip(scores, rows)] for scores, rows in results]
-        return hits[0] if single else hits
+            return list(zip(scores.numpy(), rows.numpy()))
+        return self._ann_search(q, k)
 
     def _ann_search(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         cfg = self.ann_config
@@ -305,15 +337,26 @@ class Index:
 
     def _hit(self, row: int, score: float) -> Hit:
         doc = self.doc(row)
-        return Hit(id=doc["id"], score=score, text=doc.get("text", ""), metadata=doc.get("metadata", {}), row=row)
+        span = doc.get("span")
+        return Hit(id=doc["id"], score=score, text=doc.get("text", ""), metadata=doc.get("metadata", {}), row=row,
+                   span=tuple(span) if span is not None else None)
 
     # ----- writing: each call commits a new version atomically and returns the reopened index -----
     @classmethod
     def build(cls, root: str | os.PathLike, texts: Sequence[str] | None = None, ids: Sequence[str] | None = None,
               metadata: Sequence[dict] | None = None, vectors: np.ndarray | None = None, encoder=None,
-              ann: AnnConfig = AnnConfig(), overwrite: bool = False, batch_size: int = 32) -> "Index":
-        """Build an index from texts (embedded with encoder) and/or precomputed vectors; ids default to "0".."n-1"."""
+              ann: AnnConfig = AnnConfig(), overwrite: bool = False, batch_size: int = 32,
+              chunking=None) -> "Index":
+        """Build an index from texts (embedded with encoder) and/or precomputed vectors; ids default to "0".."n-1".
+
+        chunking (True, or an allmpnet.encode.documents.ChunkSettings) makes a document index: each text is
+        embedded whole as chunks, and search ranks documents by their best chunk (search/documents.py).
+        """
         root = Path(root)
+        if chunking:
+            from allmpnet.search.documents import build_documents
+            return build_documents(cls, root, texts, ids, metadata, vectors, encoder, ann, overwrite, batch_size,
+                                   chunking)
         ids, texts, metadata, vectors = _check_rows(texts, ids, metadata, vectors, encoder, batch_size)
         with open_writer(root, dim=vectors.shape[1], model=model_signature(encoder) if encoder else None,
                          ann=ann, overwrite=overwrite) as writer:
@@ -327,6 +370,9 @@ class Index:
         encoder = self.encoder if texts is not None and vectors is None else self._encoder
         if ids is None:
             raise ValueError("add needs ids for the new rows")
+        if self.chunking:
+            from allmpnet.search.documents import add_documents
+            return add_documents(self, texts, ids, metadata, vectors, batch_size)
         ids, texts, metadata, vectors = _check_rows(texts, ids, metadata, vectors, encoder, batch_size)
         with open_writer(self.root, extend=True) as writer:
             writer.append(ids, texts, metadata, vectors)
@@ -379,8 +425,10 @@ class IndexWriter:
     """Fills a staging folder: a copy of the base version (for add) plus appended rows."""
 
     def __init__(self, root: Path, staging: Path, dim: int, model: dict | None, ann: AnnConfig,
-                 base: Index | None = None):
+                 base: Index | None = None, chunking: dict | None = None):
         self.root, self.staging, self.dim, self.model, self.ann_config = root, staging, dim, model, ann
+        # a document index: {"chunk_tokens", "overlap", "documents"}; rows are written by append_documents
+        self.chunking = dict(base.chunking) if base is not None and base.chunking else chunking
         self.created = base.manifest["created"] if base else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if base is not None:
             for name in (VECTORS, DOCS):
@@ -396,15 +444,36 @@ class IndexWriter:
         self._docs = open(staging / DOCS, "ab")
 
     def append(self, ids: Sequence[str], texts: Sequence[str], metadata: Sequence[dict], vectors: np.ndarray) -> None:
-        vectors = np.ascontiguousarray(vectors, dtype="<f4")  # (n, dim)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise IndexMismatchError(f"vectors of shape {vectors.shape} do not fit a {self.dim}-d index")
+        if self.chunking:
+            raise ValueError(f"{self.root} is a document index: its rows are chunks (use append_documents)")
+        self._claim_ids(ids)
+        self.write_rows([{"id": doc_id, "text": text, "metadata": meta}
+                         for doc_id, text, meta in zip(ids, texts, metadata)], vectors)
+
+    def _claim_ids(self, ids: Sequence[str]) -> None:
         for doc_id in ids:
             if doc_id in self.ids:
                 raise ValueError(f"duplicate id {doc_id!r}: ids must be unique in an index")
             self.ids.add(doc_id)
-        for doc_id, text, meta in zip(ids, texts, metadata):
-            line = (json.dumps({"id": doc_id, "text": text, "metadata": meta}, ensure_ascii=False) + "\n").encode()
+
+    def append_documents(self, ids: Sequence[str], texts: Sequence[str], metadata: Sequence[dict], chunks) -> None:
+        """Documents as rows of chunks (a DocumentChunks from Encoder.encode_documents over `texts`)."""
+        if not self.chunking:
+            raise ValueError(f"{self.root} is a plain index: one vector per record (use append)")
+        from allmpnet.search.documents import chunk_rows
+        self._claim_ids(ids)
+        self.write_rows(chunk_rows(ids, texts, metadata, chunks, self.count), chunks.vectors)
+        self.chunking["documents"] += len(ids)
+
+    def write_rows(self, lines: Sequence[dict], vectors: np.ndarray) -> None:
+        """One docs.jsonl line and one vector per row."""
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")  # (n, dim)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise IndexMismatchError(f"vectors of shape {vectors.shape} do not fit a {self.dim}-d index")
+        if len(lines) != len(vectors):
+            raise ValueError(f"{len(lines)} rows but {len(vectors)} vectors")
+        for record in lines:
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
             self._docs.write(line)
             self.offsets.append(self.offsets[-1] + len(line))
         self._vectors.write(vectors.tobytes())
@@ -425,6 +494,8 @@ class IndexWriter:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "count": self.count, "dim": self.dim,
                     "model": self.model, "ann": asdict(self.ann_config), "files": files, "created": self.created,
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self.chunking:
+            manifest["chunking"] = self.chunking
         (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
     def abort(self) -> None:
@@ -459,11 +530,12 @@ def check_build_target(root: Path, overwrite: bool) -> None:
 
 @contextmanager
 def open_writer(root: Path, dim: int | None = None, model: dict | None = None, ann: AnnConfig = AnnConfig(),
-                overwrite: bool = False, extend: bool = False) -> Iterator[IndexWriter]:
+                overwrite: bool = False, extend: bool = False, chunking=None) -> Iterator[IndexWriter]:
     """A writer on a staging folder, committed as the new live version when the block ends without error.
 
     extend=True appends to the live version (read under the lock, so concurrent adds never lose rows);
-    otherwise a fresh index is written, replacing an existing one only with overwrite=True.
+    otherwise a fresh index is written, replacing an existing one only with overwrite=True. chunking (a
+    ChunkSettings) makes the new index a document index; an extended one keeps the live version's.
     """
     root = Path(root)
     if not extend:
@@ -473,7 +545,8 @@ def open_writer(root: Path, dim: int | None = None, model: dict | None = None, a
         base = Index.open(root, verify=False) if extend else None
         staging = storage.new_staging(root)
         writer = IndexWriter(root, staging, base.dim if base else dim, base.manifest["model"] if base else model,
-                             base.ann_config if base else ann, base)
+                             base.ann_config if base else ann, base,
+                             {**chunking.as_dict(), "documents": 0} if chunking else None)
         try:
             yield writer
             writer.finish()

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from allmpnet import __version__
 from allmpnet.encode import Encoder, Tokenized
+from allmpnet.encode.quantize import load_calibration, quantize_embeddings
 from allmpnet.serve.batching import BatcherClosed, DynamicBatcher, QueueFull
 from allmpnet.serve.config import ServeConfig
 from allmpnet.serve.errors import APIError, BodyLimit, error_response, install_error_handlers, log
@@ -51,6 +52,10 @@ class Service:
                                       on_batch=self.metrics.record_batch)
         self.metrics.queue.set_function(lambda: self.batcher.queued)
         self.model_names = {config.model_name, encoder.name, Path(config.model_name).name}
+        self.calibration = load_calibration(config.calibration) if config.calibration else None
+        if self.calibration is not None and self.calibration.shape[1] != encoder.dim:
+            raise ValueError(f"calibration {config.calibration} is {self.calibration.shape[1]}-d; the model gives "
+                             f"{encoder.dim}-d vectors")
         self._index_lock = threading.Lock()
 
     def check_limits(self, texts: list[str], field: str) -> None:
@@ -105,8 +110,21 @@ class Service:
                     log.exception("could not open the new version of %s; still serving the previous one",
                                   self.index.root)
             index = self.index
-        return [[{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in row]
-                for row in index.search(vectors, k)]
+        return [[hit_json(h) for h in row] for row in index.search(vectors, k)]
+
+    def output_values(self, vectors: torch.Tensor, embedding_type: str, encoding_format: str) -> list:
+        """Each vector as the response carries it: floats or quantized integers, as JSON numbers or base64 bytes."""
+        if embedding_type == "float":
+            array = vectors.numpy().astype("<f4", copy=False)
+        else:
+            try:
+                array = quantize_embeddings(vectors.numpy(), embedding_type, self.calibration)
+            except ValueError as e:
+                raise APIError(422, f"{e} (or start the server with --calibration FILE)", "calibration_required",
+                               "embedding_type") from None
+        if encoding_format == "base64":
+            return [base64.b64encode(row.tobytes()).decode("ascii") for row in array]
+        return array.tolist()
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
@@ -175,11 +193,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
                                 f"{encoder.dim}-d vectors", "invalid_dimensions", "dimensions")
         texts = as_texts(body.input)
         vectors, tokenized = await service.embed(texts, "input", body.truncate)
-        if body.encoding_format == "base64":
-            little_endian = vectors.numpy().astype("<f4", copy=False)
-            values = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian]
-        else:
-            values = vectors.tolist()
+        values = service.output_values(vectors, body.embedding_type, body.encoding_format)
         tokens = int(tokenized.lengths.sum())
         return JSONResponse({
             "object": "list",
@@ -187,6 +201,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
             "model": config.model_name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "truncated": [i for i, t in enumerate(tokenized.truncated) if t],
+            **({"embedding_type": body.embedding_type} if body.embedding_type != "float" else {}),
         })
 
     @app.post("/similarity", dependencies=guarded)
@@ -224,6 +239,14 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
                              "results": [{"query": q, "hits": h} for q, h in zip(queries, hits)]})
 
     return app
+
+
+def hit_json(hit) -> dict:
+    """A search hit as JSON; a document index's hit is its best chunk: the passage as text, plus its span."""
+    record = {"id": hit.id, "score": hit.score, "text": hit.text, "metadata": hit.metadata}
+    if hit.span is not None:
+        record["span"] = list(hit.span)
+    return record
 
 
 class RequestMetrics:

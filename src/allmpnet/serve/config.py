@@ -22,6 +22,9 @@ class ServeConfig:
     dynamic_batching: bool = True  # False: one request per forward pass (for comparison)
     max_search_k: int = 1000
     warm_up: bool = True  # one full-budget forward pass at startup: first requests fast, peak memory reached early
+    # int8/uint8 output: a .npy of (2, dim) ranges or of embeddings to take them from (encode/quantize.py); None:
+    # each request's own vectors give the ranges (so a request needs at least 2 inputs)
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_items", "max_chars", "max_body_bytes", "max_batch_tokens", "max_batch_size", "max_queue",

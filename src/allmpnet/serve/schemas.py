@@ -55,6 +55,8 @@ class EmbeddingsRequest(TokenizeRequest):
 
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    # quantized vectors (encode/quantize.py): JSON integers with encoding_format "float", their raw bytes in base64
+    embedding_type: Literal["float", "int8", "uint8", "binary", "ubinary"] = "float"
     dimensions: int | None = None
     user: str | None = None
 

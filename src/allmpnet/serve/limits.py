@@ -6,9 +6,10 @@
 - Admission: a request is charged the bytes it will occupy (its body, as declared, plus the largest response
   its route can give for a body that size) against `InFlightBudget`, and waits until they fit; memory then
   grows with the bytes admitted, not with the number of requests.
-- Time: once admitted, the body must arrive within `body_timeout` seconds, with no gap over `read_timeout`;
-  responses go out in 1 MiB pieces and a client that takes more than `write_timeout` to take one is dropped,
-  so a slow reader holds its admission (and its buffered response) for a bounded time.
+- Time: once admitted, the body must arrive within `body_timeout` seconds, with no gap over `read_timeout`.
+  Answers go out in 1 MiB pieces, each sent once the client has taken the previous one, so a request holds
+  its admission until its answer is nearly all read; a client that takes none of it for `write_timeout`
+  seconds is dropped (the protocol aborts the connection, serve/protocol.py; here the request gives up).
 - Departure: when a client disconnects, `client_gone()` is set for its request, so work still queued for it
   is dropped (serve/app.py) instead of computed for nobody.
 
@@ -27,7 +28,7 @@ from typing import Callable
 from fastapi.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from allmpnet.serve.errors import error_response, log
+from allmpnet.serve.errors import error_response
 
 RESPONSE_PIECE = 1 << 20  # bytes per send of a large response: each waits until the client has taken the last
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without an API key (probes and scrapers)
@@ -216,9 +217,9 @@ class RequestGuard:
         try:
             await self.app(scope, guarded_receive, guarded_send)
         except _SlowReader:
-            # returning with the response unfinished makes the server close the connection and drop its buffer
-            log.warning("closed a connection whose client took over %ss to read a piece of its response",
-                        self.write_timeout)
+            # the protocol aborts the connection (serve/protocol.py); returning unfinished makes the server close
+            # it too where that protocol is not in use
+            pass
         finally:
             _client_gone.reset(token)
             if watcher is not None:

@@ -4,13 +4,20 @@ uvicorn's httptools protocol buffers a header of any size and never times out a 
 finished its first request's headers (its keep-alive timer starts only after a response). The subclass here
 answers 431 once a request's headers pass `max_header_bytes` and 408 when they are not complete within
 `header_timeout` seconds of the connection opening or of the previous response, then closes the connection.
+
+It also drops a connection whose client stops reading: when the socket's send buffer stays full for
+`write_timeout` seconds, the connection is reset, which discards what was queued for it in the process and
+in the kernel (a plain close keeps both, and the socket, until a client that never reads takes them).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 
 from allmpnet.serve.config import ServeConfig
+from allmpnet.serve.errors import log
 
 LINGER = 2.0  # seconds a refused connection is drained before it is closed
 
@@ -29,7 +36,7 @@ def guarded_http_protocol(config: ServeConfig) -> type[asyncio.Protocol] | None:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return None
-    max_bytes, timeout = config.max_header_bytes, config.header_timeout
+    max_bytes, timeout, write_timeout = config.max_header_bytes, config.header_timeout, config.write_timeout
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -37,6 +44,7 @@ def guarded_http_protocol(config: ServeConfig) -> type[asyncio.Protocol] | None:
             self._header_bytes = 0
             self._header_timer: asyncio.TimerHandle | None = None
             self._lingering = False
+            self._write_stall: asyncio.TimerHandle | None = None
             self._await_headers()
 
         def _await_headers(self) -> None:
@@ -92,8 +100,32 @@ def guarded_http_protocol(config: ServeConfig) -> type[asyncio.Protocol] | None:
                 self.transport.close()
             return super().eof_received()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_stall is None:
+                self._write_stall = self.loop.call_later(write_timeout, self._reader_gone_quiet)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_stall is not None:
+                self._write_stall.cancel()
+                self._write_stall = None
+
+        def _reader_gone_quiet(self) -> None:
+            self._write_stall = None
+            log.warning("dropped a connection whose client read nothing of its answer for %ss", write_timeout)
+            sock = self.transport.get_extra_info("socket")
+            try:  # a reset, not a close: the kernel too drops what it still holds for this client
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (AttributeError, OSError):
+                pass
+            self.transport.abort()
+
         def connection_lost(self, exc) -> None:
             self._cancel_header_timer()
+            if self._write_stall is not None:
+                self._write_stall.cancel()
+                self._write_stall = None
             super().connection_lost(exc)
 
     return GuardedHttpToolsProtocol

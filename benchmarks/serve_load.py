@@ -310,8 +310,9 @@ async def giant_client(url: str, route: str, body: bytes, count: int, result: Ho
             result.giants_sent[route] = result.giants_sent.get(route, 0) + 1
             try:
                 async with session.post(route, data=body, headers={"Content-Type": "application/json"}) as r:
-                    await r.read()
-                    key = f"{route} {r.status}"
+                    answer = await r.read()
+                    code = json.loads(answer)["error"]["code"] if r.status != 200 else ""
+                    key = f"{route} {r.status} {code}".strip()
             except aiohttp.ClientError as e:
                 key = f"{route} {type(e).__name__}"
             result.giants_answered[key] = result.giants_answered.get(key, 0) + 1

@@ -135,7 +135,7 @@ def test_damaged_model_file_is_one_error_naming_it(model_copy, capsys, name, dam
     assert run("info", "--model", model_copy) == 2
     line = one_error_line(capsys)
     assert str(model_copy / name) in line and says in line
-    assert run("serve", "--model", model_copy, "--port", "1") == 2  # fails while loading, before listening
+    assert run("serve", "--model", model_copy, "--port", "0") == 2  # fails while loading, before listening
     assert str(model_copy / name) in one_error_line(capsys)
 
 
@@ -158,3 +158,15 @@ def test_unexpected_errors_are_one_line_with_a_hint(monkeypatch, capsys):
     assert main(["info"]) == 1
     line = one_error_line(capsys)
     assert "internal error: RuntimeError: something internal with a second line" in line and "--debug" in line
+
+
+def test_serve_on_a_taken_port_is_one_line_before_the_model_loads(tiny_model_dir, capsys, monkeypatch):
+    import socket
+    monkeypatch.setattr("allmpnet.cli.core.load_encoder", lambda args: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run("serve", "--model", tiny_model_dir, "--port", port) == 2
+    line = one_error_line(capsys)
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "in use" in line

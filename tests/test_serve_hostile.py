@@ -120,6 +120,18 @@ def test_with_a_key_the_schema_and_docs_need_it_too_and_the_body_is_not_read(enc
         assert not answer.endswith(b"<still open>") and time.monotonic() - started < 4
 
 
+def test_an_announced_oversized_body_is_refused_at_once_without_waiting_for_room(enc):
+    config = ServeConfig(max_body_bytes=1000, max_inflight_bytes=10_000, warm_up=False)
+    app = create_app(enc, config)
+    with BackgroundServer(app) as base:
+        app.state.service.budget.used = 10_000  # the server is full
+        answer = raw_request(base, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 1000000000\r\n\r\n", read_timeout=5)
+        app.state.service.budget.used = 0
+    assert answer.startswith(b"HTTP/1.1 413") and b'"body_too_large"' in answer
+    assert not answer.endswith(b"<still open>")
+
+
 def test_oversized_headers_answer_431_and_close(url):
     huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 200_000 + b"\r\n\r\n"
     answer = raw_request(url, huge)

@@ -82,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
+    check_can_listen(args.host, args.port)  # before the model loads: a taken port is known in a moment
     encoder = load_encoder(args)
     index = load_index(args.index, encoder) if args.index is not None else None
     app = create_app(encoder, config, index)
@@ -93,6 +94,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
           f"{', index ' + str(args.index) if index is not None else ''}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
                 **uvicorn_options(config))
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """An OSError saying why host:port cannot be listened on (in use, not an address of this machine, …)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def load_index(path: Path, encoder):

@@ -155,6 +155,10 @@ class RequestGuard:
                                                                      self.api_key.encode()):
                 return error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                       "invalid_api_key", headers={"WWW-Authenticate": "Bearer", **extra_headers})
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:  # refused before it could wait for room
+            return error_response(413, f"the request body is larger than the server's limit of {self.max_body_bytes} "
+                                       "bytes", "body_too_large", headers=extra_headers)
         encoding = headers.get(b"content-encoding", b"identity").strip().lower()
         if encoding not in (b"", b"identity"):
             return error_response(415, f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the "

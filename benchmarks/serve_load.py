@@ -101,10 +101,14 @@ def make_requests(n: int, seed: int, max_words: int) -> list[list[str]]:
 
 
 def cpu_model() -> str:
+    """The CPU as lscpu names it: model name, family and model number (the name alone can be as vague as "AMD EPYC")."""
+    info: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    if "model name" not in info:
+        return platform.processor() or "unknown CPU"
+    return f"{info['model name']}, family {info.get('cpu family', '?')} model {info.get('model', '?')}"
 
 
 def free_port() -> int:
@@ -237,6 +241,12 @@ class HostileResult:
     def after_vs_before(self) -> float:
         return self.rss_after_mb / self.rss_before_mb - 1 if self.rss_before_mb else 0.0
 
+    @property
+    def passed(self) -> bool:
+        """Normal clients all served, peak RSS under the bound, and no more than 10 % kept after the run."""
+        return (not self.normal_errors and self.normal_ok == self.normal_requests
+                and self.rss_peak_mb <= self.bound_mb and self.after_vs_before <= 0.10)
+
 
 def metric_total(text: str, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
@@ -265,7 +275,7 @@ def server_holds(server_port: int, client_port: int) -> bool:
     return False
 
 
-async def slow_client(url: str, kind: str, result: HostileResult, patience: float) -> None:
+async def slow_client(url: str, kind: str, result: HostileResult, patience: float, reader_texts: int) -> None:
     """A connection that stalls: half its headers, or half its body (a byte a second), or it never reads its answer.
 
     After `patience` seconds it asks the kernel whether the server still holds its end of the connection.
@@ -275,8 +285,9 @@ async def slow_client(url: str, kind: str, result: HostileResult, patience: floa
     client_port = writer.get_extra_info("sockname")[1]
     if kind == "reader":  # small socket buffers, so the answer cannot hide in the kernel
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    if kind == "reader":  # 1,024 x 1,024 scores: a ~20 MB answer, more than the socket buffers hold
-        route, body = b"/similarity", json.dumps({"a": ["a slow reader"] * 1024, "b": ["its text"] * 1024}).encode()
+    if kind == "reader":  # n x n scores: a ~20 MB answer for n = 1,024, more than the socket buffers hold
+        route = b"/similarity"
+        body = json.dumps({"a": ["a slow reader"] * reader_texts, "b": ["its text"] * reader_texts}).encode()
     else:
         route, body = b"/v1/embeddings", json.dumps({"input": ["a slow client's text"] * 2048}).encode()
     head = (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -305,17 +316,24 @@ async def slow_client(url: str, kind: str, result: HostileResult, patience: floa
 
 
 async def giant_client(url: str, route: str, body: bytes, count: int, result: HostileResult) -> None:
+    """Send `count` requests at every limit, one after another, retrying a 503 after its Retry-After (up to 20 times)."""
     async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=1200)) as session:
         for _ in range(count):
             result.giants_sent[route] = result.giants_sent.get(route, 0) + 1
-            try:
-                async with session.post(route, data=body, headers={"Content-Type": "application/json"}) as r:
-                    answer = await r.read()
-                    code = json.loads(answer)["error"]["code"] if r.status != 200 else ""
-                    key = f"{route} {r.status} {code}".strip()
-            except aiohttp.ClientError as e:
-                key = f"{route} {type(e).__name__}"
-            result.giants_answered[key] = result.giants_answered.get(key, 0) + 1
+            for _attempt in range(20):
+                try:
+                    async with session.post(route, data=body, headers={"Content-Type": "application/json"}) as r:
+                        answer = await r.read()
+                        code = json.loads(answer)["error"]["code"] if r.status != 200 else ""
+                        retry_after = r.headers.get("Retry-After")
+                except aiohttp.ClientError as e:
+                    code, retry_after = type(e).__name__, None
+                    r = None
+                key = f"{route} {r.status if r is not None else 'failed'} {code}".strip()
+                result.giants_answered[key] = result.giants_answered.get(key, 0) + 1
+                if r is None or r.status != 503 or retry_after is None:
+                    break
+                await asyncio.sleep(float(retry_after))
 
 
 async def hostile_mix(url: str, normal: list[list[str]], args: argparse.Namespace, max_items: int, max_chars: int,
@@ -343,7 +361,7 @@ async def hostile_mix(url: str, normal: list[list[str]], args: argparse.Namespac
              asyncio.ensure_future(leave_in_waves())]
     tasks += [asyncio.ensure_future(giant_client(url, route, giant, args.giants, result)) for route in routes
               for _ in range(args.giant_concurrency)]
-    tasks += [asyncio.ensure_future(slow_client(url, kind, result, args.slow_patience))
+    tasks += [asyncio.ensure_future(slow_client(url, kind, result, args.slow_patience, args.reader_texts))
               for kind, n in result.slow_clients.items() for _ in range(n)]
     latencies = await tasks[0]
     await asyncio.gather(*tasks[1:])
@@ -353,7 +371,7 @@ async def hostile_mix(url: str, normal: list[list[str]], args: argparse.Namespac
     result.normal_errors, result.normal_queue_full_503 = normal_result.errors, normal_result.queue_full_503
     embedded_giants = result.giants_answered.get("/v1/embeddings 200", 0)
     result.texts_embedded_for_others = (sum(map(len, normal)) + embedded_giants * max_items
-                                        + result.slow_readers_answered * 2048)
+                                        + result.slow_readers_answered * 2 * args.reader_texts)
     if latencies:
         result.normal_p50_ms = float(np.percentile(latencies, 50) * 1000)
         result.normal_p99_ms = float(np.percentile(latencies, 99) * 1000)
@@ -426,7 +444,9 @@ def report_hostile(r: HostileResult, args: argparse.Namespace) -> list[str]:
         f"  server RSS: ready {r.rss_ready_mb:.0f} MB, before {r.rss_before_mb:.0f} MB, peak {r.rss_peak_mb:.0f} MB "
         f"(bound {r.bound_mb:.0f} MB = ready + 3 x max_inflight_bytes: {'within' if r.rss_peak_mb <= r.bound_mb else 'OVER'}),"
         f" after {r.rss_after_mb:.0f} MB ({r.after_vs_before:+.1%} vs before: "
-        f"{'within' if abs(r.after_vs_before) <= 0.10 else 'OVER'} 10 %)",
+        f"{'at most' if r.after_vs_before <= 0.10 else 'OVER'} +10 %)",
+        f"  hostile mix checks (normal errors 0, peak under the bound, after at most +10 %): "
+        f"{'passed' if r.passed else 'FAILED'}",
     ]
     return lines
 
@@ -500,6 +520,8 @@ def main() -> None:
     hostile.add_argument("--giant-concurrency", type=int, default=2, help="giant clients per route")
     hostile.add_argument("--disconnecting", type=int, default=200, help="clients that leave 0-300 ms after sending")
     hostile.add_argument("--slow", type=int, default=30, help="slow connections (headers, body and reading alike)")
+    hostile.add_argument("--reader-texts", type=int, default=1024,
+                         help="texts on each side of a slow reader's /similarity request (its answer: n x n scores)")
     hostile.add_argument("--slow-patience", type=float, default=90.0,
                          help="seconds a slow client waits for the server to close it")
     args = parser.parse_args()
@@ -514,12 +536,11 @@ def main() -> None:
     overload = make_requests(args.overload_requests, seed=2, max_words=args.max_words)
     check_rows = set(random.Random(3).sample(range(len(batches)), min(50, len(batches))))
 
-    print(f"allmpnet serve load test: model={args.model}, {args.concurrency} concurrent clients, "
-          f"{args.requests} requests/phase ({sum(map(len, batches))} texts, 1-32 per request, 3-{args.max_words} "
-          f"words each); host {platform.node()}, {os.cpu_count()} CPUs ({cpu_model()}), load average "
-          f"{os.getloadavg()[0]:.1f} at start", flush=True)
+    host = (f"host {platform.node()}, {os.cpu_count()} CPUs ({cpu_model()}), load average "
+            f"{os.getloadavg()[0]:.1f} at start")
     if args.only_hostile:
-        print("  hostile mix", flush=True)
+        print(f"allmpnet serve hostile mix: model={args.model}, {len(warmup)} warm-up requests from {args.concurrency} "
+              f"clients, then the mix; {host}", flush=True)
         hostile = hostile_phase(model, args, warmup)
         print("\n" + "\n".join(report_hostile(hostile, args)))
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
@@ -529,6 +550,9 @@ def main() -> None:
                                              "hostile": asdict(hostile) | {"after_vs_before": hostile.after_vs_before}},
                                             indent=2) + "\n")
         return
+    print(f"allmpnet serve load test: model={args.model}, {args.concurrency} concurrent clients, "
+          f"{args.requests} requests/phase ({sum(map(len, batches))} texts, 1-32 per request, 3-{args.max_words} "
+          f"words each); {host}", flush=True)
     compared = [Phase("one-at-a-time", model, ["--no-dynamic-batching", *args.server_flags]),
                  Phase("dynamic", model, list(args.server_flags))]
     for phase in compared:

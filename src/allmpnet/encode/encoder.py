@@ -46,6 +46,7 @@ class Encoder:
         None: batch_size alone decides, 32 if unset)."""
         self.device = resolve_device(device)
         self.plan = as_plan(precision, self.device)  # first: a precision this device lacks fails before loading
+        require_device(self.device)
         self.model_dir = resolve(model)
         self.name = str(model)
         verify_weights(self.model_dir)
@@ -210,23 +211,28 @@ class Encoder:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device for a name; a ValueError saying what exists for a name torch does not know or lacks here."""
+    """The torch device for a name (None: cuda if available, else cpu); a ValueError for a name allmpnet cannot run."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"unknown device {str(device)!r}: expected cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use --device cpu")
-        if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
-                             f"cuda:{count - 1}")
-    elif resolved.type not in ("cpu", "mps", "xpu"):
+    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ValueError(f"device {str(device)!r}: allmpnet runs on cpu or cuda, not {resolved.type}")
     return resolved
+
+
+def require_device(device: torch.device) -> None:
+    """A ValueError saying what this machine has, when it lacks `device`."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use --device cpu")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                         f"cuda:{count - 1}")
 
 
 def as_plan(precision: str | PrecisionPlan, device: torch.device) -> PrecisionPlan:

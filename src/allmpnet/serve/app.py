@@ -10,11 +10,10 @@ import base64
 import hmac
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from concurrent.futures import Future
 
 import anyio
 import numpy as np

@@ -1,10 +1,11 @@
 """allmpnet: the all-mpnet-base-v2 sentence-embedding model, end to end."""
-from allmpnet.encode import Encoder, TruncationWarning
+from allmpnet.encode import Encoder, NonFiniteOutputError, TruncationWarning
 from allmpnet.encode.quantize import Quantizer, calibration_ranges, quantize_embeddings
-from allmpnet.model import WeightsError
+from allmpnet.model import ModelFileError, WeightsError
 from allmpnet.similarity import cos_sim, dot_score, pairwise_cos_sim, pairwise_dot_score
 from allmpnet.weights import ChecksumError, ModelNotFoundError
 
 __version__ = "0.1.0"
-__all__ = ["Encoder", "TruncationWarning", "Quantizer", "calibration_ranges", "quantize_embeddings", "WeightsError", "ChecksumError", "ModelNotFoundError",
+__all__ = ["Encoder", "TruncationWarning", "NonFiniteOutputError", "Quantizer", "calibration_ranges",
+           "quantize_embeddings", "ModelFileError", "WeightsError", "ChecksumError", "ModelNotFoundError",
            "cos_sim", "dot_score", "pairwise_cos_sim", "pairwise_dot_score"]

@@ -1,6 +1,8 @@
 """Reading user text files line by line: every line numbered, unreadable ones reported instead of raised."""
 from __future__ import annotations
 
+import codecs
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -16,12 +18,26 @@ def raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
             if not raw:
                 return
             number += 1
+            if number == 1:  # a byte-order mark (Windows editors write one) is no part of the first row
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
                     pass
                 yield number, None
                 continue
             yield number, raw.rstrip(b"\n").removesuffix(b"\r")
+
+
+def check_input_file(path: Path) -> None:
+    """A clear error, naming the path, unless it is a readable file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file (.txt, .jsonl or .csv)")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path}: permission denied (not readable)")
 
 
 def decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:

@@ -70,33 +70,50 @@ def sha256_of(path: Path, progress: bool = False) -> str:
 def verify_weights(model_dir: Path) -> None:
     """Refuse weights that changed since they were verified (the stamp written by `download`).
 
-    The size is checked on every load; the hash again whenever the file's mtime moved since the stamp.
-    Directories without a stamp (user models) are only checked structurally when read.
+    The size is checked on every load; the hash again whenever the file's identity moved since the stamp: its
+    mtime, its inode, or its ctime, which no user call can set back (restoring an edited file's mtime with
+    `touch -d` or os.utime moves its ctime). Directories without a stamp (user models) are only checked
+    structurally when read.
     """
     stamp_path = model_dir / STAMP
     if not stamp_path.is_file():
         return
-    stamp = json.loads(stamp_path.read_text())
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        expected_size, expected_sha256 = int(stamp["size"]), str(stamp["sha256"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ChecksumError(f"{stamp_path} is damaged, so {model_dir / WEIGHTS} cannot be checked; "
+                            "run `allmpnet download --force`") from None
     weights = model_dir / WEIGHTS
     if not weights.is_file():
         raise ChecksumError(f"{weights} is missing; run `allmpnet download --force`")
     size = weights.stat().st_size
-    if size != stamp["size"]:
-        raise ChecksumError(f"{weights} is {size:,} bytes, expected {stamp['size']:,} (truncated or replaced); "
+    if size != expected_size:
+        raise ChecksumError(f"{weights} is {size:,} bytes, expected {expected_size:,} (truncated or replaced); "
                             "it was not loaded. Run `allmpnet download --force`")
-    if weights.stat().st_mtime_ns != stamp.get("mtime_ns"):
+    if _identity(weights) != {key: stamp.get(key) for key in IDENTITY_KEYS}:
         actual = sha256_of(weights)
-        if actual != stamp["sha256"]:
-            raise ChecksumError(f"{weights} has sha256 {actual}, expected {stamp['sha256']} (corrupted); "
+        if actual != expected_sha256:
+            raise ChecksumError(f"{weights} has sha256 {actual}, expected {expected_sha256} (corrupted); "
                                 "it was not loaded. Run `allmpnet download --force`")
-        write_stamp(model_dir, actual)
+        try:
+            write_stamp(model_dir, actual)
+        except OSError:  # a read-only copy: it is checked again on the next load, which is only slower
+            pass
+
+
+IDENTITY_KEYS = ("mtime_ns", "ctime_ns", "inode")
+
+
+def _identity(weights: Path) -> dict[str, int]:
+    stat = weights.stat()
+    return {"mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
 
 
 def write_stamp(model_dir: Path, sha256: str) -> None:
     weights = model_dir / WEIGHTS
-    stat = weights.stat()
-    (model_dir / STAMP).write_text(json.dumps({"size": stat.st_size, "sha256": sha256,
-                                               "mtime_ns": stat.st_mtime_ns}) + "\n")
+    (model_dir / STAMP).write_text(json.dumps({"size": weights.stat().st_size, "sha256": sha256,
+                                               **_identity(weights)}) + "\n")
 
 
 def published_dir(model: PublishedModel = ALL_MPNET) -> Path:

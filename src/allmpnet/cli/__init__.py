@@ -1,20 +1,50 @@
-"""The `allmpnet` command: a thin layer over the library. Each module here registers one group of subcommands."""
+"""The `allmpnet` command: a thin layer over the library. Each module here registers one group of subcommands.
+
+Errors a user can fix (a missing or damaged file, a bad value, an unusable device) print one line naming the
+file and what is wrong, and exit with 2; anything else prints one line too and exits with 1. `--debug`, before
+or after the command, adds the traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from importlib import import_module
 
 # one entry per command module; each defines register(subparsers)
 COMMAND_MODULES = ["allmpnet.cli.core", "allmpnet.cli.serve", "allmpnet.cli.search", "allmpnet.cli.bulk", "allmpnet.cli.evaluate", "allmpnet.cli.train", "allmpnet.cli.export", "allmpnet.cli.mining"]
+DEBUG_HELP = "on an error, print the traceback too"
+USAGE_EXIT, INTERNAL_EXIT = 2, 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="allmpnet", description="all-mpnet-base-v2 sentence embeddings")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         import_module(name).register(subparsers)
+    for sub in _all_subparsers(parser):  # `allmpnet encode … --debug` works as well as `allmpnet --debug encode …`
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                found += [sub, *_all_subparsers(sub)]
+    return found
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Errors about the user's files, values or machine (every library error class derives from these)."""
+    return isinstance(error, (OSError, ValueError, TypeError))
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, TypeError, OSError) as e:  # user-facing problems: one clear line
-        print(f"allmpnet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        if is_user_error(e):
+            print(f"allmpnet {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return USAGE_EXIT
+        hint = "" if args.debug else " (run again with --debug for the traceback)"
+        print(f"allmpnet {args.command}: internal error: {type(e).__name__}: {one_line(e)}{hint}", file=sys.stderr)
+        return INTERNAL_EXIT
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("encode", help="embed a text file (one per line), JSONL field or CSV column to .npy")
     p.add_argument("input", type=Path)
-    p.add_argument("--out", "-o", type=Path, required=True, help="output .npy (float32, one row per text)")
+    p.add_argument("--out", "-o", type=Path, required=True,
+                   help="output file, written at exactly this path in .npy format (float32, one row per text)")
     p.add_argument("--field", default="text", help="JSONL field or CSV column holding the text")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count bad rows (their source line numbers go to OUT.lines.npy)")
@@ -88,30 +89,39 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> None:
     from allmpnet.cli.inputs import read_texts
+    from allmpnet.cli.outputs import replaced_on_success
     from allmpnet.encode.quantize import calibration_ranges, load_calibration, quantize_embeddings
     if args.calibration is not None and args.quantize not in ("int8", "uint8"):
         raise ValueError("--calibration sets the ranges of --quantize int8 or uint8")
     ranges = load_calibration(args.calibration) if args.calibration is not None else None
-    rows = read_texts(args.input, args.field, skip_bad=args.skip_bad)
-    enc = load_encoder(args)
-    vectors = enc.encode(rows.texts, batch_size=args.batch_size, show_progress_bar=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_on_success(args.out) as out:  # an unusable --out fails here, before reading or encoding
+        rows = read_texts(args.input, args.field, skip_bad=args.skip_bad)
+        if not rows.texts:
+            raise ValueError(f"{args.input}: no text to encode ("
+                             f"{f'all {len(rows.bad)} rows were bad' if rows.bad else 'the file is empty'})")
+        enc = load_encoder(args)
+        vectors = enc.encode(rows.texts, batch_size=args.batch_size, show_progress_bar=True)
+        if args.quantize is None:
+            np.save(out, vectors)
+        else:
+            if args.quantize in ("int8", "uint8") and ranges is None:
+                ranges = calibration_ranges(vectors)
+                ranges_path = args.out.with_name(args.out.name.removesuffix(".npy") + ".ranges.npy")
+                with replaced_on_success(ranges_path) as ranges_out:
+                    np.save(ranges_out, ranges)
+                print(f"{args.quantize} ranges taken from these {len(vectors)} vectors, saved to {ranges_path} "
+                      "(pass it as --calibration to quantize other files the same way)")
+            quantized = quantize_embeddings(vectors, args.quantize, ranges)
+            np.save(out, quantized)
     if args.quantize is None:
-        np.save(args.out, vectors)
-        print(f"wrote {vectors.shape[0]} x {enc.dim} float32 to {args.out}")
+        print(f"wrote {vectors.shape[0]} x {enc.dim} float32 (.npy format) to {args.out}")
     else:
-        if args.quantize in ("int8", "uint8") and ranges is None:
-            ranges = calibration_ranges(vectors)
-            ranges_path = args.out.with_suffix(".ranges.npy")
-            np.save(ranges_path, ranges)
-            print(f"{args.quantize} ranges taken from these {len(vectors)} vectors, saved to {ranges_path} "
-                  "(pass it as --calibration to quantize other files the same way)")
-        quantized = quantize_embeddings(vectors, args.quantize, ranges)
-        np.save(args.out, quantized)
-        print(f"wrote {quantized.shape[0]} x {quantized.shape[1]} {quantized.dtype} ({args.quantize}) to {args.out}")
+        print(f"wrote {quantized.shape[0]} x {quantized.shape[1]} {quantized.dtype} ({args.quantize}, .npy format) "
+              f"to {args.out}")
     if rows.bad:
-        lines_path = args.out.with_suffix(".lines.npy")
-        np.save(lines_path, np.asarray(rows.line_numbers, dtype=np.int64))
+        lines_path = args.out.with_name(args.out.name.removesuffix(".npy") + ".lines.npy")
+        with replaced_on_success(lines_path) as lines:
+            np.save(lines, np.asarray(rows.line_numbers, dtype=np.int64))
         print(f"skipped {len(rows.bad)} bad row(s) (first: line {rows.bad[0][0]}: {rows.bad[0][1]}); "
               f"source line of each row in {lines_path}")
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from allmpnet.textfiles import bad_rows_error, decoded_lines
+from allmpnet.textfiles import bad_rows_error, check_input_file, decoded_lines
 
 
 @dataclass
@@ -23,8 +23,7 @@ def read_texts(path: str | Path, field_name: str = "text", skip_bad: bool = Fals
     unless skip_bad, in which case it is counted in `bad` and left out.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    check_input_file(path)
     rows = TextRows()
     suffix = path.suffix.lower()
     decoded: list[tuple[int, str]] = []

@@ -36,6 +36,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="one request per forward pass (for comparison; slower under concurrency)")
     p.add_argument("--no-warm-up", action="store_true",
                    help="skip the full-budget forward pass at startup (faster start, slower first requests)")
+    p.add_argument("--max-inflight-bytes", type=int, default=d.max_inflight_bytes,
+                   help="bytes of requests in flight (bodies plus their largest answers); beyond it requests wait, "
+                        "so memory follows this, not the number of clients (default %(default)s)")
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help="request line and headers; more: 431 (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a client may take to send its headers (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="seconds a body may take to arrive once admitted (default %(default)s)")
+    p.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help="longest pause between pieces of a body (default %(default)s)")
+    p.add_argument("--write-timeout", type=float, default=d.write_timeout,
+                   help="seconds a client may take to read each MiB of its answer before it is disconnected "
+                        "(default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--calibration", default=None,
                    help="ranges for embedding_type int8/uint8: a .npy of (2, dim) ranges (`allmpnet encode "
@@ -58,16 +72,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from allmpnet.cli.core import load_encoder
     from allmpnet.serve import ServeConfig, create_app
+    from allmpnet.serve.protocol import uvicorn_options
 
     config = ServeConfig(model_name=args.served_model_name or served_name(args.model),
                          api_key=args.api_key or ServeConfig.api_key_from_env(), max_items=args.max_items,
                          max_chars=args.max_chars, max_body_bytes=args.max_body_bytes, truncate=not args.no_truncate,
                          max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, dynamic_batching=not args.no_dynamic_batching,
-                         warm_up=not args.no_warm_up, calibration=args.calibration)
+                         warm_up=not args.no_warm_up, max_inflight_bytes=args.max_inflight_bytes,
+                         max_header_bytes=args.max_header_bytes, header_timeout=args.header_timeout,
+                         body_timeout=args.body_timeout, read_timeout=args.read_timeout,
+                         write_timeout=args.write_timeout, calibration=args.calibration)
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
+    check_can_listen(args.host, args.port)  # before the model loads: a taken port is known in a moment
     encoder = load_encoder(args)
     index = load_index(args.index, encoder) if args.index is not None else None
     app = create_app(encoder, config, index)
@@ -77,7 +96,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"serving {config.model_name} ({encoder.dim}-d, {encoder.device}) on http://{args.host}:{args.port} "
           f"— {'API key required' if config.api_key else 'no API key'}"
           f"{', index ' + str(args.index) if index is not None else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
+                **uvicorn_options(config))
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """An OSError saying why host:port cannot be listened on (in use, not an address of this machine, …)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def load_index(path: Path, encoder):

@@ -62,6 +62,21 @@ class TokenBudget:
             start += rows
 
 
+class NonFiniteOutputError(ValueError):
+    """The model gave NaN or infinite values: damaged weights (or a precision overflow), never a silent result."""
+
+
+def check_finite(vectors: torch.Tensor | np.ndarray) -> None:
+    """Raise NonFiniteOutputError when a (B, dim) batch of output vectors holds NaN or inf."""
+    finite = (torch.isfinite(vectors) if isinstance(vectors, torch.Tensor) else np.isfinite(vectors)).all(axis=1)
+    if not bool(finite.all()):
+        bad = np.flatnonzero(~np.asarray(finite)).tolist()
+        raise NonFiniteOutputError(
+            f"the model produced NaN or infinite values for {len(bad)} of {len(finite)} texts in a batch (batch rows "
+            f"{bad[:5]}{' …' if len(bad) > 5 else ''}): its weights are damaged or the precision overflows; "
+            "no vectors were returned")
+
+
 def embed_in_batches(ids: Sequence[Sequence[int]], embed: Callable[[list[Sequence[int]]], torch.Tensor | np.ndarray],
                      budget: TokenBudget, out: torch.Tensor | np.ndarray, offset: int = 0,
                      progress: Callable[[int], object] | None = None) -> None:
@@ -69,6 +84,7 @@ def embed_in_batches(ids: Sequence[Sequence[int]], embed: Callable[[list[Sequenc
     lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
     for rows in budget.batches(lengths):
         vectors = embed([ids[r] for r in rows])
+        check_finite(vectors)
         target = rows + offset
         if isinstance(out, torch.Tensor):
             out[torch.from_numpy(target)] = torch.as_tensor(vectors).to(out.dtype)

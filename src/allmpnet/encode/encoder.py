@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from allmpnet.encode import kernels
-from allmpnet.encode.batching import (SORT_WINDOW, TokenBudget, default_batch_tokens, embed_in_batches, prefetched,
-                                     windows)
+from allmpnet.encode.batching import (SORT_WINDOW, TokenBudget, check_finite, default_batch_tokens, embed_in_batches,
+                                     prefetched, windows)
 from allmpnet.encode.documents import ChunkSettings, DocumentChunks, chunk_token_ranges
 from allmpnet.encode.inference import inference_model
 from allmpnet.encode.precision import PrecisionPlan, plan_precision
@@ -46,8 +46,9 @@ class Encoder:
         encode/precision.py.
         max_batch_tokens caps the padded tokens of one encode() batch (default: 4096 on CPU, 16384 on GPU;
         None: batch_size alone decides, 32 if unset)."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.plan = as_plan(precision, self.device)  # first: a precision this device lacks fails before loading
+        require_device(self.device)
         self.model_dir = resolve(model)
         self.name = str(model)
         verify_weights(self.model_dir)
@@ -133,6 +134,7 @@ class Encoder:
     # ---------------------------------------------------------------- texts -> vectors
 
     def tokenize(self, texts: Sequence[str]) -> Tokenized:
+        """Ids truncated at max_seq_length; a ValueError names a text that is not valid Unicode."""
         return self.tokenizer(check_texts(texts))
 
     def truncated_indices(self, texts: Sequence[str]) -> list[int]:
@@ -154,7 +156,9 @@ class Encoder:
             return torch.empty((0, self.dim), dtype=torch.float32)
         if self.plan.runs_the_model_itself and self.model.training:  # dropout would be on
             raise RuntimeError("the model is in training mode: call encoder.eval() before encoding")
-        return self.inference_model()(self.pack(ids), normalize).float().cpu()
+        vectors = self.inference_model()(self.pack(ids), normalize).float().cpu()
+        check_finite(vectors)
+        return vectors
 
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None, normalize: bool | None = None,
                    progress=None) -> torch.Tensor:
@@ -239,6 +243,31 @@ class Encoder:
         """Write the sentence-transformers layout: a directory both libraries load with the same vectors. It lists
         this encoder's max_seq_length unless max_seq_length says otherwise."""
         return self.model.save(out_dir, max_seq_length or self.max_seq_length)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for a name (None: cuda if available, else cpu); a ValueError for a name allmpnet cannot run."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r}: expected cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device {str(device)!r}: allmpnet runs on cpu or cuda, not {resolved.type}")
+    return resolved
+
+
+def require_device(device: torch.device) -> None:
+    """A ValueError saying what this machine has, when it lacks `device`."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use --device cpu")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                         f"cuda:{count - 1}")
 
 
 def as_plan(precision: str | PrecisionPlan, device: torch.device) -> PrecisionPlan:

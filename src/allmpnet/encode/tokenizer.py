@@ -1,6 +1,14 @@
-"""Word-piece tokenization with the model's own tokenizer.json, truncated at max_seq_length and never silently."""
+"""Word-piece tokenization with the model's own tokenizer.json, truncated at max_seq_length and never silently.
+
+A long text is tokenized from a prefix of its characters, not whole: the model reads only its first
+max_seq_length word pieces, and the tokenizer library keeps every word piece of a text (with its offsets and
+strings, ~100 bytes each) until the call returns, so 2,048 texts of 20,000 characters cost ~800 MB of memory
+and seconds of CPU for pieces that are thrown away. The prefix gives exactly the ids and truncation flag of the
+whole text (see `TextTokenizer.__call__`).
+"""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -9,7 +17,30 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from allmpnet.model.files import ModelFileError
 from allmpnet.model.sentence import TOKENIZER_FILES
+
+# first prefix tried for a long text, in characters per word piece of max_seq_length: English runs ~4.5, so
+# most long texts need one pass; a prefix that proves too short is grown 4x and tokenized again
+PREFIX_CHARS_PER_TOKEN = 6
+# texts per call into the tokenizer library: what it holds at once stays small whatever the request size
+TOKENIZE_CHUNK = 256
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Position of the first lone surrogate (a code point UTF-8 cannot encode, e.g. from JSON "\\ud800"), or None."""
+    found = LONE_SURROGATE.search(text)
+    return None if found is None else found.start()
+
+
+def check_encodable(texts: Sequence[str], field: str = "texts") -> None:
+    """A ValueError naming the first text that is not valid Unicode (the tokenizer could not read it)."""
+    for i, text in enumerate(texts):
+        at = lone_surrogate_at(text)
+        if at is not None:
+            raise ValueError(f"{field}[{i}] is not valid Unicode: a lone surrogate U+{ord(text[at]):04X} at character "
+                             f"{at} (UTF-8 cannot encode it)")
 
 
 @dataclass
@@ -37,8 +68,13 @@ class TextTokenizer:
     def from_dir(cls, model_dir: Path, max_seq_length: int, pad_id: int) -> "TextTokenizer":
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the model directory needs a tokenizer.json")
-        return cls(Tokenizer.from_file(str(path)), max_seq_length, pad_id)
+            raise ModelFileError(f"{path} not found: the model directory needs a tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for every kind of damage
+            raise ModelFileError(f"{path} is not a readable tokenizer file ({_first_line(e)}); "
+                                 "restore it from the model's source") from None
+        return cls(tokenizer, max_seq_length, pad_id)
 
     @property
     def max_seq_length(self) -> int:
@@ -52,8 +88,39 @@ class TextTokenizer:
         self._tok.enable_truncation(self._max_seq_length)
 
     def __call__(self, texts: Sequence[str]) -> Tokenized:
-        encodings = self._tok.encode_batch(list(texts))
-        return Tokenized([e.ids for e in encodings], [bool(e.overflowing) for e in encodings])
+        """Ids truncated at max_seq_length, and which texts were cut; texts must be valid Unicode (ValueError).
+
+        A text longer than the prefix is tokenized from its first `prefix` characters. The word pieces of every
+        word but the prefix's last are those of the whole text (the normalizer and pre-tokenizer act on single
+        characters and words), so when the kept pieces all come from earlier words and more pieces follow, they
+        are the whole text's, and it is truncated. Otherwise the prefix is grown and the text tokenized again.
+        """
+        texts = list(texts)
+        ids: list[list[int]] = [[] for _ in texts]
+        truncated = [False] * len(texts)
+        prefix = self.max_seq_length * PREFIX_CHARS_PER_TOKEN
+        pending = list(range(len(texts)))
+        while pending:
+            retry = []
+            for start in range(0, len(pending), TOKENIZE_CHUNK):
+                chunk = pending[start:start + TOKENIZE_CHUNK]
+                encodings = self._encode([texts[i][:prefix] for i in chunk], texts, chunk)
+                for i, encoding in zip(chunk, encodings):
+                    if len(texts[i]) <= prefix:
+                        ids[i], truncated[i] = encoding.ids, bool(encoding.overflowing)
+                    elif _kept_pieces_are_final(encoding):
+                        ids[i], truncated[i] = encoding.ids, True
+                    else:
+                        retry.append(i)
+            pending, prefix = retry, prefix * 4
+        return Tokenized(ids, truncated)
+
+    def _encode(self, pieces: list[str], texts: list[str], rows: list[int]) -> list:
+        try:
+            return self._tok.encode_batch(pieces)
+        except TypeError:  # the library cannot take a lone surrogate, and says only that the input has a wrong type
+            check_encodable([texts[i] for i in rows])
+            raise
 
     def tokenize_whole(self, texts: Sequence[str]) -> list:
         """Every word piece of each text, without special tokens or truncation, with character offsets and word
@@ -86,3 +153,16 @@ class TextTokenizer:
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
         return torch.from_numpy(input_ids), torch.from_numpy(mask)
+
+
+def _kept_pieces_are_final(encoding) -> bool:
+    """Whether a truncated prefix's kept word pieces all precede its last word (the one the cut may have split)."""
+    if not encoding.overflowing:
+        return False
+    kept = [w for w in encoding.word_ids if w is not None]
+    last = max((w for w in encoding.overflowing[-1].word_ids if w is not None), default=None)
+    return bool(kept) and last is not None and max(kept) < last
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

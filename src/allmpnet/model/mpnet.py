@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from allmpnet.model.files import ModelFileError, read_json
 from allmpnet.model.packing import AttentionLayout, BoundAttention, PackedBatch
 
 
-class WeightsError(ValueError):
+class WeightsError(ModelFileError):
     """A checkpoint that cannot be loaded as-is: missing, unexpected, misshapen or damaged tensors."""
 
 
@@ -40,6 +41,24 @@ class MPNetConfig:
     attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 1
 
+    def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "relative_attention_num_buckets", "relative_attention_max_distance")
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be a token id below vocab_size ({self.vocab_size}), "
+                             f"got {self.pad_token_id!r}")
+        if self.max_position_embeddings < self.pad_token_id + 3:  # room for the padding slots and one token
+            raise ValueError(f"max_position_embeddings ({self.max_position_embeddings}) leaves no room for text "
+                             f"after the {self.pad_token_id + 1} padding slot(s)")
+        for name in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
     @classmethod
     def from_dict(cls, raw: dict) -> "MPNetConfig":
         known = {f.name for f in fields(cls)}
@@ -47,7 +66,14 @@ class MPNetConfig:
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "MPNetConfig":
-        return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+        path = Path(model_dir) / "config.json"
+        try:
+            cfg = cls.from_dict(read_json(path))
+        except ModelFileError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ModelFileError(f"{path}: {e}") from None
+        return cfg
 
     def to_hf_dict(self) -> dict:
         """config.json as transformers expects it for an MPNet model."""
@@ -219,6 +245,9 @@ class MPNet(nn.Module):
     def from_pretrained(cls, model_dir: str | Path) -> "MPNet":
         model_dir = Path(model_dir)
         cfg = MPNetConfig.load(model_dir)
+        if cfg.hidden_size % cfg.num_attention_heads:  # no network can be built from it
+            raise ModelFileError(f"{model_dir / 'config.json'}: hidden_size ({cfg.hidden_size}) must be a multiple of "
+                                 f"num_attention_heads ({cfg.num_attention_heads})")
         tensors = read_safetensors(model_dir / "model.safetensors")
         if any(k.startswith("mpnet.") for k in tensors):  # masked-LM layout: keep the encoder, drop the LM head
             tensors = {k[len("mpnet."):]: v for k, v in tensors.items() if k.startswith("mpnet.")}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from allmpnet.model.files import ModelFileError, read_json
 from allmpnet.model.packing import PackedBatch
 
 MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")
@@ -58,8 +59,10 @@ class Pooling:
     def load(cls, pooling_dir: str | Path) -> "Pooling":
         """Either layout: legacy ``pooling_mode_*`` booleans, or sentence-transformers 6's ``pooling_mode`` name(s)."""
         path = Path(pooling_dir) / "config.json"
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
         dim = raw.get("word_embedding_dimension", raw.get("embedding_dimension"))
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ModelFileError(f"{path}: word_embedding_dimension must be a positive integer, got {dim!r}")
         if "pooling_mode" in raw:
             names = [raw["pooling_mode"]] if isinstance(raw["pooling_mode"], str) else list(raw["pooling_mode"])
             by_name = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens",
@@ -71,7 +74,9 @@ class Pooling:
                            and k.removeprefix("pooling_mode_") not in MODES]
             enabled = {m for m in MODES if raw.get(f"pooling_mode_{m}")}
         if unsupported:
-            raise ValueError(f"{path} asks for pooling modes allmpnet does not support: {unsupported}")
+            raise ModelFileError(f"{path} asks for pooling modes allmpnet does not support: {unsupported}")
+        if not enabled:
+            raise ModelFileError(f"{path} enables no pooling mode; expected one of {MODES}")
         return cls(word_embedding_dimension=dim, **{f"pooling_mode_{m}": m in enabled for m in MODES})
 
     def save(self, pooling_dir: str | Path) -> None:

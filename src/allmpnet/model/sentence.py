@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmpnet.model.files import ModelFileError, read_json
 from allmpnet.model.mpnet import MPNet
 from allmpnet.model.packing import PackedBatch
 from allmpnet.model.pooling import Pooling
@@ -55,6 +56,9 @@ class SentenceModel(nn.Module):
         pooling_dir = modules.get("Pooling")
         pooling = (Pooling.load(model_dir / pooling_dir) if pooling_dir is not None
                    else Pooling(word_embedding_dimension=network.cfg.hidden_size))
+        if pooling.word_embedding_dimension != network.cfg.hidden_size:
+            raise ModelFileError(f"{model_dir / pooling_dir / 'config.json'} pools {pooling.word_embedding_dimension}-d "
+                                 f"token vectors, but the network's hidden_size is {network.cfg.hidden_size}")
         return cls(network, pooling, "Normalize" in modules, configured_max_seq_length(model_dir),
                    source=model_dir).eval()
 
@@ -92,10 +96,16 @@ def read_modules(model_dir: Path) -> dict[str, str]:
     path = model_dir / "modules.json"
     if not path.is_file():
         return {}
-    modules = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in json.loads(path.read_text())}
+    entries = read_json(path, list)
+    if not all(isinstance(m, dict) and isinstance(m.get("type"), str) and isinstance(m.get("path", ""), str)
+               for m in entries):
+        raise ModelFileError(f"{path} must list objects with a 'type' string (and a 'path' string)")
+    modules = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in entries}
     unknown = sorted(set(modules) - {"Transformer", "Pooling", "Normalize"})
     if unknown:
-        raise ValueError(f"{path} lists modules allmpnet does not implement: {unknown}")
+        raise ModelFileError(f"{path} lists modules allmpnet does not implement: {unknown}")
+    if "Transformer" not in modules:
+        raise ModelFileError(f"{path} lists no Transformer module")
     return modules
 
 
@@ -103,7 +113,12 @@ def configured_max_seq_length(model_dir: Path) -> int | None:
     """sentence_bert_config.json's max_seq_length; newer sentence-transformers keep it as the tokenizer's limit."""
     for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
         path = model_dir / name
-        if path.is_file() and isinstance(value := json.loads(path.read_text()).get(key), int):
+        if not path.is_file():
+            continue
+        value = read_json(path).get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 2:
+                raise ModelFileError(f"{path}: {key} must leave room for the two special tokens, got {value}")
             return value
     return None
 

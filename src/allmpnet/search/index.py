@@ -518,8 +518,9 @@ def check_build_target(root: Path, overwrite: bool) -> None:
     if root.exists() and not root.is_dir():
         raise IndexFormatError(f"{root} is a file, not an index directory")
     if root.is_dir() and not storage.is_index_dir(root):
-        leftovers = [p.name for p in root.iterdir()
-                     if p.name != storage.LOCK and not p.name.startswith(storage.STAGING_PREFIX)]
+        # a killed first build leaves only writer folders (cleared by the next writer): building again is the cure
+        ours = set(storage.writer_leftovers(root))
+        leftovers = [p.name for p in root.iterdir() if p.name not in ours]
         if leftovers:
             raise IndexFormatError(f"{root} exists and is not an allmpnet index (holds {sorted(leftovers)[:3]}); "
                                    "choose an empty or new --out")

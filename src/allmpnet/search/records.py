@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from allmpnet.textfiles import bad_rows_error, decoded_lines
+from allmpnet.textfiles import bad_rows_error, check_input_file, decoded_lines
 
 FORMATS = (".txt", ".jsonl", ".csv")
 
@@ -59,8 +59,7 @@ def scan(path: str | Path, spec: CorpusSpec = CorpusSpec(), existing_ids: set[st
          skip_bad: bool = False) -> ScanReport:
     """Check every row; raise ValueError listing bad rows (unless skip_bad) or when no row is left."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    check_input_file(path)
     report = ScanReport(path)
     spec = _with_id_field(path, spec)
     report.id_field = spec.id_field

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 POINTER = "CURRENT"
+POINTER_TMP = f"{POINTER}.tmp"
 LOCK = ".lock"
 STAGING_PREFIX = ".staging-"
 VERSION_RE = re.compile(r"^v(\d{6,})$")
@@ -41,6 +42,24 @@ def is_index_dir(root: Path) -> bool:
     return (root / POINTER).is_file()
 
 
+def writer_leftovers(root: Path) -> list[str]:
+    """Names in root that only a writer makes (version folders, the pointer's temporary, staging folders, the lock)."""
+    return sorted(p.name for p in root.iterdir()
+                  if VERSION_RE.match(p.name) or p.name in (POINTER_TMP, LOCK) or p.name.startswith(STAGING_PREFIX))
+
+
+def interrupted_first_build(root: Path) -> list[str]:
+    """What a first build killed before its commit left in root (nothing else there, no CURRENT); [] otherwise.
+
+    A killed first build never made anything readable: its folders can be cleared and the build run again.
+    """
+    if not root.is_dir() or (root / POINTER).exists():
+        return []
+    names = sorted(p.name for p in root.iterdir())
+    leftovers = writer_leftovers(root)
+    return [n for n in leftovers if n != LOCK] if names and names == leftovers else []
+
+
 def current_version(root: Path) -> Path:
     """The folder of the live version; a clear IndexFormatError when there is none."""
     root = Path(root)
@@ -50,6 +69,12 @@ def current_version(root: Path) -> Path:
         raise IndexFormatError(f"{root} is a file, not an index directory")
     pointer = root / POINTER
     if not pointer.is_file():
+        leftovers = interrupted_first_build(root)
+        if leftovers:
+            raise IndexFormatError(
+                f"{root} holds no index: its first build was interrupted before it committed (left "
+                f"{', '.join(leftovers[:3])}{' …' if len(leftovers) > 3 else ''}, no {POINTER}). Run the build again, "
+                f"`allmpnet index build CORPUS --out {root}`; it clears what the killed build left")
         raise IndexFormatError(f"{root} is not an allmpnet index (no {POINTER} file); build one with "
                                f"`allmpnet index build CORPUS --out {root}`")
     name = pointer.read_text(encoding="utf-8", errors="replace").strip()
@@ -89,7 +114,7 @@ def commit(root: Path, staging: Path) -> Path:
     version = root / f"v{number:06d}"
     os.rename(staging, version)
     fsync_path(root)
-    pointer_tmp = root / f"{POINTER}.tmp"
+    pointer_tmp = root / POINTER_TMP
     with open(pointer_tmp, "w", encoding="utf-8") as f:
         f.write(version.name + "\n")
         f.flush()
@@ -100,11 +125,13 @@ def commit(root: Path, staging: Path) -> Path:
 
 
 def remove_stale(root: Path) -> None:
-    """Delete versions other than the live one and leftover staging folders. Caller holds writer_lock.
+    """Delete versions other than the live one, leftover staging folders and pointer temporaries. Caller holds
+    writer_lock.
 
     Readers that already opened an old version keep working: its files stay alive while they are open.
     """
     live = (root / POINTER).read_text().strip() if (root / POINTER).is_file() else None
+    (root / POINTER_TMP).unlink(missing_ok=True)  # only ever written under the lock, then renamed: a kill's debris
     for p in root.iterdir():
         stale_version = VERSION_RE.match(p.name) and p.name != live
         if p.is_dir() and (stale_version or p.name.startswith(STAGING_PREFIX)):

@@ -10,6 +10,7 @@ import base64
 import hmac
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from allmpnet import __version__
 from allmpnet.encode import Encoder, Tokenized
 from allmpnet.encode.quantize import load_calibration, quantize_embeddings
+from allmpnet.encode.tokenizer import check_encodable
 from allmpnet.serve.batching import BatcherClosed, DynamicBatcher, QueueFull
 from allmpnet.serve.config import ServeConfig
-from allmpnet.serve.errors import APIError, BodyLimit, error_response, install_error_handlers, log
+from allmpnet.serve.errors import APIError, BodyLimit, ClientGone, error_response, install_error_handlers, log
+from allmpnet.serve.limits import InFlightBudget, RequestGuard, client_gone
 from allmpnet.serve.metrics import ServerMetrics
 from allmpnet.serve.schemas import (EmbeddingsRequest, SearchRequest, SimilarityRequest, TokenizeRequest,
                                     as_texts)
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 
 # above this many characters in one request, tokenize off the event loop so other requests keep flowing
 TOKENIZE_INLINE_CHARS = 20_000
+# JSON bytes of one value in a response, at most: a float32 as "-0.012345678,", a word piece id and its string
+FLOAT_JSON_BYTES, TOKEN_JSON_BYTES = 24, 48
 
 
 class Service:
@@ -57,8 +62,28 @@ class Service:
             raise ValueError(f"calibration {config.calibration} is {self.calibration.shape[1]}-d; the model gives "
                              f"{encoder.dim}-d vectors")
         self._index_lock = threading.Lock()
+        self.budget = InFlightBudget(config.max_inflight_bytes)
+        self.metrics.inflight.set_function(lambda: self.budget.used)
+
+    def answer_bytes(self, scope: dict, body_bytes: int) -> int:
+        """The most bytes the answer to a body of this size can take on its route (the admission charge).
+
+        Every text costs at least 3 body bytes ("",), which bounds how many a body can carry.
+        """
+        texts = min(self.config.max_items, body_bytes // 3 + 1)
+        path = scope.get("path", "")
+        if path == "/v1/embeddings":
+            return texts * self.encoder.dim * FLOAT_JSON_BYTES
+        if path == "/similarity":  # a x b scores with a + b texts
+            return (texts // 2 + 1) ** 2 * FLOAT_JSON_BYTES
+        if path == "/tokenize":
+            return texts * self.encoder.max_seq_length * TOKEN_JSON_BYTES
+        if path == "/search":  # hits carry stored texts of any size: charged at their real size once built
+            return min(texts * 10, self.config.max_search_hits) * 1024
+        return 0
 
     def check_limits(self, texts: list[str], field: str) -> None:
+        check_encodable_texts(texts, field)
         if len(texts) > self.config.max_items:
             raise APIError(413, f"{len(texts)} texts in one request; this server takes at most "
                                 f"{self.config.max_items}: split the request", "too_many_items", field)
@@ -73,6 +98,8 @@ class Service:
             tokenized = await anyio.to_thread.run_sync(self.encoder.tokenize, texts)
         else:
             tokenized = self.encoder.tokenize(texts)
+        if (gone := client_gone()) is not None and gone.is_set():
+            raise ClientGone
         refuse = not (self.config.truncate if truncate is None else truncate)
         if refuse and any(tokenized.truncated):
             over = [i for i, t in enumerate(tokenized.truncated) if t]
@@ -92,7 +119,7 @@ class Service:
             self.metrics.rejected.inc()
             raise APIError(503, str(e), "queue_full", headers={"Retry-After": str(e.retry_after)}) from None
         try:
-            vectors = await asyncio.wrap_future(future)
+            vectors = await answer_unless_client_gone(future)
         except BatcherClosed as e:
             raise APIError(503, str(e), "shutting_down") from None
         self.metrics.texts.inc(len(texts))
@@ -126,6 +153,12 @@ class Service:
             return [base64.b64encode(row.tobytes()).decode("ascii") for row in array]
         return array.tolist()
 
+    def check_hits(self, queries: int, k: int) -> None:
+        if queries * k > self.config.max_search_hits:
+            raise APIError(413, f"{queries} queries x k={k} asks for {queries * k} hits; this server gives at most "
+                                f"{self.config.max_search_hits} per request: split the queries or lower k",
+                           "too_many_hits", "k")
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
             raise APIError(404, f"model {model!r} is not served here; this server serves "
@@ -147,7 +180,12 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
                   description=f"Sentence embeddings from {config.model_name}")
     app.state.service = service
     install_error_handlers(app)
+    # outermost last: metrics see every answer, the guard refuses and admits before the body is read
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestGuard, budget=service.budget, cost=service.answer_bytes,
+                       max_body_bytes=config.max_body_bytes, api_key=config.api_key,
+                       admission_timeout=config.admission_timeout, body_timeout=config.body_timeout,
+                       read_timeout=config.read_timeout, write_timeout=config.write_timeout)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     async def require_key(request: Request) -> None:
@@ -158,6 +196,8 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
             raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
+    # RequestGuard refuses a missing key before the body is read; the dependency keeps a route protected even
+    # where the app runs without the guard (mounted inside another app)
     guarded = [Depends(require_key)]
 
     @app.get("/health")
@@ -232,6 +272,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
             raise APIError(413, f"k={body.k} is above this server's limit of {config.max_search_k}", "k_too_large",
                            "k")
         queries = as_texts(body.query, "query")
+        service.check_hits(len(queries), body.k)
         vectors, tokenized = await service.embed(queries, "query", body.truncate)
         hits = await anyio.to_thread.run_sync(service.search, vectors.numpy(), body.k)
         return JSONResponse({"model": config.model_name, "k": body.k,
@@ -247,6 +288,32 @@ def hit_json(hit) -> dict:
     if hit.span is not None:
         record["span"] = list(hit.span)
     return record
+def check_encodable_texts(texts: list[str], field: str) -> None:
+    try:
+        check_encodable(texts, field)
+    except ValueError as e:
+        raise APIError(422, str(e), "invalid_text", field) from None
+
+
+async def answer_unless_client_gone(future: Future) -> torch.Tensor:
+    """The batcher's answer; if the client disconnects first, its rows still queued are dropped (ClientGone)."""
+    gone = client_gone()
+    answer = asyncio.wrap_future(future)
+    if gone is None:
+        return await answer
+    departure = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({answer, departure}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    finally:
+        departure.cancel()
+    if answer.done():
+        return answer.result()
+    future.cancel()  # the batcher forgets rows of a cancelled request that no forward pass has taken yet
+    answer.cancel()
+    raise ClientGone
 
 
 class RequestMetrics:

@@ -12,8 +12,11 @@ class BackgroundServer:
     """`with BackgroundServer(app) as url:` serves app on a free loopback port until the block ends."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 60.0):
+        from allmpnet.serve.protocol import uvicorn_options
+        service = getattr(app.state, "service", None)  # an app from create_app: its connection bounds apply here too
+        options = uvicorn_options(service.config) if service is not None else {}
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                     lifespan="on")
+                                     lifespan="on", **options)
         self.server = uvicorn.Server(self.config)
         self.startup_timeout = startup_timeout
         self.thread = threading.Thread(target=self.server.run, name="allmpnet-server", daemon=True)

@@ -44,7 +44,7 @@ class BatchStats:
     seconds: float
 
 
-@dataclass
+@dataclass(eq=False)  # found in the queue by identity (fields hold arrays)
 class _Job:
     ids: list[list[int]]
     order: np.ndarray  # rows longest-first, so the rows of one big request batch with little padding
@@ -140,7 +140,19 @@ class DynamicBatcher:
             self._jobs.append(job)
             self._queued += len(ids)
             self._cond.notify()
+        job.future.add_done_callback(lambda _: self._forget_if_cancelled(job))
         return job.future
+
+    def _forget_if_cancelled(self, job: _Job) -> None:
+        """Drop a cancelled request's rows that no forward pass has taken (its client has gone)."""
+        if not job.future.cancelled():
+            return
+        with self._cond:
+            try:
+                self._jobs.remove(job)
+            except ValueError:  # already taken whole, or dropped by _take
+                return
+            self._queued -= len(job.ids) - job.next
 
     def _retry_after(self, rows: int) -> int:
         # time for the queue to drain enough to take this request, from recent throughput

@@ -25,12 +25,28 @@ class ServeConfig:
     # int8/uint8 output: a .npy of (2, dim) ranges or of embeddings to take them from (encode/quantize.py); None:
     # each request's own vectors give the ranges (so a request needs at least 2 inputs)
     calibration: str | None = None
+    max_search_hits: int = 50_000  # queries x k per /search request; more answers 413
+    # --- what bounds memory and connections whatever the clients do (serve/limits.py, serve/protocol.py)
+    # bytes of requests in flight: each is charged its body plus the largest answer its route can give for it,
+    # and waits for room; a single request larger than this is charged this, so it runs alone
+    max_inflight_bytes: int = 128 * 1024 * 1024
+    admission_timeout: float = 30.0  # seconds a request may wait for room before 503 server_busy
+    max_header_bytes: int = 32 * 1024  # request line + headers; more answers 431 and closes the connection
+    header_timeout: float = 10.0  # seconds from connecting (or the previous answer) to the end of the headers
+    body_timeout: float = 60.0  # seconds from admission to the end of the body; 408 after that
+    read_timeout: float = 15.0  # longest gap between pieces of a body; 408 after that
+    write_timeout: float = 30.0  # longest a client may take to read 1 MiB of its answer; then it is disconnected
+    keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this many seconds
 
     def __post_init__(self) -> None:
         for name in ("max_items", "max_chars", "max_body_bytes", "max_batch_tokens", "max_batch_size", "max_queue",
-                     "max_search_k"):
+                     "max_search_k", "max_search_hits", "max_inflight_bytes", "max_header_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("admission_timeout", "header_timeout", "body_timeout", "read_timeout", "write_timeout",
+                     "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.max_queue < self.max_items:
             # a request the queue could never hold would get 503 forever instead of a clear 413
             raise ValueError(f"max_queue ({self.max_queue}) must be at least max_items ({self.max_items})")

@@ -8,14 +8,16 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("allmpnet.serve")
 
 ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
                422: "invalid_request_error", 503: "server_overloaded"}
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer; it is never sent, only counted
 
 
 class APIError(Exception):
@@ -27,6 +29,9 @@ class APIError(Exception):
 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
+    # a message may quote the request (a field name, a model id) and so hold code points UTF-8 cannot encode
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error" if status >= 500
                                                                    else "invalid_request_error"),
                       "param": param, "code": code}}
@@ -44,6 +49,9 @@ def describe_validation_error(error: dict) -> tuple[str, str | None]:
         return f"the body is not valid JSON ({error.get('ctx', {}).get('error', message)})", None
     if error.get("type") == "missing":
         return f"{where or 'body'}: field required", str(loc[0]) if loc else None
+    if error.get("type") == "string_unicode":
+        return f"{where or 'a field name'} is not valid Unicode (a lone surrogate, which UTF-8 cannot encode)", (
+            str(loc[0]) if loc else None)
     if error.get("type") == "extra_forbidden":
         return f"{where}: unknown field", str(loc[0]) if loc else None
     if not loc:
@@ -54,7 +62,13 @@ def describe_validation_error(error: dict) -> tuple[str, str | None]:
     return message, str(loc[0])
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready: nothing is left to answer."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    from allmpnet.encode import NonFiniteOutputError
+
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return error_response(e.status, e.message, e.code, e.param, e.headers)
@@ -68,14 +82,37 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, message, "invalid_request", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status_code)
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        if e.status_code == 400 and e.__cause__ is not None:  # the framework could not read the body
+            if isinstance(e.__cause__, ClientDisconnect):
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return error_response(422, f"the body is not UTF-8 JSON ({describe_unreadable(e.__cause__)})",
+                                  "invalid_request")
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "body_too_large"}.get(e.status_code)
         return error_response(e.status_code, str(e.detail), code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, e: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @app.exception_handler(NonFiniteOutputError)
+    async def non_finite(_: Request, e: NonFiniteOutputError) -> JSONResponse:
+        log.error("%s", e)
+        return error_response(500, str(e), "non_finite_output")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+
+
+def describe_unreadable(error: BaseException) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"{error.reason} at byte {error.start}"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return type(error).__name__
 
 
 class BodyLimit:

@@ -24,6 +24,8 @@ class ServerMetrics:
         self.rejected = Counter("allmpnet_queue_full_rejections", "Requests answered 503 because the queue was full",
                                 registry=r)
         self.queue = Gauge("allmpnet_queue_texts", "Texts waiting for a forward pass", registry=r)
+        self.inflight = Gauge("allmpnet_inflight_bytes", "Bytes charged to admitted requests (bodies and answers)",
+                              registry=r)
         self.batch_rows = Histogram("allmpnet_batch_rows", "Texts per forward pass", buckets=SIZE_BUCKETS, registry=r)
         self.batch_requests = Histogram("allmpnet_batch_requests", "Requests merged into one forward pass",
                                         buckets=SIZE_BUCKETS, registry=r)

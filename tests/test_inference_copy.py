@@ -71,9 +71,13 @@ def test_swap_replaces_only_the_models_linears(tiny_model_dir):
     enc = Encoder(tiny_model_dir, device="cpu")
     seen = []
     network = enc.model.network
-    swap_linears(network, lambda linear: seen.append(linear.activation) or linear)
+    swap_linears(network, lambda name, linear: seen.append((name, linear.activation)) or linear)
     assert len(seen) == 4 * network.cfg.num_hidden_layers
-    assert seen.count("gelu") == network.cfg.num_hidden_layers  # the feed-forward up projections
+    assert [a for _, a in seen].count("gelu") == network.cfg.num_hidden_layers  # the feed-forward up projections
+    names = [n for n, _ in seen]
+    assert names[:4] == ["encoder.layer.0.attention.attn.qkv", "encoder.layer.0.attention.attn.o",
+                         "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"]
+    assert all(network.get_submodule(n) is not None for n in names)
 
 
 def test_copy_follows_weight_updates_on_refresh(tiny_model_dir):

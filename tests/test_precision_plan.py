@@ -11,27 +11,44 @@ from allmpnet.encode.precision import Capabilities, check_precision_name, limit_
 
 ONEDNN = frozenset({"fp32", "bf16"})
 AMX = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}), ONEDNN, amx_kernels="")
+ZEN4_KERNELS = frozenset({"vnni-a8", "vnni-a16", "avx512-bf16", "avx512-a16", "avx512-f32", "avx2-a16", "avx2-f32"})
 ZEN4 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), ONEDNN,
-                    amx_kernels="this CPU has no AMX bf16 units")
-AVX2 = Capabilities("cpu", frozenset({"avx2", "fma"}), amx_kernels="this CPU has no AMX bf16 units")
+                    amx_kernels="this CPU has no AMX bf16 units", x86_kernels=ZEN4_KERNELS)
+ZEN4_NO_KERNELS = dataclasses.replace(ZEN4, x86_kernels=frozenset())  # e.g. no C compiler
+SKYLAKE = Capabilities("cpu", frozenset({"avx2", "avx512f"}), ONEDNN, amx_kernels="this CPU has no AMX bf16 units",
+                       x86_kernels=frozenset({"avx512-a16", "avx512-f32", "avx2-a16", "avx2-f32"}))
+AVX2 = Capabilities("cpu", frozenset({"avx2", "fma"}), amx_kernels="this CPU has no AMX bf16 units",
+                    x86_kernels=frozenset({"avx2-a16", "avx2-f32"}))
+AVX2_NO_KERNELS = dataclasses.replace(AVX2, x86_kernels=frozenset())
 GPU_BF16 = Capabilities("cuda", cuda_bf16=True)
 GPU_OLD = Capabilities("cuda", cuda_bf16=False)
 
 
-@pytest.mark.parametrize("caps,device,name,linear,small", [
-    (AMX, "cpu", "bf16+int8", "onednn", "int8-amx"),
-    (ZEN4, "cpu", "bf16", "onednn", None),
-    (AVX2, "cpu", "fp32", "torch", None),
-    (dataclasses.replace(AVX2, onednn_dtypes=frozenset({"fp32"})), "cpu", "fp32", "onednn", None),
-    (GPU_BF16, "cuda", "bf16", "torch", None),
-    (GPU_OLD, "cuda", "fp16", "torch", None),
+@pytest.mark.parametrize("caps,device,name,linear,small,kernel", [
+    (AMX, "cpu", "bf16+int8", "onednn", "int8-amx", None),
+    (ZEN4, "cpu", "int8", "int8-x86", None, "vnni-a8"),
+    (ZEN4_NO_KERNELS, "cpu", "bf16", "onednn", None, None),
+    (SKYLAKE, "cpu", "int8", "int8-x86", None, "avx512-a16"),
+    (AVX2, "cpu", "int8", "int8-x86", None, "avx2-a16"),
+    (AVX2_NO_KERNELS, "cpu", "fp32", "torch", None, None),
+    (dataclasses.replace(AVX2_NO_KERNELS, onednn_dtypes=frozenset({"fp32"})), "cpu", "fp32", "onednn", None, None),
+    (GPU_BF16, "cuda", "bf16", "torch", None, None),
+    (GPU_OLD, "cuda", "fp16", "torch", None, None),
 ])
-def test_auto_picks_by_hardware(caps, device, name, linear, small):
+def test_auto_picks_by_hardware(caps, device, name, linear, small, kernel):
     plan = plan_precision("auto", device, caps)
-    assert (plan.name, plan.linear, plan.small_linear) == (name, linear, small)
+    assert (plan.name, plan.linear, plan.small_linear, plan.int8_kernel) == (name, linear, small, kernel)
     assert plan.requested == "auto" and plan.reason  # it says why
     assert plan.attention == ("grouped" if device == "cpu" else "padded")
-    assert plan.bucket_rows == (device == "cpu")
+    assert plan.bucket_rows == (device == "cpu" and linear != "int8-x86")  # our kernels need no shape buckets
+    # auto's own int8 kernels are checked against fp32 when first built, with somewhere to fall back to
+    assert plan.guard_fallback == (None if kernel is None else "bf16" if caps.native_bf16 else "fp32")
+
+
+def test_int8_x86_activations_are_bf16_only_where_native():
+    assert plan_precision("int8", "cpu", ZEN4).dtype == torch.bfloat16
+    assert plan_precision("int8", "cpu", AVX2).dtype == torch.float32  # emulated bf16 would cost more than it saves
+    assert plan_precision("int8", "cpu", ZEN4).guard_fallback is None  # asked for by name: run as asked
 
 
 def test_explicit_requests_are_planned_as_asked():
@@ -47,9 +64,12 @@ def test_explicit_requests_are_planned_as_asked():
     assert plan_precision("bf16", "cpu", AMX).short_attention_kernel  # where our kernels run
     assert not plan_precision("bf16", "cpu", ZEN4).short_attention_kernel
     assert plan_precision("bf16", "cpu", AVX2).linear == "torch"  # no oneDNN bf16 linear: plain cast
+    zen4 = plan_precision("bf16+int8", "cpu", ZEN4)
+    assert (zen4.linear, zen4.small_linear, zen4.int8_kernel) == ("onednn", "int8-x86", "vnni-a8")
 
 
-@pytest.mark.parametrize("caps,device,match", [(ZEN4, "cpu", "no AMX"), (GPU_BF16, "cuda", "CPUs only")])
+@pytest.mark.parametrize("caps,device,match", [(ZEN4_NO_KERNELS, "cpu", "no int8 kernel runs on this CPU"),
+                                               (GPU_BF16, "cuda", "CPUs only")])
 def test_unavailable_requests_say_why(caps, device, match):
     for name in ("int8", "bf16+int8"):
         with pytest.raises(ValueError, match=match):
@@ -68,13 +88,16 @@ def test_unknown_names_are_refused_in_one_place():
 def test_describe_names_every_choice():
     text = plan_precision("auto", "cpu", AMX).describe()
     assert "bf16+int8" in text and "int8-amx up to 512 tokens" in text and "onednn" in text and "AMX" in text
+    text = plan_precision("auto", "cpu", ZEN4).describe()
+    assert "vnni-a8: W8A8" in text and "VNNI" in text and "bfloat16 activations" in text
+    assert "avx2-a16: int16 activations" in plan_precision("auto", "cpu", AVX2).describe()
 
 
 def test_detected_capabilities_plan_without_error():
     caps = Capabilities.detect("cpu")
     assert caps.device_type == "cpu"
     plan = plan_precision("auto", "cpu")
-    assert plan.name in ("fp32", "bf16", "bf16+int8")
+    assert plan.name in ("fp32", "bf16", "int8", "bf16+int8")
     assert plan.name != "fp32" or not caps.native_bf16
 
 
@@ -96,4 +119,16 @@ def test_isa_limit_hides_the_higher_levels_flags():
     assert limit_isa(flags, "avx512_core_bf16") == flags - {"amx_tile", "amx_bf16"}
     assert limit_isa(flags, None) == flags and limit_isa(flags, "unknown") == flags
     capped = Capabilities("cpu", limit_isa(flags, "avx2"), amx_kernels="capped")
-    assert plan_precision("auto", "cpu", capped).name == "fp32"  # no native bf16 below AVX512-BF16
+    assert plan_precision("auto", "cpu", capped).name == "fp32"  # no native bf16 below AVX512-BF16, no kernels
+
+
+def test_isa_limit_reaches_our_kernels():
+    """ALLMPNET_MAX_ISA / ONEDNN_MAX_CPU_ISA=avx2 leaves only the AVX2 kernels, whatever this CPU has."""
+    from allmpnet.encode.int8_x86 import KERNELS, kernel_unavailable
+    from allmpnet.encode.kernels import cpu_flags
+    capped = limit_isa(frozenset(cpu_flags()), "avx2")
+    runnable = {name for name in KERNELS if not kernel_unavailable(name, capped)}
+    assert runnable <= {"avx2-a16", "avx2-f32"}
+    caps = Capabilities("cpu", capped, ONEDNN, amx_kernels="capped", x86_kernels=frozenset(runnable))
+    plan = plan_precision("auto", "cpu", caps)
+    assert plan.name == ("int8" if "avx2-a16" in runnable else "fp32")

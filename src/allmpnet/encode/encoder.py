@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -20,8 +21,10 @@ from tqdm.auto import tqdm
 from allmpnet.encode import kernels
 from allmpnet.encode.batching import (SORT_WINDOW, TokenBudget, check_finite, default_batch_tokens, embed_in_batches,
                                      prefetched, windows)
+from allmpnet.encode.calibration import cached_calibration, calibration_texts, min_cosine
 from allmpnet.encode.documents import ChunkSettings, DocumentChunks, chunk_token_ranges
 from allmpnet.encode.inference import inference_model
+from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS
 from allmpnet.encode.precision import PrecisionPlan, plan_precision
 from allmpnet.encode.quantize import Quantizer, resolve as resolve_quantizer
 from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
@@ -107,9 +110,37 @@ class Encoder:
         if model is None:
             with self._lock:
                 if self._inference is None:
-                    self._inference = inference_model(self.model, self.plan, self.device)
+                    self._inference = self._build_inference()
                 model = self._inference
         return model
+
+    def _build_inference(self) -> SentenceModel:
+        plan = self.plan
+        if "int8-x86" not in (plan.linear, plan.small_linear):
+            return inference_model(self.model, plan, self.device)
+        w8a8 = X86_KERNELS[plan.int8_kernel].activations == "int8"
+        if not w8a8 and plan.guard_fallback is None:  # int16 activations need no ranges, and nothing is checked
+            return inference_model(self.model, plan, self.device)
+        ids = self.tokenizer(calibration_texts()).ids
+        calibration = cached_calibration(self.model, ids, self.device)
+        fast = inference_model(self.model, plan, self.device, calibration)
+        if plan.guard_fallback is None:
+            return fast
+        cosine = calibration.guard_results.get(plan.int8_kernel)
+        if cosine is None:
+            cosine = min_cosine(fast, [self.pack(ids[i:i + 32]) for i in range(0, len(ids), 32)],
+                                calibration.reference)
+            calibration.record_guard(plan.int8_kernel, cosine)
+        if cosine >= plan.guard_min_cosine:
+            self.plan = replace(plan, reason=f"{plan.reason}; quality guard passed: min cosine {cosine:.4f} to fp32 "
+                                             f"on {len(ids)} calibration texts")
+            return fast
+        fallback = plan_precision(plan.guard_fallback, self.device)
+        self.plan = replace(fallback, requested=plan.requested, reason=(
+            f"int8 ({plan.int8_kernel}) failed the quality guard: min cosine {cosine:.4f} < {plan.guard_min_cosine} to "
+            f"fp32 on {len(ids)} calibration texts"))
+        warnings.warn(f"precision 'auto': {self.plan.reason}; using {fallback.name}", RuntimeWarning, stacklevel=4)
+        return inference_model(self.model, self.plan, self.device)
 
     def refresh(self) -> None:
         """Rebuild the inference copy from the model's current weights on next use: call it after changing them

@@ -5,6 +5,8 @@ the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not 
   residual add are applied while the output is still in cache instead of in separate passes over memory. In
   fp32 too: F.linear re-packs the weight on every call, which a query's few rows cannot amortise.
 - "int8-amx": our kernel (kernels.py), int8 weights widened to bf16 on the AMX tiles.
+- "int8-x86": our kernels for CPUs without AMX (int8_x86.py): W8A8 on VNNI with the calibrated outlier
+  treatment, int16 activations elsewhere; built from the fp32 master weights, not the cast copy's.
 - a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
 
 In fp32 with torch's linears the copy is the model itself; otherwise it is a frozen deep copy cast to the plan's
@@ -14,11 +16,14 @@ never touched.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from allmpnet.encode.calibration import Calibration
+from allmpnet.encode.int8_x86 import recipe_layer
 from allmpnet.encode.kernels import Int8Linear
 from allmpnet.encode.precision import PrecisionPlan
 from allmpnet.model.mpnet import Linear
@@ -52,32 +57,58 @@ class RowSwitchedLinear(nn.Module):
         return (self.small if x.shape[0] <= self.max_small_rows else self.large)(x, residual)
 
 
-LINEAR_KINDS: dict[str, Callable[[Linear], nn.Module]] = {
-    "torch": lambda linear: linear,
-    "onednn": lambda linear: PackedLinear(linear.weight, linear.bias, linear.activation),
-    "int8-amx": lambda linear: Int8Linear(linear.weight, linear.bias, linear.activation),
+@dataclass(frozen=True)
+class LinearSource:
+    """What a linear kind is built from: the copy's layer (in the plan's dtype), the model's own fp32 layer of
+    the same name, and the calibration (int8-x86 only)."""
+    name: str  # in the network, e.g. "encoder.layer.3.intermediate.dense"
+    linear: Linear
+    master: Linear
+    plan: PrecisionPlan
+    calibration: Calibration | None
+
+
+def x86_int8_layer(source: LinearSource) -> nn.Module:
+    if source.plan.int8_kernel is None:
+        raise ValueError("an int8-x86 plan names its kernel (plan_precision sets int8_kernel)")
+    master = source.master
+    absmax = None if source.calibration is None else source.calibration.input_absmax.get(source.name)
+    return recipe_layer(master.weight.detach().float().cpu(), None if master.bias is None else master.bias.detach(),
+                        master.activation, source.name, source.plan.int8_kernel, absmax)
+
+
+LINEAR_KINDS: dict[str, Callable[[LinearSource], nn.Module]] = {
+    "torch": lambda source: source.linear,
+    "onednn": lambda source: PackedLinear(source.linear.weight, source.linear.bias, source.linear.activation),
+    "int8-amx": lambda source: Int8Linear(source.linear.weight, source.linear.bias, source.linear.activation),
+    "int8-x86": x86_int8_layer,
 }
 
 
-def swap_linears(module: nn.Module, make: Callable[[Linear], nn.Module]) -> None:
-    """Replace every model Linear under `module` (in place) by make(linear)."""
+def swap_linears(module: nn.Module, make: Callable[[str, Linear], nn.Module], prefix: str = "") -> None:
+    """Replace every model Linear under `module` (in place) by make(its name under the first module, linear)."""
     for name, child in list(module.named_children()):
         if isinstance(child, Linear):
-            setattr(module, name, make(child))
+            setattr(module, name, make(prefix + name, child))
         else:
-            swap_linears(child, make)
+            swap_linears(child, make, f"{prefix}{name}.")
 
 
-def linear_factory(plan: PrecisionPlan) -> Callable[[Linear], nn.Module]:
-    large = LINEAR_KINDS[plan.linear]
-    if plan.small_linear is None:
-        return large
-    small = LINEAR_KINDS[plan.small_linear]
-    return lambda linear: RowSwitchedLinear(small(linear), large(linear), plan.small_batch_tokens)
+def linear_factory(plan: PrecisionPlan, model: SentenceModel, calibration: Calibration | None = None
+                   ) -> Callable[[str, Linear], nn.Module]:
+    """make(name, the copy's linear) for swap_linears over a copy of `model.network`."""
+    def make(name: str, linear: Linear) -> nn.Module:
+        source = LinearSource(name, linear, model.network.get_submodule(name), plan, calibration)
+        large = LINEAR_KINDS[plan.linear](source)
+        if plan.small_linear is None:
+            return large
+        return RowSwitchedLinear(LINEAR_KINDS[plan.small_linear](source), large, plan.small_batch_tokens)
+    return make
 
 
-def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.device) -> SentenceModel:
-    """The model encode() runs under `plan`: frozen, in eval mode."""
+def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.device,
+                    calibration: Calibration | None = None) -> SentenceModel:
+    """The model encode() runs under `plan`: frozen, in eval mode. W8A8 int8-x86 layers need `calibration`."""
     if plan.runs_the_model_itself:
         return model
     # deepcopy with every tensor pre-cast in the memo: the copy never holds a second full fp32 set of weights
@@ -86,5 +117,5 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
                                                                     else t.dtype))
             for t in list(model.parameters()) + list(model.buffers())}
     fast = copy.deepcopy(model, memo).eval()
-    swap_linears(fast.network, linear_factory(plan))
+    swap_linears(fast.network, linear_factory(plan, model, calibration))
     return fast

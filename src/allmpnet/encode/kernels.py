@@ -40,22 +40,21 @@ BLOCK = 32  # output channels and inputs per packed block (the kernel's tile geo
 GROUP = 128  # inputs sharing one scale (per output channel)
 
 
-def _compiled_library() -> Path:
-    """The kernel built for this source and flags, compiled once into the cache (atomically: parallel
-    processes may race to build it)."""
+def compiled_library(source: Path, flags: list[str]) -> Path:
+    """`source` built with `flags` by the system C compiler, once, into the cache (atomically: parallel processes
+    may race to build it)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *COMPILE_FLAGS]).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"kernels-{key}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{source.stem}-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            run = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
-                                 text=True)
+            run = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
             if run.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} failed: {run.stderr.strip()[-500:]}")
+                raise RuntimeError(f"compiling {source.name} failed: {run.stderr.strip()[-500:]}")
             os.replace(built, target)
     return target
 
@@ -78,7 +77,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if not _cpu_has_amx():
         return None, "this CPU has no AMX bf16 units"
     try:
-        library = ctypes.CDLL(str(_compiled_library()))
+        library = ctypes.CDLL(str(compiled_library(SOURCE, COMPILE_FLAGS)))
     except (OSError, RuntimeError) as error:
         return None, str(error)
     if library.allmpnet_request_amx() != 0:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS, kernel_unavailable as x86_kernel_unavailable
 from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "bf16+int8")
@@ -26,6 +27,10 @@ INT8_SMALL_BATCH_TOKENS = 512
 #   "torch"     F.linear in the plan's dtype
 #   "onednn"    oneDNN's prepacked linear (fp32 or bf16), bias/GELU/residual fused (CPU)
 #   "int8-amx"  our int8-weight kernel on AMX tiles (CPU with AMX)
+#   "int8-x86"  our int8-weight kernels for other x86 CPUs (plan.int8_kernel names which: int8_x86.KERNELS)
+# the int8-x86 kernels in the order "int8" prefers them: W8A8 on VNNI (calibrated, twice bf16's rate), else int16
+# activations (weight-only int8 quality; vpmaddwd runs at twice the fp32 FMA rate, AVX2 included)
+X86_INT8_KERNELS = ("vnni-a8", "vnni-a16", "avx512-a16", "avx2-a16")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Capabilities:
     onednn_dtypes: frozenset[str] = frozenset()  # dtypes ("fp32", "bf16") oneDNN's prepacked linear runs in here
     amx_kernels: str = "not checked"  # "" when our AMX kernels compiled and passed their self-test; else why not
     cuda_bf16: bool = False
+    x86_kernels: frozenset[str] = frozenset()  # int8_x86 kernels that built and passed their self-test here
 
     @property
     def native_bf16(self) -> bool:
@@ -87,7 +93,8 @@ def _detect(device_type: str) -> Capabilities:
     flags = limit_isa(frozenset(cpu_flags()), max_isa_from_env())
     amx = kernels_unavailable() if {"amx_tile", "amx_bf16"} <= flags else "this CPU has no AMX bf16 units"
     onednn = frozenset(name for name in ("fp32", "bf16") if onednn_linear_available(COMPUTE_DTYPES[name]))
-    return Capabilities("cpu", flags, onednn, amx)
+    x86 = frozenset(name for name in X86_KERNELS if not x86_kernel_unavailable(name, flags))
+    return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86)
 
 
 def onednn_linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -111,7 +118,11 @@ class PrecisionPlan:
     small_batch_tokens: int = 0
     attention: str = "grouped"  # "grouped" (CPU: SDPA per equal-length group) or "padded" (GPU: one call)
     short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
-    bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape)
+    bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
+    int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
+    guard_fallback: str | None = None  # auto's int8-x86: checked against fp32 on the calibration texts on first
+    #                                    use (encode/calibration.py); below guard_min_cosine, this precision instead
+    guard_min_cosine: float = 0.99  # the project's quality contract, per vector
     requested: str = ""
     reason: str = field(default="as requested", compare=False)
 
@@ -126,8 +137,14 @@ class PrecisionPlan:
         return self.dtype == torch.float32 and self.linear == "torch" and self.small_linear is None
 
     def describe(self) -> str:
-        linear = self.linear if self.small_linear is None else (
-            f"{self.small_linear} up to {self.small_batch_tokens} tokens, {self.linear} above")
+        def kind(name: str) -> str:
+            if name != "int8-x86" or self.int8_kernel is None:
+                return name
+            form = X86_KERNELS[self.int8_kernel].activations
+            how = "W8A8, SmoothQuant-calibrated, spiky rows in int16" if form == "int8" else f"{form} activations"
+            return f"{name} ({self.int8_kernel}: {how})"
+        linear = kind(self.linear) if self.small_linear is None else (
+            f"{kind(self.small_linear)} up to {self.small_batch_tokens} tokens, {kind(self.linear)} above")
         attention = self.attention + (", our kernel for a lone short block" if self.short_attention_kernel else "")
         why = f" ({self.reason})" if self.reason else ""
         return (f"{self.name}{why}: {str(self.dtype).removeprefix('torch.')} activations; linear {linear}; "
@@ -146,9 +163,11 @@ def plan_precision(request: str, device: torch.device | str, capabilities: Capab
     """The plan for `request` ("auto" or one of PRECISIONS) on `device`.
 
     "auto" picks the fastest path this hardware has whose quality passes the project's contract (min cosine to
-    fp32 >= 0.99, STSBenchmark within 0.1): on CPUs with AMX bf16 + int8 weights for small batches, on other
-    CPUs that compute bf16 natively bf16, on GPUs bf16 (fp16 where bf16 is not native), else fp32. A request
-    the hardware cannot run raises ValueError saying why; "auto" never does.
+    fp32 >= 0.99, STSBenchmark within 0.1): on CPUs with AMX bf16 + int8 weights for small batches; with
+    AVX512-VNNI W8A8 int8 (our kernels); with native bf16 bf16; with AVX2 int8 weights and int16 activations;
+    on GPUs bf16 (fp16 where bf16 is not native); else fp32. Its int8-x86 plans carry `guard_fallback`: the
+    encoder checks them against fp32 on first use and falls back below the contract. A request the hardware
+    cannot run raises ValueError saying why; "auto" never does.
     """
     device = torch.device(device)
     caps = capabilities or Capabilities.detect(device)
@@ -162,16 +181,26 @@ def plan_precision(request: str, device: torch.device | str, capabilities: Capab
     return _build(name, caps, request, reason)
 
 
+def x86_int8_kernel(caps: Capabilities) -> str | None:
+    """The int8_x86 kernel "int8" runs on this CPU (None: none runs here)."""
+    return next((name for name in X86_INT8_KERNELS if name in caps.x86_kernels), None)
+
+
 def _choose(caps: Capabilities) -> tuple[str, str]:
     if caps.device_type == "cuda":
         return ("bf16", "GPU computes bf16 natively") if caps.cuda_bf16 else ("fp16", "GPU without native bf16")
     if caps.device_type != "cpu":
         return "fp32", f"no faster path tested on {caps.device_type}"
-    if not caps.native_bf16:
-        return "fp32", "this CPU has no native bf16 (AMX or AVX512-BF16)"
-    if not _unavailable("bf16+int8", caps):
+    if not caps.amx_kernels:
         return "bf16+int8", "AMX: bf16, int8 weights for small batches"
-    return "bf16", "native bf16 (" + ("AMX" if "amx_bf16" in caps.cpu_flags else "AVX512-BF16") + ")"
+    kernel = x86_int8_kernel(caps)
+    if kernel == "vnni-a8":
+        return "int8", "AVX512-VNNI: W8A8 runs at twice bf16's rate"
+    if caps.native_bf16:
+        return "bf16", "native bf16 (" + ("AMX" if "amx_bf16" in caps.cpu_flags else "AVX512-BF16") + ")"
+    if kernel is not None:
+        return "int8", "no native bf16 or VNNI: int8 weights with int16 activations beat fp32"
+    return "fp32", "this CPU has no native bf16 (AMX or AVX512-BF16) and none of our int8 kernels runs here"
 
 
 def _unavailable(name: str, caps: Capabilities) -> str:
@@ -179,24 +208,35 @@ def _unavailable(name: str, caps: Capabilities) -> str:
     if name in ("int8", "bf16+int8"):
         if caps.device_type != "cpu":
             return "int8 weights run on CPUs only"
-        return caps.amx_kernels
+        if caps.amx_kernels and x86_int8_kernel(caps) is None:
+            return (f"no int8 kernel runs on this CPU (AMX: {caps.amx_kernels}; the others need AVX2 at least: "
+                    f"{x86_kernel_unavailable('avx2-a16', caps.cpu_flags) or 'their library did not build'})")
     return ""  # fp16 and bf16 run everywhere (slowly where emulated); kept for comparisons
 
 
 def _build(name: str, caps: Capabilities, requested: str, reason: str) -> PrecisionPlan:
     cpu = caps.device_type == "cpu"
-    compute = name if name in ("fp32", "fp16") else "bf16"
+    amx = cpu and not caps.amx_kernels
+    if name == "int8" and not amx:  # activations in bf16 only where the CPU computes it natively
+        compute = "bf16" if caps.native_bf16 else "fp32"
+    else:
+        compute = name if name in ("fp32", "fp16") else "bf16"
     dtype = COMPUTE_DTYPES[compute]
     # oneDNN's prepacked layers in fp32 too: a query's few rows otherwise pay for re-packing every weight on
     # every call (fp32 F.linear at 16 rows streams ~2x slower than the prepacked layer)
     large = "onednn" if cpu and compute in caps.onednn_dtypes else "torch"
-    small, small_tokens = None, 0
+    small, small_tokens, kernel, fallback = None, 0, None, None
+    int8 = "int8-amx" if amx else "int8-x86"
+    if int8 == "int8-x86" and name in ("int8", "bf16+int8"):
+        kernel = x86_int8_kernel(caps)
+        if requested == "auto":
+            fallback = "bf16" if caps.native_bf16 else "fp32"
     if name == "int8":
-        large = "int8-amx"
+        large = int8
     elif name == "bf16+int8":
-        small, small_tokens = "int8-amx", INT8_SMALL_BATCH_TOKENS
+        small, small_tokens = int8, INT8_SMALL_BATCH_TOKENS
     return PrecisionPlan(
         name=name, dtype=dtype, linear=large, small_linear=small, small_batch_tokens=small_tokens,
         attention="grouped" if cpu else "padded",
-        short_attention_kernel=cpu and dtype == torch.bfloat16 and not caps.amx_kernels,
-        bucket_rows=cpu, requested=requested, reason=reason)
+        short_attention_kernel=amx and dtype == torch.bfloat16,
+        bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel, guard_fallback=fallback, requested=requested, reason=reason)

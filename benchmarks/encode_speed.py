@@ -381,7 +381,7 @@ def main() -> None:
     if "ours-auto" in paths:
         from allmpnet.encode.precision import plan_precision
         out(f"ours-auto here: {plan_precision('auto', 'cpu').describe()}")
-        report_targets(out, summary, int8_floor_ms)
+        report_targets(out, summary, int8_floor_ms, ceiling)
     out()
     if not args.no_gpu:
         gpu_section(out)
@@ -391,8 +391,9 @@ def main() -> None:
         args.out.write_text("\n".join(lines) + "\n")
 
 
-def report_targets(out, summary: dict[str, dict], int8_floor_ms: float) -> None:
-    """ours-auto against the reference, the fastest good peer, every peer, and the single-query floor."""
+def report_targets(out, summary: dict[str, dict], int8_floor_ms: float, ceiling: dict[str, float]) -> None:
+    """ours-auto against the reference, the fastest good peer, every peer, and the single-query floor; ours fp32's
+    query against ONNX Runtime's; and the bound the matmul ceilings put on any int8 path's speed-up."""
     auto = summary["ours-auto"]
     peers = {n: s for n, s in summary.items() if not n.startswith("ours-") and n != "st-fp32"}
     for w, label in (("a", "sentences"), ("b", "passages")):
@@ -410,7 +411,13 @@ def report_targets(out, summary: dict[str, dict], int8_floor_ms: float) -> None:
         name = min(peers, key=lambda n: peers[n]["p50"])
         line += f"; fastest peer {name} {peers[name]['p50']:.1f} ms"
     out(line)
+    if "ours-fp32" in summary and "st-onnx" in summary:
+        out(f"(c) ours-fp32 p50 {summary['ours-fp32']['p50']:.1f} ms; ONNX Runtime fp32 (st-onnx) "
+            f"{summary['st-onnx']['p50']:.1f} ms")
     out(f"quality: ours-auto min cos {auto['cos']:.5f}, STSBenchmark {auto['sts']:.2f} (fp32 83.42)")
+    out(f"bound: this CPU's int8 matmul ceiling is {ceiling['int8'] / ceiling['fp32']:.1f}x its fp32 one "
+        f"({ceiling['int8']:.0f} vs {ceiling['fp32']:.0f}), and bf16's {ceiling['bf16'] / ceiling['fp32']:.1f}x: no "
+        f"path whose matmuls are int8 can pass that multiple of a reference running fp32 matmuls at its ceiling")
 
 
 if __name__ == "__main__":

@@ -105,10 +105,10 @@ def test_baked_in_tokenizer_padding_and_truncation_do_not_leak(tiny_model_dir, t
 
 
 def test_pooling_modes_by_hand():
-    batch = PackedBatch.from_ids([[7, 8]], bucket_rows=True)  # 2 real tokens, then filler rows up to 16
-    assert batch.ids.shape == (16,)
-    tokens = torch.full((16, 2), 100.0)  # (N', C): the filler rows must not count
-    tokens[:2] = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    batch = PackedBatch.from_ids([[7, 8, 9, 10, 11]], bucket_rows=True)  # 5 real tokens, then filler rows up to 8
+    assert batch.ids.shape == (8,)
+    tokens = torch.full((8, 2), 100.0)  # (N', C): the filler rows must not count
+    tokens[:5] = torch.tensor([[1.0, 2.0], [3.0, 6.0], [2.0, 4.0], [2.0, 4.0], [2.0, 4.0]])
 
     def pool(**modes):
         return Pooling(**{"word_embedding_dimension": 2, "pooling_mode_mean_tokens": False, **modes})(tokens, batch)
@@ -116,8 +116,8 @@ def test_pooling_modes_by_hand():
     assert pool(pooling_mode_cls_token=True).tolist() == [[1.0, 2.0]]
     assert pool(pooling_mode_mean_tokens=True).tolist() == [[2.0, 4.0]]
     assert pool(pooling_mode_max_tokens=True).tolist() == [[3.0, 6.0]]
-    sqrt2 = 2 ** 0.5
-    assert torch.allclose(pool(pooling_mode_mean_sqrt_len_tokens=True), torch.tensor([[4 / sqrt2, 8 / sqrt2]]))
+    sqrt5 = 5 ** 0.5
+    assert torch.allclose(pool(pooling_mode_mean_sqrt_len_tokens=True), torch.tensor([[10 / sqrt5, 20 / sqrt5]]))
     both = pool(pooling_mode_cls_token=True, pooling_mode_mean_tokens=True)
     assert both.tolist() == [[1.0, 2.0, 2.0, 4.0]]
     with pytest.raises(ValueError, match="no mode"):

@@ -132,3 +132,14 @@ def test_isa_limit_reaches_our_kernels():
     caps = Capabilities("cpu", capped, ONEDNN, amx_kernels="capped", x86_kernels=frozenset(runnable))
     plan = plan_precision("auto", "cpu", caps)
     assert plan.name == ("int8" if "avx2-a16" in runnable else "fp32")
+
+
+def test_training_plans_stay_in_float():
+    from allmpnet.encode.precision import plan_training_precision
+    assert plan_training_precision("auto", "cpu", ZEN4).name == "bf16"  # not auto's int8: training needs floats
+    assert plan_training_precision("auto", "cpu", AVX2).name == "fp32"
+    assert plan_training_precision("auto", "cuda", GPU_OLD).name == "fp16"
+    assert plan_training_precision("fp32", "cpu", ZEN4).exact
+    for name in ("int8", "bf16+int8"):
+        with pytest.raises(ValueError, match="inference only"):
+            plan_training_precision(name, "cpu", ZEN4)

@@ -10,6 +10,7 @@ factors (SmoothQuant) and static scales come from the calibration texts shipped 
 
     PYTHONPATH=src python benchmarks/int8_research/quality.py --experiments baselines,alpha --scifact 300
     PYTHONPATH=src python benchmarks/int8_research/quality.py --experiments final --scifact all
+    PYTHONPATH=src python benchmarks/int8_research/quality.py --experiments combo --scifact 0 --sentences 40  # smoke
 """
 from __future__ import annotations
 
@@ -28,14 +29,22 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (MODEL, RESULTS, cpu_model, min_cosine, reference_vectors, scifact_passages,  # noqa: E402
-                    sts_sentences, sts_spearman)
+                    sts_rows)
 
 from allmpnet import Encoder  # noqa: E402
-from allmpnet.encode.fused import FastMPNet, PackedLinear  # noqa: E402
-from allmpnet.encode.int8_x86 import X86Int8Linear, quantize_rows, smoothing_factors  # noqa: E402
+from allmpnet.encode.inference import PackedLinear, swap_linears  # noqa: E402
+from allmpnet.encode.int8_x86 import X86Int8Linear, projection, quantize_rows, smoothing_factors  # noqa: E402
+from allmpnet.model import PackedBatch  # noqa: E402
+from allmpnet.model.mpnet import Linear  # noqa: E402
+from allmpnet.model.sentence import SentenceModel  # noqa: E402
 
 PROJ = ("qkv", "o", "up", "down")
 CALIBRATION = Path(__file__).resolve().parents[2] / "src" / "allmpnet" / "encode" / "calibration_texts.txt"
+
+
+def layer_key(name: str) -> tuple[int, str]:
+    """(layer index, projection) of a linear layer's name in the network ("encoder.layer.3.output.dense")."""
+    return int(name.split(".")[2]), projection(name)
 
 
 # ---------------------------------------------------------------- calibration
@@ -52,27 +61,24 @@ class Calibration:
 def calibrate(enc: Encoder, texts: list[str], histograms: bool = True) -> Calibration:
     from torch.ao.quantization.observer import HistogramObserver
     cal = Calibration()
-    state = {}
     hooks = []
-    for i, layer in enumerate(enc.network.encoder.layer):
-        for proj, module in (("qkv", layer.attention.attn.q), ("o", layer.attention.attn.o),
-                             ("up", layer.intermediate.dense), ("down", layer.output.dense)):
-            key = (i, proj)
-            if histograms:
-                cal.observers[key] = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    for name, module in enc.model.network.named_modules():
+        if not isinstance(module, Linear) or not name.startswith("encoder.layer."):
+            continue
+        key = layer_key(name)
+        if histograms:
+            cal.observers[key] = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
 
-            def hook(module, args, key=key):
-                x = args[0][state["mask"]]  # (real tokens, K)
-                cal.absmax[key] = torch.maximum(cal.absmax.get(key, torch.zeros(x.shape[1])), x.abs().amax(0))
-                if histograms:
-                    cal.observers[key](x)
-            hooks.append(module.register_forward_pre_hook(hook))
+        def hook(module, args, key=key):
+            x = args[0].detach().float()  # (real tokens, K): the packed batch has no filler rows
+            cal.absmax[key] = torch.maximum(cal.absmax.get(key, torch.zeros(x.shape[1])), x.abs().amax(0))
+            if histograms:
+                cal.observers[key](x)
+        hooks.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for start in range(0, len(texts), 32):
-                ids, mask = enc.tokenizer.pad(enc.tokenizer(texts[start:start + 32]).ids)
-                state["mask"] = mask.bool()
-                enc.network(ids, mask)
+                enc.model(PackedBatch.from_ids(enc.tokenizer(texts[start:start + 32]).ids, "cpu"))
     finally:
         for h in hooks:
             h.remove()
@@ -149,28 +155,21 @@ def per_proj(**forms: str) -> Callable[[int, str], str]:
     return lambda i, proj: forms.get(proj, "bf16")
 
 
-def build_fast(enc: Encoder, recipe: Recipe, cal: Calibration) -> FastMPNet:
-    """The inference copy in bf16 (as precision="bf16") with each projection made as the recipe says. Weights
-    are quantized from the fp32 originals."""
-    network = enc.network
+def build_fast(enc: Encoder, recipe: Recipe, cal: Calibration) -> SentenceModel:
+    """The inference copy in bf16 (as precision="bf16": inference.inference_model) with each projection made as
+    the recipe says. Weights are quantized from the fp32 originals (the model's own layers of the same name)."""
+    model = enc.model
+    # deepcopy with every tensor pre-cast in the memo, as inference_model does
     memo = {id(t): (nn.Parameter(t.detach().bfloat16(), requires_grad=False) if isinstance(t, nn.Parameter)
                     else t.bfloat16() if t.is_floating_point() else t)
-            for t in list(network.parameters()) + list(network.buffers())}
-    cast = copy.deepcopy(network, memo).eval()
-    originals = []
-    for layer in network.encoder.layer:
-        attn = layer.attention.attn
-        originals += [(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]),
-                       torch.cat([attn.q.bias, attn.k.bias, attn.v.bias])),
-                      (attn.o.weight, attn.o.bias), (layer.intermediate.dense.weight, layer.intermediate.dense.bias),
-                      (layer.output.dense.weight, layer.output.dense.bias)]
-    made = iter(range(len(originals)))
+            for t in list(model.parameters()) + list(model.buffers())}
+    fast = copy.deepcopy(model, memo).eval()
 
-    def make_linear(_w, _b, activation="none"):
-        n = next(made)
-        i, proj = divmod(n, 4)
-        proj = PROJ[proj]
-        weight, bias = (t.detach().float() for t in originals[n])
+    def make_linear(name: str, _linear: Linear) -> nn.Module:
+        master = model.network.get_submodule(name)
+        activation = master.activation
+        weight, bias = master.weight.detach().float(), master.bias.detach().float()
+        i, proj = layer_key(name)
         form = recipe.form(i, proj)
         if form == "bf16":
             return PackedLinear(weight.bfloat16(), bias.bfloat16(), activation)
@@ -188,18 +187,27 @@ def build_fast(enc: Encoder, recipe: Recipe, cal: Calibration) -> FastMPNet:
         return X86Int8Linear(weight, bias, activation, group=min(recipe.group, weight.shape[1]), smooth=smooth,
                              small=kernel, large=kernel, max_small_rows=0)
     with torch.no_grad():
-        return FastMPNet(cast, make_linear).eval()
+        swap_linears(fast.network, make_linear)
+    return fast.eval()
 
 
 def encode_with(enc: Encoder, fast: nn.Module | None, texts: list[str], max_len: int) -> np.ndarray:
-    enc.max_seq_length = max_len
+    enc.max_seq_length = max_len  # the tokenizer is shared with every with_precision copy
     if fast is None:
         return enc.encode(texts, show_progress_bar=False)
-    enc.inference_network = lambda: fast  # the encoder's own batching and pooling, our network
-    try:
-        return enc.encode(texts, show_progress_bar=False)
-    finally:
-        del enc.inference_network
+    other = enc.with_precision("bf16")  # the encoder's own batching, packing and pooling, our copy of the model
+    other._inference = fast
+    return other.encode(texts, show_progress_bar=False)
+
+
+def sts_spearman(vectors: np.ndarray, gold: np.ndarray) -> float:
+    """Spearman x 100 of the pairs' cosine against the gold score; vectors are the pairs' first sentences, then
+    their second ones (as common.sts_spearman, for the first len(gold) pairs)."""
+    from scipy.stats import spearmanr
+    n = len(gold)
+    a, b = vectors[:n], vectors[n:]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return 100 * float(spearmanr(cos, gold).statistic)
 
 
 def evaluate(enc: Encoder, fast: nn.Module | None, data: dict) -> dict:
@@ -208,7 +216,7 @@ def evaluate(enc: Encoder, fast: nn.Module | None, data: dict) -> dict:
     sci_min = min_cosine(encode_with(enc, fast, data["sci"], 256), data["sci_ref"]) if data["sci"] else float("nan")
     return {"sts_min": min_cosine(sts, data["sts_ref"]), "sts_mean": float(np.mean(
         (sts / np.linalg.norm(sts, axis=1, keepdims=True) * data["sts_ref"]).sum(1))),
-        "spearman": sts_spearman(sts), "sci_min": sci_min,
+        "spearman": sts_spearman(sts, data["sts_gold"]), "sci_min": sci_min,
         "seconds": time.perf_counter() - start}
 
 
@@ -270,32 +278,38 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--experiments", default="baselines")
     parser.add_argument("--scifact", default="300", help="passages (the first n) or 'all'")
+    parser.add_argument("--sentences", type=int, default=0,
+                        help="STSBenchmark sentences: the first n // 2 pairs (smoke tests); 0: all")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     n_sci = None if args.scifact == "all" else int(args.scifact)
     sci = scifact_passages(n_sci) if n_sci != 0 else []
-    data = {"sts": sts_sentences(), "sci": sci}
+    first, second, gold = sts_rows()
+    pairs = len(gold) if args.sentences <= 0 else min(len(gold), max(1, args.sentences // 2))
+    data = {"sts": first[:pairs] + second[:pairs], "sts_gold": gold[:pairs], "sci": sci}
     data["sts_ref"] = reference_vectors("sts", data["sts"], 512)
     data["sci_ref"] = reference_vectors("scifact", scifact_passages(), 256)[:len(sci)] if sci else None
     enc = Encoder(str(MODEL), device="cpu", precision="fp32")
-    cal = calibrate(enc, calibration_texts())
+    recipes = [recipe for exp in args.experiments.split(",") for recipe in experiments(exp)]
+    # the histogram observers only serve the PT2E-like static recipe (and are slow)
+    cal = calibrate(enc, calibration_texts(), histograms=any(r.form(i, p) == "fake-static" for r in recipes
+                                                             for i in range(12) for p in PROJ))
     header = (f"\n## {cpu_model()}, torch {torch.__version__}; STSBenchmark {len(data['sts'])} sentences, "
               f"SciFact {len(sci)} passages (256 word pieces); fp32 Spearman 83.42\n\n"
               "| recipe | min cos STS | mean cos STS | min cos SciFact | STSB Spearman | eval s |\n|---|---|---|---|---|---|")
     print(header, flush=True)
     lines = [header]
-    for exp in args.experiments.split(","):
-        for recipe in experiments(exp):
-            fast = build_fast(enc, recipe, cal)
-            r = evaluate(enc, fast, data)
-            routers = [m for m in fast.modules() if isinstance(m, X86Int8Linear) and m.route > 0]
-            routed = (f" ({100 * sum(m.routed_rows for m in routers) / max(1, sum(m.rows for m in routers)):.1f}% "
-                      "rows int16)" if routers else "")
-            line = (f"| {recipe.name}{routed} | {r['sts_min']:.4f} | {r['sts_mean']:.5f} | {r['sci_min']:.4f} | "
-                    f"{r['spearman']:.2f} | {r['seconds']:.0f} |")
-            print(line, flush=True)
-            lines.append(line)
+    for recipe in recipes:
+        fast = build_fast(enc, recipe, cal)
+        r = evaluate(enc, fast, data)
+        routers = [m for m in fast.modules() if isinstance(m, X86Int8Linear) and m.route > 0]
+        routed = (f" ({100 * sum(m.routed_rows for m in routers) / max(1, sum(m.rows for m in routers)):.1f}% "
+                  "rows int16)" if routers else "")
+        line = (f"| {recipe.name}{routed} | {r['sts_min']:.4f} | {r['sts_mean']:.5f} | {r['sci_min']:.4f} | "
+                f"{r['spearman']:.2f} | {r['seconds']:.0f} |")
+        print(line, flush=True)
+        lines.append(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write("\n".join(lines) + "\n")

@@ -181,6 +181,20 @@ def plan_precision(request: str, device: torch.device | str, capabilities: Capab
     return _build(name, caps, request, reason)
 
 
+def plan_training_precision(request: str, device: torch.device | str, capabilities: Capabilities | None = None
+                            ) -> PrecisionPlan:
+    """The plan a trainer autocasts by: int8 paths are for inference only, so "auto" means the fastest float
+    precision here (bf16 where native, fp16 on older GPUs, else fp32)."""
+    if request in ("int8", "bf16+int8"):
+        raise ValueError(f"precision {request!r} is for inference only: train in fp32, bf16 or auto")
+    device = torch.device(device)
+    caps = capabilities or Capabilities.detect(device)
+    if request != "auto":
+        return plan_precision(request, device, caps)
+    name = ("bf16" if caps.native_bf16 else "fp16" if caps.device_type == "cuda" else "fp32")
+    return _build(name, caps, "auto", "training: the fastest float precision here")
+
+
 def x86_int8_kernel(caps: Capabilities) -> str | None:
     """The int8_x86 kernel "int8" runs on this CPU (None: none runs here)."""
     return next((name for name in X86_INT8_KERNELS if name in caps.x86_kernels), None)

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from allmpnet.encode import Encoder
+from allmpnet.encode.precision import plan_training_precision
 from allmpnet.train import checkpoint
 from allmpnet.train.data import build_sampler
 from allmpnet.train.distributed import broadcast_parameters, init_from_env, sum_gradients, sum_over_processes
@@ -86,10 +87,8 @@ def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Path:
         warnings.warn(f"--resume: no checkpoint under {out}; starting from {cfg.model}", stacklevel=2)
     # training truncates at 128 word pieces (the encoder's tokenizer, also used by the evaluation hook), but the
     # saved model keeps its inference limit (384 for the card's)
-    model = Encoder(resume_from or cfg.model, device=device, precision=cfg.precision,
+    model = Encoder(resume_from or cfg.model, device=device, precision=plan_training_precision(cfg.precision, device),
                     max_seq_length=cfg.max_seq_length)
-    if model.plan.name == "int8":
-        raise ValueError("precision 'int8' is for inference only: train in fp32, bf16 or auto")
     inference_max_length = cfg.save_max_seq_length or min(model.model.max_seq_length or model.model.max_positions,
                                                           model.model.max_positions)
     model.model.normalize = True  # the recipe trains normalized embeddings; the saved model lists Normalize

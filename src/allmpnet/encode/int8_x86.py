@@ -1,0 +1,348 @@
+"""int8-weight linear layers for x86 CPUs without AMX (`kernels_x86.c`): AVX512-VNNI, AVX512-BF16, AVX512 and
+AVX2.
+
+A layer keeps one int8 copy of its weight (a scale per output channel and group of 128 inputs, the AMX kernel's
+choice: one scale per channel lets a few large weights coarsen whole rows) and multiplies it by the activations
+in one of these forms, picked per call by the number of rows:
+
+- "int8": activations quantized per row (token) to int8, VNNI's vpdpbusd (W8A8; twice the bf16 rate). Only
+  with an outlier treatment does it keep this model's quality: SmoothQuant-style `smooth` factors, and int8
+  activations only in the layers that tolerate them (docs/int8-research.md).
+- "int16": activations quantized per row to int16, 1/32767 of the row's largest value: finer than bf16, so
+  weight-only int8 in quality; vpdpwssd (VNNI), vpmaddwd (AVX512BW, AVX2: twice the fp32 FMA rate there).
+- "bf16": bf16 activations, vdpbf16ps (AVX512-BF16). "fp32": FMA (AVX512F, AVX2).
+
+Small batches (a query's dozen rows) are memory-bound, so any form that streams the int8 weights at the memory's
+speed wins; large ones are compute-bound and want the fastest multiply that keeps quality.
+
+The library is compiled with the system C compiler on first use into the cache, each kernel checked against torch
+before it is used; `kernel_unavailable(name)` says why one cannot run here ("" when it can).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allmpnet.weights import cache_root
+
+SOURCE = Path(__file__).with_name("kernels_x86.c")
+# no -m flags: each kernel carries its own target attribute, so the library loads on any x86-64 CPU and the
+# dispatch decides what runs. Without -fno-gcse -fno-tree-pre, GCC 12 stored the micro-kernels' 24 sums to the
+# stack on every step (2.5x slower int8 kernel).
+COMPILE_FLAGS = ["-O3", "-fno-gcse", "-fno-tree-pre", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]
+BLOCK_N = 64  # outputs per packed block
+STEP_K = 4  # inputs per packed step
+GROUP = 128  # inputs sharing one weight scale (per output channel)
+MAX_GROUP = 512  # int16 activations: a group's int32 sums stay exact up to here (group = K: one scale per channel)
+
+AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
+AVX2 = frozenset({"avx2", "fma"})
+
+
+@dataclass(frozen=True)
+class Kernel:
+    id: int  # the C enum
+    flags: frozenset  # /proc/cpuinfo flags it needs
+    activations: str  # "int8", "int16", "bf16" or "fp32"
+
+
+KERNELS = {
+    "vnni-a8": Kernel(7, AVX512 | {"avx512_vnni"}, "int8"),
+    "vnni-a16": Kernel(6, AVX512 | {"avx512_vnni"}, "int16"),
+    "avx512-bf16": Kernel(5, AVX512 | {"avx512_bf16"}, "bf16"),
+    "avx512-a16": Kernel(4, AVX512, "int16"),
+    "avx512-f32": Kernel(3, AVX512, "fp32"),
+    "avx2-a16": Kernel(2, AVX2, "int16"),
+    "avx2-f32": Kernel(1, AVX2, "fp32"),
+}
+# per activation form, the kernels in the order they are preferred where several run (measured on Zen 4:
+# docs/int8-research.md)
+PREFERENCE = {
+    "int8": ["vnni-a8"],
+    "int16": ["vnni-a16", "avx512-a16", "avx2-a16"],
+    "bf16": ["avx512-bf16"],
+    "fp32": ["avx512-f32", "avx2-f32"],
+    # weight-only int8, any activation form that keeps fp32 quality (for a few rows all are memory-bound)
+    "weight-only": ["vnni-a16", "avx512-bf16", "avx512-a16", "avx2-a16", "avx512-f32", "avx2-f32"],
+}
+
+
+def cpu_capabilities() -> frozenset[str]:
+    """The CPU's feature flags (Linux; empty elsewhere, where no kernel is offered)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def pick_kernel(form: str, capabilities: frozenset[str] | None = None) -> str | None:
+    """The preferred kernel of activation form `form` (a PREFERENCE key) whose flags are all in `capabilities`
+    (this CPU's by default) and that runs here; None when there is none."""
+    capabilities = cpu_capabilities() if capabilities is None else capabilities
+    for name in PREFERENCE[form]:
+        if KERNELS[name].flags <= capabilities and not kernel_unavailable(name):
+            return name
+    return None
+
+
+# ---------------------------------------------------------------- the library
+
+
+def _compiled_library() -> Path:
+    """The library for this source and flags, compiled once into the cache (atomically: parallel processes may
+    race to build it)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *COMPILE_FLAGS]).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"kernels_x86-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            run = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
+                                 text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed: {run.stderr.strip()[-500:]}")
+            os.replace(built, target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return None, f"not an x86-64 CPU ({os.uname().machine})"
+    try:
+        library = ctypes.CDLL(str(_compiled_library()))
+    except (OSError, RuntimeError) as error:
+        return None, str(error)
+    pointer, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.allmpnet_x86_linear.argtypes = [c_int, pointer, c_int, pointer, pointer, pointer, pointer, i64,
+                                            pointer, pointer, pointer, c_int, i64, i64, i64, c_int, pointer, c_int]
+    library.allmpnet_x86_linear.restype = c_int
+    library.allmpnet_x86_scratch_bytes.argtypes = [c_int, i64, i64, c_int]
+    library.allmpnet_x86_scratch_bytes.restype = i64
+    library.allmpnet_x86_kernel_supported.argtypes = [c_int]
+    library.allmpnet_x86_kernel_supported.restype = c_int
+    return library, ""
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_unavailable(name: str) -> str:
+    """Why kernel `name` cannot run on this machine ("" when it can: built, supported, and its self-test passed)."""
+    if name not in KERNELS:
+        return f"unknown kernel {name!r}; known: {sorted(KERNELS)}"
+    library, why = _library()
+    if library is None:
+        return why
+    missing = sorted(KERNELS[name].flags - cpu_capabilities())
+    if missing or not library.allmpnet_x86_kernel_supported(KERNELS[name].id):
+        return f"this CPU lacks {', '.join(missing) or 'an instruction set it needs'}"
+    return "" if _self_test(library, name) else f"kernel {name} gave wrong results in its self-test"
+
+
+def _self_test(library: ctypes.CDLL, name: str) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 256, generator=generator), torch.randn(96, generator=generator)
+    layer = X86Int8Linear(weight, bias, "gelu", group=64, small=name, large=name,
+                          smooth=torch.rand(256, generator=generator) + 0.5)
+    x = torch.randn(13, 256, generator=generator)  # two row chunks, one partial; N: one block, one partial
+    got = layer.run(library, name, x, None)
+    return bool(torch.allclose(got, layer.reference(x, form=KERNELS[name].activations), atol=2e-3, rtol=2e-3))
+
+
+# ---------------------------------------------------------------- quantization and layout
+
+
+def group_size(in_features: int, group: int = GROUP) -> int:
+    """`group` where it divides the inputs, else the largest power of two from 4 that does (small test models)."""
+    if in_features % group == 0:
+        return group
+    size = STEP_K
+    while in_features % (size * 2) == 0 and size * 2 <= group:
+        size *= 2
+    if in_features % size:
+        raise ValueError(f"int8 layers need a multiple of {STEP_K} inputs, got {in_features}")
+    return size
+
+
+def quantize_weight(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 values (N, K) and fp32 scales (N, K / group): symmetric, absmax / 127 per group."""
+    N, K = weight.shape
+    groups = weight.detach().float().reshape(N, K // group, group)
+    scale = groups.abs().amax(dim=2).clamp_min(1e-12) / 127
+    return torch.round(groups / scale[..., None]).to(torch.int8).reshape(N, K), scale
+
+
+def pad_outputs(t: torch.Tensor) -> torch.Tensor:
+    """Zero rows appended up to a whole number of 64-output blocks."""
+    extra = -t.shape[0] % BLOCK_N
+    return t if not extra else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
+
+def pack_weight(quantized: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 -> [N/64][K/4][64][4], N padded to blocks of 64: per block of 64 outputs and step of 4
+    inputs, the 64 x 4 bytes one step reads."""
+    q = pad_outputs(quantized)
+    N, K = q.shape
+    return q.reshape(N // BLOCK_N, BLOCK_N, K // STEP_K, STEP_K).permute(0, 2, 1, 3).contiguous()
+
+
+def pack_groups(table: torch.Tensor) -> torch.Tensor:
+    """A per (output, group) table (N, G) -> [N/64][G][64], N padded to blocks of 64."""
+    t = pad_outputs(table)
+    return t.reshape(t.shape[0] // BLOCK_N, BLOCK_N, t.shape[1]).permute(0, 2, 1).contiguous()
+
+
+def compensation(quantized: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, G) int32: -128 x each group's sum of weights. The int8 kernel stores activations q as q + 128 (vpdpbusd
+    multiplies unsigned by signed bytes); starting a group's sums here leaves exactly sum q w."""
+    N, K = quantized.shape
+    return (-128 * quantized.to(torch.int32).reshape(N, K // group, group).sum(2)).to(torch.int32)
+
+
+def smoothing_factors(activation_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s = max|x_k|^alpha / max|W_:,k|^(1 - alpha): the layer computes
+    (x / s)(W diag(s))^T, moving a share alpha of the activations' outlier range into the weights, whose
+    per-group scales absorb it better than a per-token activation scale does."""
+    a = activation_absmax.float().clamp_min(1e-5)
+    w = weight.detach().float().abs().amax(0).clamp_min(1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(1e-2, 1e2)
+
+
+def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization to `bits` (8 or 16), as the kernels do: (integer values as float, scales)."""
+    top = 2 ** (bits - 1) - 1
+    largest = x.abs().amax(1, keepdim=True)
+    inverse = torch.where(largest > 0, top / largest, torch.zeros_like(largest))
+    return torch.round(x * inverse), largest / top
+
+
+# ---------------------------------------------------------------- the layer
+
+_scratch = threading.local()  # per Python thread: concurrent calls never share a buffer
+
+
+def _scratch_buffer(size: int) -> torch.Tensor:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _scratch.buffer = torch.empty(max(size, 1 << 20), dtype=torch.uint8)
+    return buffer
+
+
+class X86Int8Linear(nn.Module):
+    """y = act(x W^T + b) [+ residual] with W in int8 (a scale per output channel and group of `group` inputs);
+    act "none" or "gelu" (exact erf GELU); x, residual and y fp32 or bf16 (y takes x's dtype). Inference only;
+    same interface as fused.Linear.
+
+    Batches of at most `max_small_rows` rows run kernel `small`, larger ones kernel `large` (KERNELS names; they
+    share the one packed weight). smooth (K,): SmoothQuant factors s (smoothing_factors); the layer stores
+    W diag(s) and multiplies x by 1 / s inside the kernel, so callers pass x unchanged.
+
+    Each row's result depends only on that row (per-row activation scales, fixed summation order)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none", *,
+                 group: int = GROUP, smooth: torch.Tensor | None = None, small: str = "vnni-a16",
+                 large: str = "vnni-a8", max_small_rows: int = 64):
+        super().__init__()
+        N, K = weight.shape
+        if activation not in ("none", "gelu"):
+            raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+        for name in (small, large):
+            if name not in KERNELS:
+                raise ValueError(f"unknown kernel {name!r}; known: {sorted(KERNELS)}")
+        self.activation, self.in_features, self.out_features = activation, K, N
+        self.small, self.large, self.max_small_rows = small, large, max_small_rows
+        self.group = group_size(K, group)
+        if self.group > MAX_GROUP and "int16" in (KERNELS[small].activations, KERNELS[large].activations):
+            raise ValueError(f"the int16 kernels take groups of at most {MAX_GROUP} inputs, got {self.group}")
+        w = weight.detach().float()
+        if smooth is not None:
+            smooth = smooth.detach().float().reshape(K)
+            w = w * smooth
+        quantized, scale = quantize_weight(w, self.group)
+        self.register_buffer("packed", pack_weight(quantized))
+        self.register_buffer("scales", pack_groups(scale))
+        self.register_buffer("compensation", pack_groups(compensation(quantized, self.group)))
+        self.register_buffer("inverse_smooth", None if smooth is None else (1 / smooth).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        """The (N, K) fp32 weight the kernels multiply by x / s (W diag(s), quantized)."""
+        N, K, G = self.out_features, self.in_features, self.in_features // self.group
+        q = self.packed.permute(0, 2, 1, 3).reshape(-1, K)[:N].float()
+        scale = self.scales.permute(0, 2, 1).reshape(-1, G)[:N]
+        return (q.reshape(N, G, self.group) * scale[..., None]).reshape(N, K)
+
+    def kernel_for(self, rows: int) -> str:
+        return self.small if rows <= self.max_small_rows else self.large
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        name = self.kernel_for(x.shape[0])
+        why = kernel_unavailable(name)
+        if why:
+            raise RuntimeError(f"int8 kernel {name} cannot run here: {why}")
+        return self.run(_library()[0], name, x, residual)
+
+    def run(self, library: ctypes.CDLL, name: str, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if (x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or x.dim() != 2
+                or x.shape[1] != self.in_features):
+            raise ValueError(f"X86Int8Linear takes (rows, {self.in_features}) fp32 or bf16 CPU inputs, "
+                             f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+        M, N, K = x.shape[0], self.out_features, self.in_features
+        if residual is not None:
+            if residual.dtype != x.dtype or residual.shape != (M, N):
+                raise ValueError(f"residual must be ({M}, {N}) {x.dtype}, got {tuple(residual.shape)} "
+                                 f"{residual.dtype}")
+            residual = residual.contiguous()
+        x = x.contiguous()
+        y = torch.empty(M, N, dtype=x.dtype)
+        kernel, threads = KERNELS[name].id, torch.get_num_threads()
+        scratch = _scratch_buffer(library.allmpnet_x86_scratch_bytes(kernel, M, K, threads))
+        status = library.allmpnet_x86_linear(
+            kernel, x.data_ptr(), int(x.dtype == torch.bfloat16),
+            None if self.inverse_smooth is None else self.inverse_smooth.data_ptr(),
+            self.packed.data_ptr(), self.scales.data_ptr(), self.compensation.data_ptr(), self.group,
+            None if self.bias is None else self.bias.data_ptr(), None if residual is None else residual.data_ptr(),
+            y.data_ptr(), int(y.dtype == torch.bfloat16), M, N, K, int(self.activation == "gelu"),
+            scratch.data_ptr(), threads)
+        if status != 0:
+            raise RuntimeError(f"int8 kernel {name} refused the call (status {status})")
+        return y
+
+    def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None, form: str | None = None
+                  ) -> torch.Tensor:
+        """What kernel form `form` ("int8", "int16", "bf16", "fp32"; default the large kernel's) computes, in
+        torch fp32: the same quantization, a different summation order."""
+        form = form or KERNELS[self.large].activations
+        v = x.float()
+        if self.inverse_smooth is not None:
+            v = v * self.inverse_smooth
+        if form in ("int8", "int16"):
+            q, scale = quantize_rows(v, 8 if form == "int8" else 16)
+            v = q * scale
+        elif form == "bf16":
+            v = v.bfloat16().float()
+        y = F.linear(v, self.dequantized(), self.bias)
+        if self.activation == "gelu":
+            y = F.gelu(y)
+        if residual is not None:
+            y = y + residual.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, activation={self.activation}, group={self.group}, "
+                f"small={self.small} (<= {self.max_small_rows} rows), large={self.large}, "
+                f"smooth={self.inverse_smooth is not None}")

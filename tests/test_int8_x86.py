@@ -1,0 +1,245 @@
+"""Our x86 int8 kernels (int8_x86.py, kernels_x86.c): quantization and layout against plain torch, and every
+kernel this CPU can run against the torch reference of its own maths, on small random shapes. A kernel whose
+instructions this CPU lacks is skipped with the reason; one it has that fails to build or load is a failure."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from allmpnet.encode import int8_x86
+from allmpnet.encode.int8_x86 import (AVX2, KERNELS, X86Int8Linear, compensation, cpu_capabilities, group_size,
+                                      kernel_unavailable, pack_groups, pack_weight, pick_kernel, quantize_rows,
+                                      quantize_weight, smoothing_factors)
+
+CPU = cpu_capabilities()
+
+
+def needs(name: str):
+    missing = sorted(KERNELS[name].flags - CPU)
+    return pytest.mark.skipif(bool(missing), reason=f"this CPU lacks {', '.join(missing)} for {name}")
+
+
+ALL_KERNELS = [pytest.param(name, marks=needs(name)) for name in KERNELS]
+
+
+# ---------------------------------------------------------------- quantization and layout (no kernel needed)
+
+
+def test_weight_groups_round_within_half_a_step():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    weight[3, 5] = 40.0  # an outlier coarsens its own group only
+    q, scale = quantize_weight(weight, 128)
+    assert q.dtype == torch.int8 and scale.shape == (64, 2) and q.abs().max() == 127
+    error = (q.float().view(64, 2, 128) * scale[..., None] - weight.view(64, 2, 128)).abs()
+    assert (error <= scale[..., None] / 2 + 1e-6).all()
+    assert scale[3, 0] > 10 * scale[3, 1]
+
+
+def test_group_size_falls_back_to_what_divides_the_inputs():
+    assert group_size(768) == 128 and group_size(3072) == 128
+    assert group_size(96) == 32 and group_size(36) == 4 and group_size(768, 768) == 768
+    with pytest.raises(ValueError, match="multiple of 4"):
+        group_size(30)
+
+
+def test_packed_layout_is_what_one_step_reads():
+    # element (n, k) lands at [n // 64][k // 4][n % 64][k % 4]; outputs padded with zeros to 64
+    N, K = 100, 12
+    values = (torch.arange(N * K) % 251 - 125).to(torch.int8).view(N, K)
+    packed = pack_weight(values)
+    assert packed.shape == (2, 3, 64, 4)
+    for n, k in [(0, 0), (1, 0), (0, 1), (63, 11), (64, 4), (99, 7), (17, 3)]:
+        assert packed[n // 64, k // 4, n % 64, k % 4] == values[n, k]
+    assert (packed[1, :, 36:] == 0).all()
+    table = torch.arange(N * 3, dtype=torch.float32).view(N, 3)
+    groups = pack_groups(table)
+    assert groups.shape == (2, 3, 64) and groups[1, 2, 5] == table[69, 2] and (groups[1, :, 36:] == 0).all()
+
+
+def test_compensation_cancels_the_unsigned_offset():
+    # the kernel multiplies (q + 128) by w: adding -128 x sum(w) per group leaves sum(q w)
+    torch.manual_seed(1)
+    w = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    q = torch.randint(-127, 128, (64,))
+    comp = compensation(w, 32)
+    assert comp.shape == (8, 2) and comp.dtype == torch.int32
+    for g in range(2):
+        part = slice(32 * g, 32 * g + 32)
+        shifted = ((q[part] + 128) * w[:, part].long()).sum(1) + comp[:, g]
+        assert torch.equal(shifted, (q[part] * w[:, part].long()).sum(1))
+
+
+def test_rows_quantize_symmetrically_and_zero_rows_stay_zero():
+    x = torch.tensor([[0.5, -2.0, 1.0], [0.0, 0.0, 0.0]])
+    q, scale = quantize_rows(x, 8)
+    assert q[0].tolist() == [32.0, -127.0, 64.0] and scale[0, 0] == pytest.approx(2 / 127)
+    assert q[1].abs().sum() == 0 and scale[1, 0] == 0 and torch.isfinite(q).all()
+
+
+def test_smoothing_moves_range_without_changing_the_product():
+    torch.manual_seed(2)
+    weight, x = torch.randn(64, 128), torch.randn(5, 128)
+    x[:, 7] *= 50  # an outlier channel
+    absmax = x.abs().amax(0)
+    s = smoothing_factors(absmax, weight, 0.5)
+    assert s[7] > 3 * s.median()  # the outlier channel is scaled down the most
+    assert torch.allclose((x / s) @ (weight * s).T, x @ weight.T, atol=1e-3, rtol=1e-4)
+    smoothed = (x / s).abs().amax(0)
+    assert smoothed.max() / smoothed.median() < absmax.max() / absmax.median()
+
+
+def test_layer_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="activation"):
+        X86Int8Linear(torch.randn(64, 64), None, activation="relu")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        X86Int8Linear(torch.randn(64, 64), None, small="avx9000")
+    with pytest.raises(ValueError, match="at most 512"):
+        X86Int8Linear(torch.randn(64, 1024), None, group=1024, small="vnni-a16")
+    X86Int8Linear(torch.randn(64, 1024), None, group=1024, small="vnni-a8", large="vnni-a8")  # one scale per row
+
+
+def test_dispatch_picks_only_kernels_the_given_capabilities_allow():
+    assert pick_kernel("weight-only", frozenset()) is None
+    assert kernel_unavailable("avx9000").startswith("unknown kernel")
+    if AVX2 <= CPU and not kernel_unavailable("avx2-a16"):
+        # an AVX-512 CPU told it has AVX2 only runs AVX2 code: how the AVX2 path is checked on this machine
+        assert pick_kernel("weight-only", AVX2) == "avx2-a16"
+        assert pick_kernel("fp32", AVX2) == "avx2-f32"
+        assert pick_kernel("int8", AVX2) is None
+
+
+def test_the_library_refuses_unknown_kernels_and_bad_groups():
+    library, why = int8_x86._library()
+    if library is None:
+        pytest.skip(why)
+    args = [None, 0, None, None, None, None, 128, None, None, None, 0, 1, 64, 256, 0, None, 1]
+    assert library.allmpnet_x86_linear(99, *args) == -2
+    name = pick_kernel("weight-only")
+    if name is None:
+        pytest.skip("no kernel runs here")
+    bad_group = list(args)
+    bad_group[6] = 100  # does not divide K = 256
+    assert library.allmpnet_x86_linear(KERNELS[name].id, *bad_group) == -1
+
+
+# ---------------------------------------------------------------- the kernels
+
+
+def make_layer(name: str, N: int, K: int, activation: str, smooth: bool, group: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = torch.randn(N, K, generator=g) * 0.1, torch.randn(N, generator=g)
+    factors = torch.rand(K, generator=g) + 0.5 if smooth else None
+    return X86Int8Linear(weight, bias, activation, group=group, smooth=factors, small=name, large=name), g
+
+
+@pytest.mark.parametrize("name", ALL_KERNELS)
+def test_kernel_builds_loads_and_passes_its_self_test(name):
+    assert kernel_unavailable(name) == ""
+
+
+@pytest.mark.parametrize("name", ALL_KERNELS)
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 200])
+@pytest.mark.parametrize("form", ["plain", "bias+gelu", "residual", "smooth"])
+def test_kernel_matches_its_torch_reference_in_fp32(name, rows, form):
+    layer, g = make_layer(name, 96, 256, "gelu" if form == "bias+gelu" else "none", smooth=form == "smooth")
+    if form == "plain":
+        layer.bias = None
+    x = torch.randn(rows, 256, generator=g)
+    residual = torch.randn(rows, 96, generator=g) if form == "residual" else None
+    got = layer(x, residual)
+    expected = layer.reference(x, residual, form=KERNELS[name].activations)
+    assert got.shape == (rows, 96) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", ALL_KERNELS)
+@pytest.mark.parametrize("N,K,group", [(64, 128, 128), (200, 384, 128), (32, 36, 4)])
+def test_kernel_handles_bf16_and_partial_output_blocks(name, N, K, group):
+    layer, g = make_layer(name, N, K, "gelu", smooth=True, group=group)
+    x = torch.randn(9, K, generator=g).bfloat16()
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (9, N)
+    expected = layer.reference(x, form=KERNELS[name].activations)
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.05, rtol=0.02)
+    residual = torch.randn(9, N, generator=g).bfloat16()
+    layer.activation = "none"
+    torch.testing.assert_close(layer(x, residual).float(), layer.reference(x, residual, KERNELS[name].activations)
+                               .float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("name", ALL_KERNELS)
+def test_each_row_depends_only_on_itself_and_not_on_threads(name):
+    layer, g = make_layer(name, 128, 256, "none", smooth=False)
+    x = torch.randn(20, 256, generator=g)
+    together = layer(x)
+    for i in (0, 6, 19):
+        assert torch.equal(layer(x[i:i + 1])[0], together[i])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(layer(x), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ALL_KERNELS)
+def test_int8_weights_stay_close_to_the_float_layer(name):
+    # the whole point: int8 weights (and int8 or int16 activations) track the float layer
+    layer, g = make_layer(name, 128, 512, "none", smooth=False, group=128)
+    weight = torch.randn(128, 512, generator=torch.Generator().manual_seed(0)) * 0.1
+    x = torch.randn(32, 512, generator=g)
+    exact = F.linear(x, weight, layer.bias)
+    got = layer(x)
+    cosine = F.cosine_similarity(got, exact, dim=1)
+    assert cosine.min() > (0.995 if KERNELS[name].activations == "int8" else 0.9995)
+
+
+def test_rows_switch_between_the_small_and_the_large_kernel():
+    small, large = pick_kernel("weight-only"), pick_kernel("int8") or pick_kernel("fp32")
+    if small is None or large is None:
+        pytest.skip("needs two kernels that run here")
+    g = torch.Generator().manual_seed(3)
+    layer = X86Int8Linear(torch.randn(64, 128, generator=g), None, small=small, large=large, max_small_rows=4)
+    assert layer.kernel_for(4) == small and layer.kernel_for(5) == large
+    x = torch.randn(5, 128, generator=g)
+    torch.testing.assert_close(layer(x[:4]), layer.reference(x[:4], form=KERNELS[small].activations), atol=2e-3,
+                               rtol=2e-3)
+    torch.testing.assert_close(layer(x), layer.reference(x, form=KERNELS[large].activations), atol=2e-3,
+                               rtol=2e-3)
+
+
+def test_wrong_inputs_raise_before_the_kernel_runs():
+    name = pick_kernel("weight-only")
+    if name is None:
+        pytest.skip("no kernel runs here")
+    layer = X86Int8Linear(torch.randn(64, 128), None, small=name, large=name)
+    with pytest.raises(ValueError, match="inputs"):
+        layer(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="inputs"):
+        layer(torch.randn(3, 128).half())
+    with pytest.raises(ValueError, match="residual"):
+        layer(torch.randn(3, 128), torch.randn(3, 64).bfloat16())
+
+
+def test_a_kernel_the_cpu_lacks_raises_a_clear_error(monkeypatch):
+    monkeypatch.setattr(int8_x86, "cpu_capabilities", lambda: frozenset({"avx2", "fma"}))
+    int8_x86.kernel_unavailable.cache_clear()
+    try:
+        assert "lacks" in kernel_unavailable("vnni-a8")
+        layer = X86Int8Linear(torch.randn(64, 128), None, small="vnni-a8", large="vnni-a8")
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            layer(torch.randn(2, 128))
+    finally:
+        int8_x86.kernel_unavailable.cache_clear()
+
+
+def test_library_signatures_are_declared():
+    library, why = int8_x86._library()
+    if library is None:
+        pytest.skip(why)
+    assert library.allmpnet_x86_linear.restype is ctypes.c_int
+    assert library.allmpnet_x86_scratch_bytes(KERNELS["vnni-a8"].id, 7, 128, 2) >= 12 * 128 + 7 * 4 + 2 * 128 * 4

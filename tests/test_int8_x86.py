@@ -116,7 +116,7 @@ def test_the_library_refuses_unknown_kernels_and_bad_groups():
     library, why = int8_x86._library()
     if library is None:
         pytest.skip(why)
-    args = [None, 0, None, None, None, None, 128, None, None, None, 0, 1, 64, 256, 0, None, 1]
+    args = [None, 0, None, None, None, None, 128, None, None, None, 0, 1, 64, 256, 0, 0.0, None, 1]
     assert library.allmpnet_x86_linear(99, *args) == -2
     name = pick_kernel("weight-only")
     if name is None:
@@ -198,6 +198,28 @@ def test_int8_weights_stay_close_to_the_float_layer(name):
     assert cosine.min() > (0.995 if KERNELS[name].activations == "int8" else 0.9995)
 
 
+@needs("vnni-a8")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spiky_rows_are_routed_to_int16_in_the_same_call(dtype):
+    layer, g = make_layer("vnni-a8", 96, 256, "none", smooth=True)
+    layer.route = 10.0
+    x = torch.randn(40, 256, generator=g)
+    spikes = [0, 7, 8, 39]  # one huge value: max / rms far above 10 (as the <s> token's activations)
+    x[spikes, 3] = 200.0
+    got = layer(x.to(dtype))
+    assert layer.routed_rows == len(spikes) and layer.rows == 40
+    expected = layer.reference(x.to(dtype), form="int8")
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-3 if dtype == torch.float32 else 0.05,
+                               rtol=2e-3 if dtype == torch.float32 else 0.02)
+    # the routed rows are as exact as int16 activations make them, the plain int8 ones are not
+    plain = X86Int8Linear(torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.1, layer.bias,
+                          group=64, smooth=1 / layer.inverse_smooth, small="vnni-a8", large="vnni-a8")
+    exact = layer.reference(x.to(dtype), form="fp32").float()
+    routed_error = (got.float() - exact)[spikes].abs().max()
+    plain_error = (plain(x.to(dtype)).float() - exact)[spikes].abs().max()
+    assert routed_error * 4 < plain_error
+
+
 def test_rows_switch_between_the_small_and_the_large_kernel():
     small, large = pick_kernel("weight-only"), pick_kernel("int8") or pick_kernel("fp32")
     if small is None or large is None:
@@ -241,5 +263,5 @@ def test_library_signatures_are_declared():
     library, why = int8_x86._library()
     if library is None:
         pytest.skip(why)
-    assert library.allmpnet_x86_linear.restype is ctypes.c_int
-    assert library.allmpnet_x86_scratch_bytes(KERNELS["vnni-a8"].id, 7, 128, 2) >= 12 * 128 + 7 * 4 + 2 * 128 * 4
+    assert library.allmpnet_x86_linear.restype is ctypes.c_int64
+    assert library.allmpnet_x86_scratch_bytes(KERNELS["vnni-a8"].id, 7, 128, 2) >= 7 * 128 * 3 + 3 * 7 * 4 + 2 * 128 * 4

@@ -123,6 +123,37 @@ class FakeQuantLinear(nn.Module):
         return y.to(x.dtype)
 
 
+class RowRoutedLinear(nn.Module):
+    """Per-token precision: rows (tokens) whose activations are spiky (max |x| / rms(x) above `ratio`, after
+    smoothing) run with int16 activations, the rest with int8. The spiky rows are few (the <s> and </s> tokens
+    carry massive activations in a few channels, and some others do) and an int8 per-token scale set by one huge
+    channel leaves the token's other channels a handful of levels."""
+
+    def __init__(self, layer: X86Int8Linear, ratio: float):
+        super().__init__()
+        self.layer, self.ratio = layer, ratio
+        self.routed = self.rows = 0
+
+    def spiky(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.float()
+        if self.layer.inverse_smooth is not None:
+            v = v * self.layer.inverse_smooth
+        return v.abs().amax(1) > self.ratio * v.pow(2).mean(1).sqrt()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.layer.run(_lib(), "vnni-a8", x, residual)
+        rows = self.spiky(x).nonzero().squeeze(1)
+        self.routed, self.rows = self.routed + rows.numel(), self.rows + x.shape[0]
+        if rows.numel():
+            y[rows] = self.layer.run(_lib(), "vnni-a16", x[rows], None if residual is None else residual[rows])
+        return y
+
+
+def _lib():
+    from allmpnet.encode.int8_x86 import _library
+    return _library()[0]
+
+
 # ---------------------------------------------------------------- recipes
 
 
@@ -135,6 +166,7 @@ class Recipe:
     alpha: float | Callable[[int, str], float] | None = None  # SmoothQuant migration strength for a8 layers
     group: int = 128  # inputs per weight scale; a value >= K means one scale per output channel
     smooth_all: bool = False  # smooth the a16 layers too (one int8 copy for both small and large batches)
+    route_ratio: float = 0.0  # "a8r": rows whose max |x| / rms(x) exceeds this run with int16 activations
 
     def alpha_for(self, i: int, proj: str) -> float | None:
         return self.alpha(i, proj) if callable(self.alpha) else self.alpha
@@ -179,6 +211,11 @@ def build_fast(enc: Encoder, recipe: Recipe, cal: Calibration) -> FastMPNet:
         smooth = None
         if alpha is not None and (form == "a8" or recipe.smooth_all):
             smooth = smoothing_factors(cal.absmax[(i, proj)], weight, alpha)
+        if form == "a8r":
+            smooth = None if alpha is None else smoothing_factors(cal.absmax[(i, proj)], weight, alpha)
+            layer = X86Int8Linear(weight, bias, activation, group=min(recipe.group, weight.shape[1]), smooth=smooth,
+                                  small="vnni-a16", large="vnni-a8", max_small_rows=0)
+            return RowRoutedLinear(layer, recipe.route_ratio)
         kernel = {"a8": "vnni-a8", "a16": "vnni-a16"}[form]
         return X86Int8Linear(weight, bias, activation, group=min(recipe.group, weight.shape[1]), smooth=smooth,
                              small=kernel, large=kernel, max_small_rows=0)
@@ -200,10 +237,10 @@ def encode_with(enc: Encoder, fast: nn.Module | None, texts: list[str], max_len:
 def evaluate(enc: Encoder, fast: nn.Module | None, data: dict) -> dict:
     start = time.perf_counter()
     sts = encode_with(enc, fast, data["sts"], 512)
-    sci = encode_with(enc, fast, data["sci"], 256)
+    sci_min = min_cosine(encode_with(enc, fast, data["sci"], 256), data["sci_ref"]) if data["sci"] else float("nan")
     return {"sts_min": min_cosine(sts, data["sts_ref"]), "sts_mean": float(np.mean(
         (sts / np.linalg.norm(sts, axis=1, keepdims=True) * data["sts_ref"]).sum(1))),
-        "spearman": sts_spearman(sts), "sci_min": min_cosine(sci, data["sci_ref"]),
+        "spearman": sts_spearman(sts), "sci_min": sci_min,
         "seconds": time.perf_counter() - start}
 
 
@@ -236,6 +273,21 @@ def experiments(name: str) -> list[Recipe]:
     if name == "per-layer":  # which layers' down projection hurts in W8A8
         return [Recipe(f"W8A8 all (alpha 0.5) but layer {i} down weight-only",
                        lambda j, p, i=i: "a16" if (j == i and p == "down") else "a8", alpha=0.5) for i in range(12)]
+    if name == "route":
+        return [Recipe(f"W8A8 all, alpha 0.5, rows with max/rms > {t} in int16", uniform("a8r"), alpha=0.5,
+                       route_ratio=t) for t in (12, 20, 28)] + \
+               [Recipe("W8A8 all, no smoothing, rows with max/rms > 20 in int16", uniform("a8r"), route_ratio=20)]
+    if name == "combo":  # smoothing where it helps (qkv, o, up), none on down (its outliers move with the token)
+        out = []
+        for a in (0.5, 0.8):
+            alpha = (lambda i, p, a=a: None if p == "down" else a)
+            out.append(Recipe(f"W8A8 all, alpha {a} on qkv/o/up, down unsmoothed", ALL_A8, alpha=alpha))
+        alpha = (lambda i, p: None if p == "down" else 0.8)
+        out.append(Recipe("W8A8 all, alpha 0.8 on qkv/o/up, down unsmoothed, rows max/rms > 20 in int16",
+                          uniform("a8r"), alpha=alpha, route_ratio=20))
+        out.append(Recipe("W8A8 all, alpha 0.8 on qkv/o/up, down unsmoothed with rows max/rms > 20 in int16",
+                          lambda i, p: "a8r" if p == "down" else "a8", alpha=alpha, route_ratio=20))
+        return out
     raise ValueError(f"unknown experiment {name!r}")
 
 
@@ -247,10 +299,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     n_sci = None if args.scifact == "all" else int(args.scifact)
-    sci = scifact_passages(n_sci)
+    sci = scifact_passages(n_sci) if n_sci != 0 else []
     data = {"sts": sts_sentences(), "sci": sci}
     data["sts_ref"] = reference_vectors("sts", data["sts"], 512)
-    data["sci_ref"] = reference_vectors("scifact", scifact_passages(), 256)[:len(sci)]
+    data["sci_ref"] = reference_vectors("scifact", scifact_passages(), 256)[:len(sci)] if sci else None
     enc = Encoder(str(MODEL), device="cpu", precision="fp32")
     cal = calibrate(enc, calibration_texts())
     header = (f"\n## {cpu_model()}, torch {torch.__version__}; STSBenchmark {len(data['sts'])} sentences, "
@@ -262,7 +314,10 @@ def main() -> None:
         for recipe in experiments(exp):
             fast = build_fast(enc, recipe, cal)
             r = evaluate(enc, fast, data)
-            line = (f"| {recipe.name} | {r['sts_min']:.4f} | {r['sts_mean']:.5f} | {r['sci_min']:.4f} | "
+            routers = [m for m in fast.modules() if isinstance(m, RowRoutedLinear)]
+            routed = (f" ({100 * sum(m.routed for m in routers) / max(1, sum(m.rows for m in routers)):.1f}% "
+                      "rows int16)" if routers else "")
+            line = (f"| {recipe.name}{routed} | {r['sts_min']:.4f} | {r['sts_mean']:.5f} | {r['sci_min']:.4f} | "
                     f"{r['spearman']:.2f} | {r['seconds']:.0f} |")
             print(line, flush=True)
             lines.append(line)

@@ -130,8 +130,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, str(error)
     pointer, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.allmpnet_x86_linear.argtypes = [c_int, pointer, c_int, pointer, pointer, pointer, pointer, i64,
-                                            pointer, pointer, pointer, c_int, i64, i64, i64, c_int, pointer, c_int]
-    library.allmpnet_x86_linear.restype = c_int
+                                            pointer, pointer, pointer, c_int, i64, i64, i64, c_int, ctypes.c_float,
+                                            pointer, c_int]
+    library.allmpnet_x86_linear.restype = i64
     library.allmpnet_x86_scratch_bytes.argtypes = [c_int, i64, i64, c_int]
     library.allmpnet_x86_scratch_bytes.restype = i64
     library.allmpnet_x86_kernel_supported.argtypes = [c_int]
@@ -249,13 +250,15 @@ class X86Int8Linear(nn.Module):
 
     Batches of at most `max_small_rows` rows run kernel `small`, larger ones kernel `large` (KERNELS names; they
     share the one packed weight). smooth (K,): SmoothQuant factors s (smoothing_factors); the layer stores
-    W diag(s) and multiplies x by 1 / s inside the kernel, so callers pass x unchanged.
+    W diag(s) and multiplies x by 1 / s inside the kernel, so callers pass x unchanged. route (the int8 kernel):
+    rows (tokens) whose largest |x / s| exceeds `route` times their root mean square are multiplied with int16
+    activations instead of int8, in the same call (0: never).
 
     Each row's result depends only on that row (per-row activation scales, fixed summation order)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none", *,
                  group: int = GROUP, smooth: torch.Tensor | None = None, small: str = "vnni-a16",
-                 large: str = "vnni-a8", max_small_rows: int = 64):
+                 large: str = "vnni-a8", max_small_rows: int = 64, route: float = 0.0):
         super().__init__()
         N, K = weight.shape
         if activation not in ("none", "gelu"):
@@ -264,9 +267,11 @@ class X86Int8Linear(nn.Module):
             if name not in KERNELS:
                 raise ValueError(f"unknown kernel {name!r}; known: {sorted(KERNELS)}")
         self.activation, self.in_features, self.out_features = activation, K, N
-        self.small, self.large, self.max_small_rows = small, large, max_small_rows
+        self.small, self.large, self.max_small_rows, self.route = small, large, max_small_rows, route
+        self.routed_rows = self.rows = 0  # how many rows the int8 kernel routed to int16, of how many
         self.group = group_size(K, group)
-        if self.group > MAX_GROUP and "int16" in (KERNELS[small].activations, KERNELS[large].activations):
+        int16 = route > 0 or "int16" in (KERNELS[small].activations, KERNELS[large].activations)
+        if self.group > MAX_GROUP and int16:
             raise ValueError(f"the int16 kernels take groups of at most {MAX_GROUP} inputs, got {self.group}")
         w = weight.detach().float()
         if smooth is not None:
@@ -316,10 +321,12 @@ class X86Int8Linear(nn.Module):
             None if self.inverse_smooth is None else self.inverse_smooth.data_ptr(),
             self.packed.data_ptr(), self.scales.data_ptr(), self.compensation.data_ptr(), self.group,
             None if self.bias is None else self.bias.data_ptr(), None if residual is None else residual.data_ptr(),
-            y.data_ptr(), int(y.dtype == torch.bfloat16), M, N, K, int(self.activation == "gelu"),
+            y.data_ptr(), int(y.dtype == torch.bfloat16), M, N, K, int(self.activation == "gelu"), self.route,
             scratch.data_ptr(), threads)
-        if status != 0:
+        if status < 0:
             raise RuntimeError(f"int8 kernel {name} refused the call (status {status})")
+        if KERNELS[name].activations == "int8":
+            self.routed_rows, self.rows = self.routed_rows + status, self.rows + M
         return y
 
     def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None, form: str | None = None
@@ -332,6 +339,10 @@ class X86Int8Linear(nn.Module):
             v = v * self.inverse_smooth
         if form in ("int8", "int16"):
             q, scale = quantize_rows(v, 8 if form == "int8" else 16)
+            if form == "int8" and self.route > 0:
+                spiky = v.abs().amax(1) > self.route * v.pow(2).mean(1).sqrt()
+                q16, scale16 = quantize_rows(v[spiky], 16)
+                q[spiky], scale[spiky] = q16, scale16
             v = q * scale
         elif form == "bf16":
             v = v.bfloat16().float()
@@ -345,4 +356,4 @@ class X86Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, activation={self.activation}, group={self.group}, "
                 f"small={self.small} (<= {self.max_small_rows} rows), large={self.large}, "
-                f"smooth={self.inverse_smooth is not None}")
+                f"smooth={self.inverse_smooth is not None}, route={self.route}")

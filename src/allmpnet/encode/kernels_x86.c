@@ -129,53 +129,83 @@ typedef struct {
     int y_bf16;
     int64_t M, N, K;
     int gelu;
-    const void *act;      // prepared activations (M, K), row stride K elements
-    const float *row_scale;  // (M,) for the integer kernels, NULL for the float ones
+    float route;          // > 0: rows with max |v| > route x rms(v) get int16 activations (int8 kernel only)
+    void *act;            // prepared activations in the kernel's form, (M, K)
+    int16_t *act16;       // (M, K) int16 activations of the routed rows
+    float *row_scale;     // (M,)
+    int32_t *order;       // (M,): the rows of the kernel's form, then the routed ones
+    int32_t *routed;      // (M,): 1 where the row was routed to int16
 } linear_args;
 
-// Row m of x (times smooth) -> the kernel's activation form. Plain loops: each ISA's caller vectorises them.
-static inline __attribute__((always_inline)) void prepare_row(const linear_args *a, int kind, int64_t m, void *act,
-                                                             float *row_scale, float *buffer) {
-    const int64_t K = a->K;
-    float largest = 0.0f;
-    for (int64_t k = 0; k < K; k++) {
-        float v = a->x_bf16 ? bf16_load((const uint16_t *)a->x + m * K + k) : ((const float *)a->x)[m * K + k];
-        if (a->smooth) v *= a->smooth[k];
-        buffer[k] = v;
-        const float magnitude = __builtin_fabsf(v);
-        largest = magnitude > largest ? magnitude : largest;
-    }
-    if (kind == ACT_F32) {
-        memcpy((float *)act + m * K, buffer, K * 4);
-    } else if (kind == ACT_BF16) {
-        uint16_t *out = (uint16_t *)act + m * K;
-        for (int64_t k = 0; k < K; k++) out[k] = bf16_round(buffer[k]);
-    } else {
-        const float top = kind == ACT_I16 ? 32767.0f : 127.0f;
-        const float inverse = largest > 0.0f ? top / largest : 0.0f;
-        row_scale[m] = largest / top;
-        if (kind == ACT_I16) {
-            int16_t *out = (int16_t *)act + m * K;
-            for (int64_t k = 0; k < K; k++) out[k] = (int16_t)__builtin_rintf(buffer[k] * inverse);
-        } else {
-            uint8_t *out = (uint8_t *)act + m * K;
-            for (int64_t k = 0; k < K; k++) out[k] = (uint8_t)((int32_t)__builtin_rintf(buffer[k] * inverse) + 128);
-        }
-    }
+static inline __attribute__((always_inline)) void quantize_i16(const float *v, int64_t K, float largest,
+                                                              int16_t *out, float *scale) {
+    const float inverse = largest > 0.0f ? 32767.0f / largest : 0.0f;
+    *scale = largest / 32767.0f;
+    for (int64_t k = 0; k < K; k++) out[k] = (int16_t)__builtin_rintf(v[k] * inverse);
 }
 
-// tile (rows x 64 fp32 sums of block nb) -> y rows m0.., through row scale, bias, GELU, residual.
-static inline __attribute__((always_inline)) void finish_rows(const linear_args *a, int64_t m0, int rows,
+// Row m of x (times smooth) -> the kernel's activation form; returns 1 when the row was routed to int16. Plain
+// loops: each ISA's caller vectorises them.
+static inline __attribute__((always_inline)) int prepare_row(const linear_args *a, int kind, int64_t m,
+                                                            float *buffer) {
+    const int64_t K = a->K;
+    const float *smooth = a->smooth;
+    if (a->x_bf16) {
+        const uint16_t *row = (const uint16_t *)a->x + m * K;
+        for (int64_t k = 0; k < K; k++) buffer[k] = bf16_load(row + k);
+    } else {
+        memcpy(buffer, (const float *)a->x + m * K, K * 4);
+    }
+    if (smooth)
+        for (int64_t k = 0; k < K; k++) buffer[k] *= smooth[k];
+    // the largest |v| as an integer max over the bits (same order for non-negative floats): GCC vectorises this
+    // reduction, not the float one
+    uint32_t top_bits = 0;
+    for (int64_t k = 0; k < K; k++) {
+        uint32_t bits;
+        memcpy(&bits, buffer + k, 4);
+        bits &= 0x7fffffffu;
+        top_bits = bits > top_bits ? bits : top_bits;
+    }
+    float largest;
+    memcpy(&largest, &top_bits, 4);
+    if (kind == ACT_F32) {
+        memcpy((float *)a->act + m * K, buffer, K * 4);
+    } else if (kind == ACT_BF16) {
+        uint16_t *out = (uint16_t *)a->act + m * K;
+        for (int64_t k = 0; k < K; k++) out[k] = bf16_round(buffer[k]);
+    } else if (kind == ACT_I16) {
+        quantize_i16(buffer, K, largest, (int16_t *)a->act + m * K, a->row_scale + m);
+    } else {
+        if (a->route > 0.0f) {
+            float squares = 0.0f;
+            _Pragma("omp simd reduction(+:squares)") for (int64_t k = 0; k < K; k++) squares += buffer[k] * buffer[k];
+            if (largest * largest * (float)K > a->route * a->route * squares) {
+                quantize_i16(buffer, K, largest, a->act16 + m * K, a->row_scale + m);
+                return 1;
+            }
+        }
+        const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+        a->row_scale[m] = largest / 127.0f;
+        uint8_t *out = (uint8_t *)a->act + m * K;
+        for (int64_t k = 0; k < K; k++) out[k] = (uint8_t)((int32_t)__builtin_rintf(buffer[k] * inverse) + 128);
+    }
+    return 0;
+}
+
+// tile (rows x 64 fp32 sums of block nb) -> y rows out[0..rows), through row scale, bias, GELU, residual.
+static inline __attribute__((always_inline)) void finish_rows(const linear_args *a, const int32_t *out, int rows,
                                                              int64_t nb, float tile[][NB]) {
     const int64_t N = a->N, n0 = nb * NB;
     const int width = N - n0 < NB ? (int)(N - n0) : NB;  // the last block may be partly padding
+    const int scaled = a->row_scale != NULL;
     for (int m = 0; m < rows; m++) {
-        const float s = a->row_scale ? a->row_scale[m0 + m] : 1.0f;
+        const float s = scaled ? a->row_scale[out[m]] : 1.0f;
         float *v = tile[m];
         for (int n = 0; n < width; n++) v[n] = v[n] * s + (a->bias ? a->bias[n0 + n] : 0.0f);
         if (a->gelu)
             for (int n = 0; n < width; n++) v[n] = gelu(v[n]);
-        const int64_t at = (m0 + m) * N + n0;
+        const int64_t at = (int64_t)out[m] * N + n0;
         if (a->residual) {
             if (a->y_bf16)
                 for (int n = 0; n < width; n++) v[n] += bf16_load((const uint16_t *)a->residual + at + n);
@@ -190,12 +220,12 @@ static inline __attribute__((always_inline)) void finish_rows(const linear_args 
 }
 
 // ---------------------------------------------------------------- micro-kernels: 6 rows x 64 outputs, all of K
-// x: the chunk's first activation row (stride K; the prepared activations are padded with zero rows to whole
-// chunks, so every call has 6 rows); panel: the block's packed weights; scales, compensation: the block's
-// [G][64]; tile: fp32 sums, added to. The sums are named variables, one per register, through the ROWS macro:
+// x: the chunk's 6 activation rows (a chunk of fewer rows repeats its first row: computed, never stored);
+// panel: the block's packed weights; scales, compensation: the block's [G][64]; tile: fp32 sums, added to. The sums are named variables, one per register, through the ROWS macro:
 // GCC 12 spilled an array of them to the stack on every step (2.5x slower).
 
 #define ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define ROW_POINTER(m) const __typeof__(x[0]) r##m = x[m];
 #define AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,avx2"
 
 // Two vectors of 8 outputs x 2 partial sums (lanes 2j, 2j+1 = output j) -> 16 outputs in order.
@@ -219,7 +249,7 @@ __attribute__((target(AVX512))) static inline void add_scaled(float *tile, __m51
 #define A8_START(m) __m512i c##m##0 = s0, c##m##1 = s1, c##m##2 = s2, c##m##3 = s3;
 #define A8_STEP(m)                                                            \
     {                                                                         \
-        const __m512i xa = _mm512_set1_epi32(*(const int32_t *)(x + m * K + k)); \
+        const __m512i xa = _mm512_set1_epi32(*(const int32_t *)(r##m + k)); \
         c##m##0 = _mm512_dpbusd_epi32(c##m##0, xa, w0);                       \
         c##m##1 = _mm512_dpbusd_epi32(c##m##1, xa, w1);                       \
         c##m##2 = _mm512_dpbusd_epi32(c##m##2, xa, w2);                       \
@@ -232,8 +262,9 @@ __attribute__((target(AVX512))) static inline void add_scaled(float *tile, __m51
     add_scaled(tile[m] + 48, _mm512_cvtepi32_ps(c##m##3), scale + 48);
 
 __attribute__((target(AVX512 ",avx512vnni"), noinline)) static void
-mk_vnni_a8(const uint8_t *x, int64_t K, const int8_t *panel, const float *scales, const int32_t *compensation,
+mk_vnni_a8(const uint8_t *const *x, int64_t K, const int8_t *panel, const float *scales, const int32_t *compensation,
            int64_t group, float tile[][NB]) {
+    ROWS(ROW_POINTER)
     for (int64_t k0 = 0; k0 < K; k0 += group) {
         const int32_t *start = compensation + k0 / group * NB;
         const __m512i s0 = _mm512_loadu_si512(start), s1 = _mm512_loadu_si512(start + 16);
@@ -256,7 +287,7 @@ mk_vnni_a8(const uint8_t *x, int64_t K, const int8_t *panel, const float *scales
 #define P_START(m) VEC c##m##0 = ZERO, c##m##1 = ZERO, c##m##2 = ZERO, c##m##3 = ZERO;
 #define P_STEP(m)                                                             \
     {                                                                         \
-        const __m512i xa = _mm512_set1_epi64(*(const int64_t *)(x + m * K + k)); \
+        const __m512i xa = _mm512_set1_epi64(*(const int64_t *)(r##m + k)); \
         c##m##0 = DOT(c##m##0, xa, w0);                                       \
         c##m##1 = DOT(c##m##1, xa, w1);                                       \
         c##m##2 = DOT(c##m##2, xa, w2);                                       \
@@ -267,8 +298,9 @@ mk_vnni_a8(const uint8_t *x, int64_t K, const int8_t *panel, const float *scales
     add_scaled(tile[m] + 32 * half + 16, TO_F32(FOLD(c##m##2, c##m##3)), scale + 16);
 
 #define MK_PAIRS(NAME, TARGET, ACT_T)                                                                            \
-    __attribute__((target(TARGET), noinline)) static void NAME(const ACT_T *x, int64_t K, const int8_t *panel,             \
+    __attribute__((target(TARGET), noinline)) static void NAME(const ACT_T *const *x, int64_t K, const int8_t *panel,             \
                                                      const float *scales, int64_t group, float tile[][NB]) {     \
+        ROWS(ROW_POINTER)                                                                                         \
         for (int half = 0; half < 2; half++) {                                                                   \
             for (int64_t k0 = 0; k0 < K; k0 += group) {                                                          \
                 ROWS(P_START)                                                                                     \
@@ -327,7 +359,7 @@ MK_PAIRS(mk_avx512_bf16, AVX512 ",avx512bf16", uint16_t)
 #define F_START(m) __m512 c##m##0 = _mm512_setzero_ps(), c##m##1 = c##m##0, c##m##2 = c##m##0, c##m##3 = c##m##0;
 #define F_STEP(m)                                                                 \
     {                                                                             \
-        const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(x + m * K + k));    \
+        const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(r##m + k));    \
         c##m##0 = _mm512_fmadd_ps(xa, w0, c##m##0);                               \
         c##m##1 = _mm512_fmadd_ps(xa, w1, c##m##1);                               \
         c##m##2 = _mm512_fmadd_ps(xa, w2, c##m##2);                               \
@@ -338,7 +370,8 @@ MK_PAIRS(mk_avx512_bf16, AVX512 ",avx512bf16", uint16_t)
 #define WIDEN_F32(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 
 __attribute__((target(AVX512), noinline)) static void
-mk_avx512_f32(const float *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+mk_avx512_f32(const float *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+    ROWS(ROW_POINTER)
     for (int quarter = 0; quarter < 4; quarter++) {
         for (int64_t k0 = 0; k0 < K; k0 += group) {
             ROWS(F_START)
@@ -361,7 +394,7 @@ mk_avx512_f32(const float *x, int64_t K, const int8_t *panel, const float *scale
 #define H_START(m) __m256i c##m##0 = _mm256_setzero_si256(), c##m##1 = c##m##0;
 #define H_STEP(m)                                                                    \
     {                                                                                \
-        const __m256i xa = _mm256_set1_epi64x(*(const int64_t *)(x + m * K + k));    \
+        const __m256i xa = _mm256_set1_epi64x(*(const int64_t *)(r##m + k));    \
         c##m##0 = _mm256_add_epi32(c##m##0, _mm256_madd_epi16(xa, w0));              \
         c##m##1 = _mm256_add_epi32(c##m##1, _mm256_madd_epi16(xa, w1));              \
     }
@@ -374,7 +407,8 @@ mk_avx512_f32(const float *x, int64_t K, const int8_t *panel, const float *scale
     }
 
 __attribute__((target(AVX2), noinline)) static void
-mk_avx2_a16(const int16_t *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+mk_avx2_a16(const int16_t *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+    ROWS(ROW_POINTER)
     for (int part = 0; part < 8; part++) {
         for (int64_t k0 = 0; k0 < K; k0 += group) {
             ROWS(H_START)
@@ -394,7 +428,7 @@ mk_avx2_a16(const int16_t *x, int64_t K, const int8_t *panel, const float *scale
 #define G_START(m) __m256 c##m##0 = _mm256_setzero_ps(), c##m##1 = c##m##0;
 #define G_STEP(m)                                                                    \
     {                                                                                \
-        const __m256 xa = _mm256_broadcast_ps((const __m128 *)(x + m * K + k));      \
+        const __m256 xa = _mm256_broadcast_ps((const __m128 *)(r##m + k));      \
         c##m##0 = _mm256_fmadd_ps(xa, w0, c##m##0);                                  \
         c##m##1 = _mm256_fmadd_ps(xa, w1, c##m##1);                                  \
     }
@@ -409,7 +443,8 @@ mk_avx2_a16(const int16_t *x, int64_t K, const int8_t *panel, const float *scale
 #define WIDEN_F32X8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 
 __attribute__((target(AVX2), noinline)) static void
-mk_avx2_f32(const float *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+mk_avx2_f32(const float *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+    ROWS(ROW_POINTER)
     for (int part = 0; part < 16; part++) {
         for (int64_t k0 = 0; k0 < K; k0 += group) {
             ROWS(G_START)
@@ -429,91 +464,125 @@ mk_avx2_f32(const float *x, int64_t K, const int8_t *panel, const float *scales,
 
 #include <omp.h>
 
-#define DRIVER(NAME, TARGET, KIND, CALL)                                                                          \
-    __attribute__((target(TARGET))) static void NAME(const linear_args *a, float *row_scale, float *buffers,     \
-                                                     int threads) {                                              \
+// Rows list[0..count) through micro-kernel MK (activations of type T at ACT) into y: blocks of MB rows, within
+// each the 64-output blocks shared between the threads.
+#define RUN_ROWS(MK, T, ACT, EXTRA, list, count)                                                                  \
+    for (int64_t mb = 0; mb < (count); mb += MB) {                                                               \
+        const int64_t mb_end = mb + MB < (count) ? mb + MB : (count);                                            \
+        _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                     \
+            const int8_t *panel = a->packed + nb * K * NB;                                                       \
+            const float *scales = a->scales + nb * (K / a->group) * NB;                                          \
+            for (int64_t c0 = mb; c0 < mb_end; c0 += MR) {                                                       \
+                const int rows = (int)(mb_end - c0 < MR ? mb_end - c0 : MR);                                     \
+                const int32_t *out = (list) + c0;                                                                \
+                const T *x[MR];                                                                                  \
+                for (int m = 0; m < MR; m++) x[m] = (const T *)(ACT) + (int64_t)out[m < rows ? m : 0] * K;       \
+                memset(tile, 0, sizeof tile);                                                                     \
+                MK(x, K, panel, scales, EXTRA(nb) a->group, tile);                                                 \
+                finish_rows(a, out, rows, nb, tile);                                                              \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+#define NO_EXTRA(nb)
+#define A8_EXTRA(nb) a->compensation + (nb) * (K / a->group) * NB,
+
+// One function per kernel: prepare the rows (in parallel), list them (int8 rows first, then any routed to
+// int16), multiply. ROUTED is the int16 micro-kernel of the same ISA (int8 kernel only).
+#define DRIVER(NAME, TARGET, KIND, MK, T, EXTRA, ROUTED)                                                          \
+    __attribute__((target(TARGET))) static int64_t NAME(const linear_args *a, float *buffers, int threads) {    \
         const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;                                          \
+        int64_t primary = 0;                                                                                      \
         _Pragma("omp parallel num_threads(threads)") {                                                            \
             float *buffer = buffers + (int64_t)omp_get_thread_num() * K;                                         \
             _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++)                                   \
-                prepare_row(a, KIND, m, (void *)a->act, row_scale, buffer);                                       \
+                a->routed[m] = prepare_row(a, KIND, m, buffer);                                                  \
+            _Pragma("omp single") {                                                                                \
+                /* flags -> row lists; the int8 rows keep their order, then the routed ones */                    \
+                int64_t routed = 0;                                                                                \
+                for (int64_t m = 0; m < M; m++) routed += a->routed[m];                                           \
+                int64_t first = 0, second = M - routed;                                                           \
+                primary = second;                                                                                  \
+                for (int64_t m = 0; m < M; m++) {                                                                 \
+                    a->order[a->routed[m] ? second++ : first++] = (int32_t)m;                                     \
+                }                                                                                                  \
+            }                                                                                                      \
             float tile[MR][NB] __attribute__((aligned(64)));                                                      \
-            for (int64_t mb = 0; mb < M; mb += MB) {                                                              \
-                const int64_t mb_end = mb + MB < M ? mb + MB : M;                                                 \
-                _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {              \
-                    const int8_t *panel = a->packed + nb * K * NB;                                                \
-                    const float *scales = a->scales + nb * (K / a->group) * NB;                                   \
-                    for (int64_t m0 = mb; m0 < mb_end; m0 += MR) {                                                \
-                        memset(tile, 0, sizeof tile);                                                              \
-                        CALL;                                                                                       \
-                        finish_rows(a, m0, (int)(mb_end - m0 < MR ? mb_end - m0 : MR), nb, tile);                 \
-                    }                                                                                               \
-                }                                                                                                   \
-            }                                                                                                       \
+            RUN_ROWS(MK, T, a->act, EXTRA, a->order, primary)                                                     \
+            ROUTED                                                                                                 \
         }                                                                                                           \
+        return M - primary;                                                                                        \
     }
 
-DRIVER(run_vnni_a8, AVX512 ",avx512vnni", ACT_U8,
-       mk_vnni_a8((const uint8_t *)a->act + m0 * K, K, panel, scales, a->compensation + nb * (K / a->group) * NB,
-                  a->group, tile))
-DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16,
-       mk_vnni_a16((const int16_t *)a->act + m0 * K, K, panel, scales, a->group, tile))
-DRIVER(run_avx512_a16, AVX512, ACT_I16,
-       mk_avx512_a16((const int16_t *)a->act + m0 * K, K, panel, scales, a->group, tile))
-DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16,
-       mk_avx512_bf16((const uint16_t *)a->act + m0 * K, K, panel, scales, a->group, tile))
-DRIVER(run_avx512_f32, AVX512, ACT_F32,
-       mk_avx512_f32((const float *)a->act + m0 * K, K, panel, scales, a->group, tile))
-DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16((const int16_t *)a->act + m0 * K, K, panel, scales, a->group, tile))
-DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32((const float *)a->act + m0 * K, K, panel, scales, a->group, tile))
+#define NOT_ROUTED
+#define ROUTED_VNNI RUN_ROWS(mk_vnni_a16, int16_t, a->act16, NO_EXTRA, a->order + primary, M - primary)
+
+DRIVER(run_vnni_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni_a8, uint8_t, A8_EXTRA, ROUTED_VNNI)
+DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, NO_EXTRA, NOT_ROUTED)
+DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, NO_EXTRA, NOT_ROUTED)
+DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16, mk_avx512_bf16, uint16_t, NO_EXTRA, NOT_ROUTED)
+DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, NO_EXTRA, NOT_ROUTED)
+DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, NO_EXTRA, NOT_ROUTED)
+DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, NO_EXTRA, NOT_ROUTED)
 
 static const int act_size[] = {[ACT_F32] = 4, [ACT_BF16] = 2, [ACT_I16] = 2, [ACT_U8] = 1};
 
-static int64_t padded_rows(int64_t M) { return (M + MR - 1) / MR * MR; }
+static int64_t aligned(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
-static int64_t act_bytes(int kernel, int64_t M, int64_t K) {
-    return (padded_rows(M) * K * act_size[activation_kind(kernel)] + 63) / 64 * 64;
-}
-
-// Bytes of scratch the caller provides: the prepared activations (rows padded to whole chunks), the row scales
-// and a row of fp32 per thread.
+// Bytes of scratch the caller provides: the prepared activations (and int16 ones for routed rows), row scales,
+// row order and routing flags, and a row of fp32 per thread.
 int64_t allmpnet_x86_scratch_bytes(int kernel, int64_t M, int64_t K, int threads) {
-    return act_bytes(kernel, M, K) + (M * 4 + 63) / 64 * 64 + (int64_t)(threads < 1 ? 1 : threads) * K * 4;
+    const int64_t routed = kernel == KERNEL_VNNI_A8 ? aligned(M * K * 2) : 0;
+    return aligned(M * K * act_size[activation_kind(kernel)]) + routed + 3 * aligned(M * 4)
+           + (int64_t)(threads < 1 ? 1 : threads) * K * 4;
 }
 
 // Arrays as described at the top, N padded to whole blocks of 64 in packed, scales and compensation (zeros);
 // x (M, K), residual and y (M, N); bias (N,) or NULL; smooth (K,) or NULL: x is multiplied by it first;
+// route (int8 kernel; 0: off): rows whose largest |x| exceeds route x their root mean square run with int16
+// activations instead (a per-token scale set by one huge value leaves the row's other values a few levels);
 // scratch: allmpnet_x86_scratch_bytes, 64-byte aligned.
-// Returns 0; -1 for shapes the kernels do not handle (K % group, group % 4, or group > 512 for the int16
-// kernels: a group's int32 sums must stay below 2^31; the int8 kernel's stay below 2^31 for K < 16k);
-// -2 when this CPU lacks the kernel's instructions.
-int allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *smooth, const int8_t *packed,
-                        const float *scales, const int32_t *compensation, int64_t group, const float *bias,
-                        const void *residual, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int gelu,
-                        void *scratch, int threads) {
+// Returns the number of rows routed to int16 (>= 0); -1 for shapes the kernels do not handle (K % group,
+// group % 4, or group > 512 for int16 activations: a group's int32 sums must stay below 2^31; the int8 kernel's
+// stay below 2^31 for K < 16k); -2 when this CPU lacks the kernel's instructions.
+int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *smooth, const int8_t *packed,
+                            const float *scales, const int32_t *compensation, int64_t group, const float *bias,
+                            const void *residual, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int gelu,
+                            float route, void *scratch, int threads) {
     if (!allmpnet_x86_kernel_supported(kernel)) return -2;
     const int kind = activation_kind(kernel);
-    if (N <= 0 || K <= 0 || group <= 0 || group % 4 || K % group || M < 0 || (kind == ACT_I16 && group > 512)
-        || (kernel == KERNEL_VNNI_A8 && !compensation))
+    const int a8 = kernel == KERNEL_VNNI_A8;
+    if (N <= 0 || K <= 0 || group <= 0 || group % 4 || K % group || M < 0
+        || ((kind == ACT_I16 || (a8 && route > 0.0f)) && group > 512) || (a8 && !compensation))
         return -1;
     if (M == 0) return 0;
     if (threads < 1) threads = 1;
-    char *bytes = (char *)scratch;
-    float *row_scale = (float *)(bytes + act_bytes(kernel, M, K));
-    float *buffers = row_scale + (M + 15) / 16 * 16;
-    // the last chunk's rows past M: zeros, multiplied but never stored
-    memset(bytes + M * K * act_size[kind], kind == ACT_U8 ? 128 : 0, (padded_rows(M) - M) * K * act_size[kind]);
-    const linear_args a = {x, x_bf16, smooth, packed, scales, compensation, group, bias, residual, y, y_bf16,
-                           M, N, K, gelu, scratch, kind == ACT_I16 || kind == ACT_U8 ? row_scale : NULL};
+    char *at = (char *)scratch;
+    linear_args a = {x, x_bf16, smooth, packed, scales, compensation, group, bias, residual, y, y_bf16, M, N, K,
+                     gelu, a8 ? route : 0.0f, NULL, NULL, NULL, NULL, NULL};
+    a.act = at;
+    at += aligned(M * K * act_size[kind]);
+    if (a8) {
+        a.act16 = (int16_t *)at;
+        at += aligned(M * K * 2);
+    }
+    a.row_scale = (float *)at;
+    at += aligned(M * 4);
+    a.order = (int32_t *)at;
+    at += aligned(M * 4);
+    a.routed = (int32_t *)at;
+    at += aligned(M * 4);
+    float *buffers = (float *)at;
+    if (kind == ACT_F32 || kind == ACT_BF16) a.row_scale = NULL;  // finish_rows: no per-row scale
+    const linear_args *args = &a;
     switch (kernel) {
-        case KERNEL_VNNI_A8: run_vnni_a8(&a, row_scale, buffers, threads); break;
-        case KERNEL_VNNI_A16: run_vnni_a16(&a, row_scale, buffers, threads); break;
-        case KERNEL_AVX512_A16: run_avx512_a16(&a, row_scale, buffers, threads); break;
-        case KERNEL_AVX512_BF16: run_avx512_bf16(&a, row_scale, buffers, threads); break;
-        case KERNEL_AVX512_F32: run_avx512_f32(&a, row_scale, buffers, threads); break;
-        case KERNEL_AVX2_A16: run_avx2_a16(&a, row_scale, buffers, threads); break;
-        case KERNEL_AVX2_F32: run_avx2_f32(&a, row_scale, buffers, threads); break;
+        case KERNEL_VNNI_A8: return run_vnni_a8(args, buffers, threads);
+        case KERNEL_VNNI_A16: return run_vnni_a16(args, buffers, threads);
+        case KERNEL_AVX512_A16: return run_avx512_a16(args, buffers, threads);
+        case KERNEL_AVX512_BF16: return run_avx512_bf16(args, buffers, threads);
+        case KERNEL_AVX512_F32: return run_avx512_f32(args, buffers, threads);
+        case KERNEL_AVX2_A16: return run_avx2_a16(args, buffers, threads);
+        case KERNEL_AVX2_F32: return run_avx2_f32(args, buffers, threads);
         default: return -2;
     }
-    return 0;
 }

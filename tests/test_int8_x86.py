@@ -142,7 +142,7 @@ def test_kernel_builds_loads_and_passes_its_self_test(name):
 
 
 @pytest.mark.parametrize("name", ALL_KERNELS)
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 200])
+@pytest.mark.parametrize("rows", [1, 3, 5, 6, 10, 200])
 @pytest.mark.parametrize("form", ["plain", "bias+gelu", "residual", "smooth"])
 def test_kernel_matches_its_torch_reference_in_fp32(name, rows, form):
     layer, g = make_layer(name, 96, 256, "gelu" if form == "bias+gelu" else "none", smooth=form == "smooth")

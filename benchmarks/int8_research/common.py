@@ -29,26 +29,25 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int = 5, min_seconds: float = 0.2,
+def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int = 20, seconds_per_round: float = 0.05,
                      warmup: int = 2) -> dict[str, float]:
-    """Seconds per call of each fn, best round of `rounds`; the fns take turns within each round so that load
-    from other users of this shared machine hits them alike (compare ratios, not absolute figures)."""
-    reps = {}
+    """Seconds per call of each fn: the fastest single call seen. The fns take turns, `rounds` times, each
+    timed call by call for about `seconds_per_round`: on this shared 2-core machine other users' work slows calls
+    at random, and the fastest calls are the ones that had both cores (compare ratios, not absolute figures)."""
+    calls = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < min_seconds / 4 or n < 1:
-            fn()
-            n += 1
-        reps[name] = max(1, int(n * (min_seconds / 4) / (time.perf_counter() - start) * 4))
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, min(200, int(seconds_per_round / max(time.perf_counter() - start, 1e-6))))
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(reps[name]):
+            for _ in range(calls[name]):
+                start = time.perf_counter()
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / reps[name])
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 

@@ -117,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS / "ops_libraries.md")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -123,37 +123,6 @@ class FakeQuantLinear(nn.Module):
         return y.to(x.dtype)
 
 
-class RowRoutedLinear(nn.Module):
-    """Per-token precision: rows (tokens) whose activations are spiky (max |x| / rms(x) above `ratio`, after
-    smoothing) run with int16 activations, the rest with int8. The spiky rows are few (the <s> and </s> tokens
-    carry massive activations in a few channels, and some others do) and an int8 per-token scale set by one huge
-    channel leaves the token's other channels a handful of levels."""
-
-    def __init__(self, layer: X86Int8Linear, ratio: float):
-        super().__init__()
-        self.layer, self.ratio = layer, ratio
-        self.routed = self.rows = 0
-
-    def spiky(self, x: torch.Tensor) -> torch.Tensor:
-        v = x.float()
-        if self.layer.inverse_smooth is not None:
-            v = v * self.layer.inverse_smooth
-        return v.abs().amax(1) > self.ratio * v.pow(2).mean(1).sqrt()
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.layer.run(_lib(), "vnni-a8", x, residual)
-        rows = self.spiky(x).nonzero().squeeze(1)
-        self.routed, self.rows = self.routed + rows.numel(), self.rows + x.shape[0]
-        if rows.numel():
-            y[rows] = self.layer.run(_lib(), "vnni-a16", x[rows], None if residual is None else residual[rows])
-        return y
-
-
-def _lib():
-    from allmpnet.encode.int8_x86 import _library
-    return _library()[0]
-
-
 # ---------------------------------------------------------------- recipes
 
 
@@ -211,11 +180,10 @@ def build_fast(enc: Encoder, recipe: Recipe, cal: Calibration) -> FastMPNet:
         smooth = None
         if alpha is not None and (form == "a8" or recipe.smooth_all):
             smooth = smoothing_factors(cal.absmax[(i, proj)], weight, alpha)
-        if form == "a8r":
+        if form == "a8r":  # int8 activations, spiky rows (tokens) routed to int16 inside the kernel call
             smooth = None if alpha is None else smoothing_factors(cal.absmax[(i, proj)], weight, alpha)
-            layer = X86Int8Linear(weight, bias, activation, group=min(recipe.group, weight.shape[1]), smooth=smooth,
-                                  small="vnni-a16", large="vnni-a8", max_small_rows=0)
-            return RowRoutedLinear(layer, recipe.route_ratio)
+            return X86Int8Linear(weight, bias, activation, group=min(recipe.group, weight.shape[1]), smooth=smooth,
+                                 small="vnni-a16", large="vnni-a8", max_small_rows=0, route=recipe.route_ratio)
         kernel = {"a8": "vnni-a8", "a16": "vnni-a16"}[form]
         return X86Int8Linear(weight, bias, activation, group=min(recipe.group, weight.shape[1]), smooth=smooth,
                              small=kernel, large=kernel, max_small_rows=0)
@@ -288,6 +256,13 @@ def experiments(name: str) -> list[Recipe]:
         out.append(Recipe("W8A8 all, alpha 0.8 on qkv/o/up, down unsmoothed with rows max/rms > 20 in int16",
                           lambda i, p: "a8r" if p == "down" else "a8", alpha=alpha, route_ratio=20))
         return out
+    if name == "final":
+        alpha = (lambda i, p: None if p == "down" else 0.8)
+        return [Recipe("W8A8 all, alpha 0.8 on qkv/o/up, down unsmoothed, rows max/rms > 20 in int16", uniform("a8r"),
+                       alpha=alpha, route_ratio=20),
+                Recipe("W8A8 all, alpha 0.8 on qkv/o/up, down unsmoothed", ALL_A8, alpha=alpha),
+                Recipe("weight-only int8 (int16 act.), group 128", uniform("a16")),
+                Recipe("oneDNN bf16 (our bf16 path)", uniform("bf16"))]
     raise ValueError(f"unknown experiment {name!r}")
 
 
@@ -314,8 +289,8 @@ def main() -> None:
         for recipe in experiments(exp):
             fast = build_fast(enc, recipe, cal)
             r = evaluate(enc, fast, data)
-            routers = [m for m in fast.modules() if isinstance(m, RowRoutedLinear)]
-            routed = (f" ({100 * sum(m.routed for m in routers) / max(1, sum(m.rows for m in routers)):.1f}% "
+            routers = [m for m in fast.modules() if isinstance(m, X86Int8Linear) and m.route > 0]
+            routed = (f" ({100 * sum(m.routed_rows for m in routers) / max(1, sum(m.rows for m in routers)):.1f}% "
                       "rows int16)" if routers else "")
             line = (f"| {recipe.name}{routed} | {r['sts_min']:.4f} | {r['sts_mean']:.5f} | {r['sci_min']:.4f} | "
                     f"{r['spearman']:.2f} | {r['seconds']:.0f} |")

@@ -26,6 +26,7 @@
 // Work split: rows in blocks of MB (their activations stay in L2), within each block the 64-output blocks
 // shared between threads (OpenMP, torch's own runtime), and per 64-output block chunks of MR rows go through a
 // micro-kernel that keeps the chunk's sums in registers.
+#ifndef ALLMPNET_MICRO_KERNELS
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -219,14 +220,13 @@ static inline __attribute__((always_inline)) void finish_rows(const linear_args 
     }
 }
 
-// ---------------------------------------------------------------- micro-kernels: 6 rows x 64 outputs, all of K
-// x: the chunk's 6 activation rows (a chunk of fewer rows repeats its first row: computed, never stored);
+// ---------------------------------------------------------------- micro-kernels: R rows x 64 outputs, all of K
+// x: the chunk's R activation rows (a chunk of fewer rows repeats its first row: computed, never stored);
 // panel: the block's packed weights; scales, compensation: the block's [G][64]; tile: fp32 sums, added to. The sums are named variables, one per register, through the ROWS macro:
 // GCC 12 spilled an array of them to the stack on every step (2.5x slower).
 
-#define ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
-#define ROW_POINTER(m) const __typeof__(x[0]) r##m = x[m];
 #define AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,avx2"
+#define AVX2 "avx2,fma"
 
 // Two vectors of 8 outputs x 2 partial sums (lanes 2j, 2j+1 = output j) -> 16 outputs in order.
 __attribute__((target(AVX512))) static inline __m512i fold_pairs_i32(__m512i lo, __m512i hi) {
@@ -245,220 +245,36 @@ __attribute__((target(AVX512))) static inline void add_scaled(float *tile, __m51
     _mm512_storeu_ps(tile, _mm512_fmadd_ps(sums, _mm512_loadu_ps(scale), _mm512_loadu_ps(tile)));
 }
 
-// A8 (VNNI): 4 vectors of 16 outputs per row, each lane one output.
-#define A8_START(m) __m512i c##m##0 = s0, c##m##1 = s1, c##m##2 = s2, c##m##3 = s3;
-#define A8_STEP(m)                                                            \
-    {                                                                         \
-        const __m512i xa = _mm512_set1_epi32(*(const int32_t *)(r##m + k)); \
-        c##m##0 = _mm512_dpbusd_epi32(c##m##0, xa, w0);                       \
-        c##m##1 = _mm512_dpbusd_epi32(c##m##1, xa, w1);                       \
-        c##m##2 = _mm512_dpbusd_epi32(c##m##2, xa, w2);                       \
-        c##m##3 = _mm512_dpbusd_epi32(c##m##3, xa, w3);                       \
-    }
-#define A8_FLUSH(m)                                                                   \
-    add_scaled(tile[m], _mm512_cvtepi32_ps(c##m##0), scale);                          \
-    add_scaled(tile[m] + 16, _mm512_cvtepi32_ps(c##m##1), scale + 16);                \
-    add_scaled(tile[m] + 32, _mm512_cvtepi32_ps(c##m##2), scale + 32);                \
-    add_scaled(tile[m] + 48, _mm512_cvtepi32_ps(c##m##3), scale + 48);
-
-__attribute__((target(AVX512 ",avx512vnni"), noinline)) static void
-mk_vnni_a8(const uint8_t *const *x, int64_t K, const int8_t *panel, const float *scales, const int32_t *compensation,
-           int64_t group, float tile[][NB]) {
-    ROWS(ROW_POINTER)
-    for (int64_t k0 = 0; k0 < K; k0 += group) {
-        const int32_t *start = compensation + k0 / group * NB;
-        const __m512i s0 = _mm512_loadu_si512(start), s1 = _mm512_loadu_si512(start + 16);
-        const __m512i s2 = _mm512_loadu_si512(start + 32), s3 = _mm512_loadu_si512(start + 48);
-        ROWS(A8_START)
-        for (int64_t k = k0; k < k0 + group; k += 4) {
-            const int8_t *w = panel + k * NB;
-            for (int line = 0; line < 256; line += 64) _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
-            const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
-            const __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
-            ROWS(A8_STEP)
-        }
-        const float *scale = scales + k0 / group * NB;
-        ROWS(A8_FLUSH)
-    }
-}
-
-// A16 and BF16 (AVX512): per pass 32 outputs as 4 vectors of 8 outputs x 2 partial sums; a step's 4 inputs are
-// broadcast as one 64-bit pattern, so lane 2j takes inputs 0-1 and lane 2j+1 inputs 2-3 of output j.
-#define P_START(m) VEC c##m##0 = ZERO, c##m##1 = ZERO, c##m##2 = ZERO, c##m##3 = ZERO;
-#define P_STEP(m)                                                             \
-    {                                                                         \
-        const __m512i xa = _mm512_set1_epi64(*(const int64_t *)(r##m + k)); \
-        c##m##0 = DOT(c##m##0, xa, w0);                                       \
-        c##m##1 = DOT(c##m##1, xa, w1);                                       \
-        c##m##2 = DOT(c##m##2, xa, w2);                                       \
-        c##m##3 = DOT(c##m##3, xa, w3);                                       \
-    }
-#define P_FLUSH(m)                                                                           \
-    add_scaled(tile[m] + 32 * half, TO_F32(FOLD(c##m##0, c##m##1)), scale);                  \
-    add_scaled(tile[m] + 32 * half + 16, TO_F32(FOLD(c##m##2, c##m##3)), scale + 16);
-
-#define MK_PAIRS(NAME, TARGET, ACT_T)                                                                            \
-    __attribute__((target(TARGET), noinline)) static void NAME(const ACT_T *const *x, int64_t K, const int8_t *panel,             \
-                                                     const float *scales, int64_t group, float tile[][NB]) {     \
-        ROWS(ROW_POINTER)                                                                                         \
-        for (int half = 0; half < 2; half++) {                                                                   \
-            for (int64_t k0 = 0; k0 < K; k0 += group) {                                                          \
-                ROWS(P_START)                                                                                     \
-                for (int64_t k = k0; k < k0 + group; k += 4) {                                                   \
-                    const int8_t *w = panel + k * NB + 128 * half;                                               \
-                    _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);                                       \
-                    _mm_prefetch((const char *)w + PREFETCH + 64, _MM_HINT_T0);                                  \
-                    const VEC w0 = WIDEN(w), w1 = WIDEN(w + 32), w2 = WIDEN(w + 64), w3 = WIDEN(w + 96);         \
-                    ROWS(P_STEP)                                                                                  \
-                }                                                                                                 \
-                const float *scale = scales + k0 / group * NB + 32 * half;                                       \
-                ROWS(P_FLUSH)                                                                                     \
-            }                                                                                                     \
-        }                                                                                                         \
-    }
-
-#define VEC __m512i
-#define ZERO _mm512_setzero_si512()
-#define WIDEN(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
-#define FOLD fold_pairs_i32
-#define TO_F32(v) _mm512_cvtepi32_ps(v)
-#define DOT(acc, xa, w) _mm512_dpwssd_epi32(acc, xa, w)
-MK_PAIRS(mk_vnni_a16, AVX512 ",avx512vnni", int16_t)
-#undef DOT
-#define DOT(acc, xa, w) _mm512_add_epi32(acc, _mm512_madd_epi16(xa, w))
-MK_PAIRS(mk_avx512_a16, AVX512, int16_t)
-#undef VEC
-#undef ZERO
-#undef WIDEN
-#undef FOLD
-#undef TO_F32
-#undef DOT
-
 // 32 int8 weights (8 outputs x 4 inputs) -> 32 bf16, exact (|w| <= 127).
 __attribute__((target(AVX512 ",avx512bf16"))) static inline __m512 widen_bf16(const int8_t *p) {
     const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
     const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
     return (__m512)_mm512_cvtne2ps_pbh(hi, lo);
 }
-#define VEC __m512
-#define ZERO _mm512_setzero_ps()
-#define WIDEN widen_bf16
-#define FOLD fold_pairs_f32
-#define TO_F32(v) (v)
-#define DOT(acc, xa, w) _mm512_dpbf16_ps(acc, (__m512bh)(xa), (__m512bh)(w))
-MK_PAIRS(mk_avx512_bf16, AVX512 ",avx512bf16", uint16_t)
-#undef VEC
-#undef ZERO
-#undef WIDEN
-#undef FOLD
-#undef TO_F32
-#undef DOT
-
-// F32 (AVX512): per pass 16 outputs as 4 vectors of 4 outputs x 4 partial sums (the step's 4 inputs broadcast
-// as a 128-bit pattern).
-#define F_START(m) __m512 c##m##0 = _mm512_setzero_ps(), c##m##1 = c##m##0, c##m##2 = c##m##0, c##m##3 = c##m##0;
-#define F_STEP(m)                                                                 \
-    {                                                                             \
-        const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(r##m + k));    \
-        c##m##0 = _mm512_fmadd_ps(xa, w0, c##m##0);                               \
-        c##m##1 = _mm512_fmadd_ps(xa, w1, c##m##1);                               \
-        c##m##2 = _mm512_fmadd_ps(xa, w2, c##m##2);                               \
-        c##m##3 = _mm512_fmadd_ps(xa, w3, c##m##3);                               \
-    }
-#define F_FLUSH(m) \
-    add_scaled(tile[m] + 16 * quarter, fold_pairs_f32(fold_pairs_f32(c##m##0, c##m##1), fold_pairs_f32(c##m##2, c##m##3)), scale);
-#define WIDEN_F32(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-
-__attribute__((target(AVX512), noinline)) static void
-mk_avx512_f32(const float *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
-    ROWS(ROW_POINTER)
-    for (int quarter = 0; quarter < 4; quarter++) {
-        for (int64_t k0 = 0; k0 < K; k0 += group) {
-            ROWS(F_START)
-            for (int64_t k = k0; k < k0 + group; k += 4) {
-                const int8_t *w = panel + k * NB + 64 * quarter;
-                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
-                const __m512 w0 = WIDEN_F32(w), w1 = WIDEN_F32(w + 16), w2 = WIDEN_F32(w + 32), w3 = WIDEN_F32(w + 48);
-                ROWS(F_STEP)
-            }
-            const float *scale = scales + k0 / group * NB + 16 * quarter;
-            ROWS(F_FLUSH)
-        }
-    }
-}
-
-// AVX2: per pass 8 outputs (A16: 2 vectors of 4 outputs x 2 partial sums) or 4 outputs (F32: 2 vectors of 2
-// outputs x 4 partial sums); 16 registers hold 6 rows x 2 vectors of sums.
-#define AVX2 "avx2,fma"
-
-#define H_START(m) __m256i c##m##0 = _mm256_setzero_si256(), c##m##1 = c##m##0;
-#define H_STEP(m)                                                                    \
-    {                                                                                \
-        const __m256i xa = _mm256_set1_epi64x(*(const int64_t *)(r##m + k));    \
-        c##m##0 = _mm256_add_epi32(c##m##0, _mm256_madd_epi16(xa, w0));              \
-        c##m##1 = _mm256_add_epi32(c##m##1, _mm256_madd_epi16(xa, w1));              \
-    }
-// [o0 o0 o1 o1 | o2 o2 o3 o3], [o4 .. o7] -> hadd: [o0 o1 o4 o5 | o2 o3 o6 o7] -> in order
-#define H_FLUSH(m)                                                                                         \
-    {                                                                                                      \
-        const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##m##0, c##m##1), 0xD8);         \
-        float *t = tile[m] + 8 * part;                                                                     \
-        _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(scale), _mm256_loadu_ps(t))); \
-    }
-
-__attribute__((target(AVX2), noinline)) static void
-mk_avx2_a16(const int16_t *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
-    ROWS(ROW_POINTER)
-    for (int part = 0; part < 8; part++) {
-        for (int64_t k0 = 0; k0 < K; k0 += group) {
-            ROWS(H_START)
-            for (int64_t k = k0; k < k0 + group; k += 4) {
-                const int8_t *w = panel + k * NB + 32 * part;
-                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
-                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
-                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
-                ROWS(H_STEP)
-            }
-            const float *scale = scales + k0 / group * NB + 8 * part;
-            ROWS(H_FLUSH)
-        }
-    }
-}
-
-#define G_START(m) __m256 c##m##0 = _mm256_setzero_ps(), c##m##1 = c##m##0;
-#define G_STEP(m)                                                                    \
-    {                                                                                \
-        const __m256 xa = _mm256_broadcast_ps((const __m128 *)(r##m + k));      \
-        c##m##0 = _mm256_fmadd_ps(xa, w0, c##m##0);                                  \
-        c##m##1 = _mm256_fmadd_ps(xa, w1, c##m##1);                                  \
-    }
-// [o0 x4 | o1 x4], [o2 x4 | o3 x4] -> [o0 o2 o0 o2 | o1 o3 o1 o3] -> o0 o1 o2 o3
-#define G_FLUSH(m)                                                                                         \
-    {                                                                                                      \
-        const __m256 h = _mm256_hadd_ps(c##m##0, c##m##1), h2 = _mm256_hadd_ps(h, h);                     \
-        const __m128 sums = _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));    \
-        float *t = tile[m] + 4 * part;                                                                     \
-        _mm_storeu_ps(t, _mm_fmadd_ps(sums, _mm_loadu_ps(scale), _mm_loadu_ps(t)));                        \
-    }
-#define WIDEN_F32X8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-
-__attribute__((target(AVX2), noinline)) static void
-mk_avx2_f32(const float *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
-    ROWS(ROW_POINTER)
-    for (int part = 0; part < 16; part++) {
-        for (int64_t k0 = 0; k0 < K; k0 += group) {
-            ROWS(G_START)
-            for (int64_t k = k0; k < k0 + group; k += 4) {
-                const int8_t *w = panel + k * NB + 16 * part;
-                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
-                const __m256 w0 = WIDEN_F32X8(w), w1 = WIDEN_F32X8(w + 8);
-                ROWS(G_STEP)
-            }
-            const float *scale = scales + k0 / group * NB + 4 * part;
-            ROWS(G_FLUSH)
-        }
-    }
-}
+// Each micro-kernel is compiled for chunks of 6, 4 and 2 rows (this file includes its micro-kernel part, at the
+// end, once per row count): a batch's last chunk and a query's few routed rows then pay for at most one extra
+// row, not up to 5.
+#define ALLMPNET_MICRO_KERNELS
+#define PASTE_(a, b) a##_##b
+#define PASTE(a, b) PASTE_(a, b)
+#define ROWS_NAME(base) PASTE(base, ROW_COUNT)
+#define ROW_POINTER(m) const __typeof__(x[0]) r##m = x[m];
+#define ROW_COUNT 6
+#define ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#include __FILE__
+#undef ROW_COUNT
+#undef ROWS
+#define ROW_COUNT 4
+#define ROWS(X) X(0) X(1) X(2) X(3)
+#include __FILE__
+#undef ROW_COUNT
+#undef ROWS
+#define ROW_COUNT 2
+#define ROWS(X) X(0) X(1)
+#include __FILE__
+#undef ROW_COUNT
+#undef ROWS
+#undef ALLMPNET_MICRO_KERNELS
 
 // ---------------------------------------------------------------- drivers, one per ISA
 
@@ -478,7 +294,12 @@ mk_avx2_f32(const float *const *x, int64_t K, const int8_t *panel, const float *
                 const T *x[MR];                                                                                  \
                 for (int m = 0; m < MR; m++) x[m] = (const T *)(ACT) + (int64_t)out[m < rows ? m : 0] * K;       \
                 memset(tile, 0, sizeof tile);                                                                     \
-                MK(x, K, panel, scales, EXTRA(nb) a->group, tile);                                                 \
+                if (rows > 4)                                                                                     \
+                    PASTE(MK, 6)(x, K, panel, scales, EXTRA(nb) a->group, tile);                                 \
+                else if (rows > 2)                                                                                \
+                    PASTE(MK, 4)(x, K, panel, scales, EXTRA(nb) a->group, tile);                                 \
+                else                                                                                              \
+                    PASTE(MK, 2)(x, K, panel, scales, EXTRA(nb) a->group, tile);                                 \
                 finish_rows(a, out, rows, nb, tile);                                                              \
             }                                                                                                     \
         }                                                                                                         \
@@ -586,3 +407,214 @@ int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *
         default: return -2;
     }
 }
+
+#else  // ALLMPNET_MICRO_KERNELS: the part included once per row count
+
+// A8 (VNNI): 4 vectors of 16 outputs per row, each lane one output.
+#define A8_START(m) __m512i c##m##0 = s0, c##m##1 = s1, c##m##2 = s2, c##m##3 = s3;
+#define A8_STEP(m)                                                            \
+    {                                                                         \
+        const __m512i xa = _mm512_set1_epi32(*(const int32_t *)(r##m + k)); \
+        c##m##0 = _mm512_dpbusd_epi32(c##m##0, xa, w0);                       \
+        c##m##1 = _mm512_dpbusd_epi32(c##m##1, xa, w1);                       \
+        c##m##2 = _mm512_dpbusd_epi32(c##m##2, xa, w2);                       \
+        c##m##3 = _mm512_dpbusd_epi32(c##m##3, xa, w3);                       \
+    }
+#define A8_FLUSH(m)                                                                   \
+    add_scaled(tile[m], _mm512_cvtepi32_ps(c##m##0), scale);                          \
+    add_scaled(tile[m] + 16, _mm512_cvtepi32_ps(c##m##1), scale + 16);                \
+    add_scaled(tile[m] + 32, _mm512_cvtepi32_ps(c##m##2), scale + 32);                \
+    add_scaled(tile[m] + 48, _mm512_cvtepi32_ps(c##m##3), scale + 48);
+
+__attribute__((target(AVX512 ",avx512vnni"), noinline)) static void
+ROWS_NAME(mk_vnni_a8)(const uint8_t *const *x, int64_t K, const int8_t *panel, const float *scales, const int32_t *compensation,
+           int64_t group, float tile[][NB]) {
+    ROWS(ROW_POINTER)
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+        const int32_t *start = compensation + k0 / group * NB;
+        const __m512i s0 = _mm512_loadu_si512(start), s1 = _mm512_loadu_si512(start + 16);
+        const __m512i s2 = _mm512_loadu_si512(start + 32), s3 = _mm512_loadu_si512(start + 48);
+        ROWS(A8_START)
+        for (int64_t k = k0; k < k0 + group; k += 4) {
+            const int8_t *w = panel + k * NB;
+            for (int line = 0; line < 256; line += 64) _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
+            const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
+            const __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
+            ROWS(A8_STEP)
+        }
+        const float *scale = scales + k0 / group * NB;
+        ROWS(A8_FLUSH)
+    }
+}
+
+// A16 and BF16 (AVX512): per pass 32 outputs as 4 vectors of 8 outputs x 2 partial sums; a step's 4 inputs are
+// broadcast as one 64-bit pattern, so lane 2j takes inputs 0-1 and lane 2j+1 inputs 2-3 of output j.
+#define P_START(m) VEC c##m##0 = ZERO, c##m##1 = ZERO, c##m##2 = ZERO, c##m##3 = ZERO;
+#define P_STEP(m)                                                             \
+    {                                                                         \
+        const __m512i xa = _mm512_set1_epi64(*(const int64_t *)(r##m + k)); \
+        c##m##0 = DOT(c##m##0, xa, w0);                                       \
+        c##m##1 = DOT(c##m##1, xa, w1);                                       \
+        c##m##2 = DOT(c##m##2, xa, w2);                                       \
+        c##m##3 = DOT(c##m##3, xa, w3);                                       \
+    }
+#define P_FLUSH(m)                                                                           \
+    add_scaled(tile[m] + 32 * half, TO_F32(FOLD(c##m##0, c##m##1)), scale);                  \
+    add_scaled(tile[m] + 32 * half + 16, TO_F32(FOLD(c##m##2, c##m##3)), scale + 16);
+
+#define MK_PAIRS(NAME, TARGET, ACT_T)                                                                            \
+    __attribute__((target(TARGET), noinline)) static void NAME(const ACT_T *const *x, int64_t K, const int8_t *panel,             \
+                                                     const float *scales, int64_t group, float tile[][NB]) {     \
+        ROWS(ROW_POINTER)                                                                                         \
+        for (int half = 0; half < 2; half++) {                                                                   \
+            for (int64_t k0 = 0; k0 < K; k0 += group) {                                                          \
+                ROWS(P_START)                                                                                     \
+                for (int64_t k = k0; k < k0 + group; k += 4) {                                                   \
+                    const int8_t *w = panel + k * NB + 128 * half;                                               \
+                    _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);                                       \
+                    _mm_prefetch((const char *)w + PREFETCH + 64, _MM_HINT_T0);                                  \
+                    const VEC w0 = WIDEN(w), w1 = WIDEN(w + 32), w2 = WIDEN(w + 64), w3 = WIDEN(w + 96);         \
+                    ROWS(P_STEP)                                                                                  \
+                }                                                                                                 \
+                const float *scale = scales + k0 / group * NB + 32 * half;                                       \
+                ROWS(P_FLUSH)                                                                                     \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+#define VEC __m512i
+#define ZERO _mm512_setzero_si512()
+#define WIDEN(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define FOLD fold_pairs_i32
+#define TO_F32(v) _mm512_cvtepi32_ps(v)
+#define DOT(acc, xa, w) _mm512_dpwssd_epi32(acc, xa, w)
+MK_PAIRS(ROWS_NAME(mk_vnni_a16), AVX512 ",avx512vnni", int16_t)
+#undef DOT
+#define DOT(acc, xa, w) _mm512_add_epi32(acc, _mm512_madd_epi16(xa, w))
+MK_PAIRS(ROWS_NAME(mk_avx512_a16), AVX512, int16_t)
+#undef VEC
+#undef ZERO
+#undef WIDEN
+#undef FOLD
+#undef TO_F32
+#undef DOT
+
+#define VEC __m512
+#define ZERO _mm512_setzero_ps()
+#define WIDEN widen_bf16
+#define FOLD fold_pairs_f32
+#define TO_F32(v) (v)
+#define DOT(acc, xa, w) _mm512_dpbf16_ps(acc, (__m512bh)(xa), (__m512bh)(w))
+MK_PAIRS(ROWS_NAME(mk_avx512_bf16), AVX512 ",avx512bf16", uint16_t)
+#undef VEC
+#undef ZERO
+#undef WIDEN
+#undef FOLD
+#undef TO_F32
+#undef DOT
+
+// F32 (AVX512): per pass 16 outputs as 4 vectors of 4 outputs x 4 partial sums (the step's 4 inputs broadcast
+// as a 128-bit pattern).
+#define F_START(m) __m512 c##m##0 = _mm512_setzero_ps(), c##m##1 = c##m##0, c##m##2 = c##m##0, c##m##3 = c##m##0;
+#define F_STEP(m)                                                                 \
+    {                                                                             \
+        const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(r##m + k));    \
+        c##m##0 = _mm512_fmadd_ps(xa, w0, c##m##0);                               \
+        c##m##1 = _mm512_fmadd_ps(xa, w1, c##m##1);                               \
+        c##m##2 = _mm512_fmadd_ps(xa, w2, c##m##2);                               \
+        c##m##3 = _mm512_fmadd_ps(xa, w3, c##m##3);                               \
+    }
+#define F_FLUSH(m) \
+    add_scaled(tile[m] + 16 * quarter, fold_pairs_f32(fold_pairs_f32(c##m##0, c##m##1), fold_pairs_f32(c##m##2, c##m##3)), scale);
+#define WIDEN_F32(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+
+__attribute__((target(AVX512), noinline)) static void
+ROWS_NAME(mk_avx512_f32)(const float *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+    ROWS(ROW_POINTER)
+    for (int quarter = 0; quarter < 4; quarter++) {
+        for (int64_t k0 = 0; k0 < K; k0 += group) {
+            ROWS(F_START)
+            for (int64_t k = k0; k < k0 + group; k += 4) {
+                const int8_t *w = panel + k * NB + 64 * quarter;
+                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
+                const __m512 w0 = WIDEN_F32(w), w1 = WIDEN_F32(w + 16), w2 = WIDEN_F32(w + 32), w3 = WIDEN_F32(w + 48);
+                ROWS(F_STEP)
+            }
+            const float *scale = scales + k0 / group * NB + 16 * quarter;
+            ROWS(F_FLUSH)
+        }
+    }
+}
+
+// AVX2: per pass 8 outputs (A16: 2 vectors of 4 outputs x 2 partial sums) or 4 outputs (F32: 2 vectors of 2
+// outputs x 4 partial sums); 16 registers hold 6 rows x 2 vectors of sums.
+#define H_START(m) __m256i c##m##0 = _mm256_setzero_si256(), c##m##1 = c##m##0;
+#define H_STEP(m)                                                                    \
+    {                                                                                \
+        const __m256i xa = _mm256_set1_epi64x(*(const int64_t *)(r##m + k));    \
+        c##m##0 = _mm256_add_epi32(c##m##0, _mm256_madd_epi16(xa, w0));              \
+        c##m##1 = _mm256_add_epi32(c##m##1, _mm256_madd_epi16(xa, w1));              \
+    }
+// [o0 o0 o1 o1 | o2 o2 o3 o3], [o4 .. o7] -> hadd: [o0 o1 o4 o5 | o2 o3 o6 o7] -> in order
+#define H_FLUSH(m)                                                                                         \
+    {                                                                                                      \
+        const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##m##0, c##m##1), 0xD8);         \
+        float *t = tile[m] + 8 * part;                                                                     \
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(scale), _mm256_loadu_ps(t))); \
+    }
+
+__attribute__((target(AVX2), noinline)) static void
+ROWS_NAME(mk_avx2_a16)(const int16_t *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+    ROWS(ROW_POINTER)
+    for (int part = 0; part < 8; part++) {
+        for (int64_t k0 = 0; k0 < K; k0 += group) {
+            ROWS(H_START)
+            for (int64_t k = k0; k < k0 + group; k += 4) {
+                const int8_t *w = panel + k * NB + 32 * part;
+                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
+                ROWS(H_STEP)
+            }
+            const float *scale = scales + k0 / group * NB + 8 * part;
+            ROWS(H_FLUSH)
+        }
+    }
+}
+
+#define G_START(m) __m256 c##m##0 = _mm256_setzero_ps(), c##m##1 = c##m##0;
+#define G_STEP(m)                                                                    \
+    {                                                                                \
+        const __m256 xa = _mm256_broadcast_ps((const __m128 *)(r##m + k));      \
+        c##m##0 = _mm256_fmadd_ps(xa, w0, c##m##0);                                  \
+        c##m##1 = _mm256_fmadd_ps(xa, w1, c##m##1);                                  \
+    }
+// [o0 x4 | o1 x4], [o2 x4 | o3 x4] -> [o0 o2 o0 o2 | o1 o3 o1 o3] -> o0 o1 o2 o3
+#define G_FLUSH(m)                                                                                         \
+    {                                                                                                      \
+        const __m256 h = _mm256_hadd_ps(c##m##0, c##m##1), h2 = _mm256_hadd_ps(h, h);                     \
+        const __m128 sums = _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));    \
+        float *t = tile[m] + 4 * part;                                                                     \
+        _mm_storeu_ps(t, _mm_fmadd_ps(sums, _mm_loadu_ps(scale), _mm_loadu_ps(t)));                        \
+    }
+#define WIDEN_F32X8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+
+__attribute__((target(AVX2), noinline)) static void
+ROWS_NAME(mk_avx2_f32)(const float *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+    ROWS(ROW_POINTER)
+    for (int part = 0; part < 16; part++) {
+        for (int64_t k0 = 0; k0 < K; k0 += group) {
+            ROWS(G_START)
+            for (int64_t k = k0; k < k0 + group; k += 4) {
+                const int8_t *w = panel + k * NB + 16 * part;
+                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
+                const __m256 w0 = WIDEN_F32X8(w), w1 = WIDEN_F32X8(w + 8);
+                ROWS(G_STEP)
+            }
+            const float *scale = scales + k0 / group * NB + 4 * part;
+            ROWS(G_FLUSH)
+        }
+    }
+}
+
+#endif

@@ -96,25 +96,25 @@ def prepare(venv: str, model_dir: str) -> None:
     out = exports_dir(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     from sentence_transformers import SentenceTransformer
-    if venv == "onnx":
-        target = out / "onnx-model"
-        if not (target / "onnx" / "model.onnx").is_file():
-            staging = out / "onnx-model.tmp"
+    def export_backend(backend: str, graph: str) -> Path:
+        """The model saved with `backend` under out/<backend>-model (staged, renamed when whole)."""
+        target = out / f"{backend}-model"
+        if not (target / backend / graph).is_file():
+            staging = out / f"{backend}-model.tmp"
             shutil.rmtree(staging, ignore_errors=True)
-            SentenceTransformer(model_dir, device="cpu", backend="onnx").save_pretrained(str(staging))
+            SentenceTransformer(model_dir, device="cpu", backend=backend).save_pretrained(str(staging))
             staging.rename(target)
+        return target
+
+    if venv == "onnx":
+        target = export_backend("onnx", "model.onnx")
         config = onnx_int8_config()
         if not (target / "onnx" / f"model_qint8_{config}.onnx").is_file():
             from sentence_transformers import export_dynamic_quantized_onnx_model
             model = SentenceTransformer(str(target), device="cpu", backend="onnx")
             export_dynamic_quantized_onnx_model(model, config, str(target))
     elif venv == "openvino":
-        target = out / "openvino-model"
-        if not (target / "openvino" / "openvino_model.xml").is_file():
-            staging = out / "openvino-model.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            SentenceTransformer(model_dir, device="cpu", backend="openvino").save_pretrained(str(staging))
-            staging.rename(target)
+        target = export_backend("openvino", "openvino_model.xml")
         if not (target / "openvino" / "openvino_model_qint8_quantized.xml").is_file():
             from optimum.intel import OVQuantizationConfig
             from sentence_transformers import export_static_quantized_openvino_model

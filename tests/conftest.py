@@ -53,3 +53,21 @@ def seed_card() -> Path:
             pytest.fail(f"{SEED_CARD} missing")
         pytest.skip(f"{SEED_CARD} missing (it lies in ../shared beside the repository, as in CI)")
     return SEED_CARD
+
+
+def kill_9_while_writing(cli: list[str], root: Path) -> None:
+    """Start `cli` (an `allmpnet index build`), and kill -9 it once its writer has opened a staging folder."""
+    import signal
+    import subprocess
+    import time
+    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(root.glob(".staging-*/vectors.f32")):  # the writer is open and encoding
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the build finished before it could be killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -58,6 +58,17 @@ def test_similarity_and_info(tiny_model_dir, enc, capsys):
     assert "dimensions" in out and " 32" in out and "max_seq_length" in out and "fp32" in out
 
 
+def test_info_reports_autos_guard(tiny_model_dir, capsys, tmp_path, monkeypatch):
+    from allmpnet.encode.precision import plan_precision
+    plan = plan_precision("auto", "cpu")
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))  # calibrate afresh
+    assert run("info", "--model", tiny_model_dir, "--precision", "auto") == 0
+    out = capsys.readouterr().out
+    assert plan.name in out
+    if plan.guard_fallback is not None:  # our x86 int8 here: the guard ran and its figure is printed
+        assert "quality guard passed: min cosine" in out
+
+
 def test_demo_prints_ranked_hits(tiny_model_dir, tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat\nthe dog\nthe sun\n")

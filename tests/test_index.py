@@ -16,6 +16,7 @@ import pytest
 from allmpnet import Encoder
 from allmpnet.search import AnnConfig, Index, IndexFormatError, IndexMismatchError, open_writer
 from allmpnet.testing import build_random_model
+from conftest import kill_9_while_writing
 
 TEXTS = ["the cat", "a dog", "hello world", "the sun and the moon", "search query text", "a car", "the plant"]
 
@@ -244,7 +245,6 @@ def test_a_second_writer_is_refused_while_one_is_running(tmp_path):
 
 def test_kill_9_during_cli_build_keeps_the_previous_index(tmp_path, tiny_model_dir):
     """`allmpnet index build --overwrite` killed while it fills its staging folder: the old index still answers."""
-    import time
     old_corpus = tmp_path / "old.txt"
     old_corpus.write_text("the cat\na dog\nhello world\n")
     cli = [str(Path(sys.executable).with_name("allmpnet")), "index", "build", "--model", str(tiny_model_dir),
@@ -252,17 +252,6 @@ def test_kill_9_during_cli_build_keeps_the_previous_index(tmp_path, tiny_model_d
     subprocess.run(cli + [str(old_corpus), "--out", str(tmp_path / "ix")], check=True, capture_output=True)
     big = tmp_path / "big.txt"
     big.write_text("".join(f"the sun and the moon {i}\n" for i in range(5000)))
-    proc = subprocess.Popen(cli + [str(big), "--out", str(tmp_path / "ix"), "--overwrite"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if list((tmp_path / "ix").glob(".staging-*/vectors.f32")):  # the writer is open and encoding
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the build finished before it could be killed"
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_9_while_writing(cli + [str(big), "--out", str(tmp_path / "ix"), "--overwrite"], tmp_path / "ix")
     index = Index.open(tmp_path / "ix")
     assert len(index) == 3 and index.search("a dog", k=1)[0].text == "a dog"

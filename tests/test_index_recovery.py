@@ -14,6 +14,7 @@ import pytest
 
 from allmpnet.cli import main
 from allmpnet.search import Index, IndexFormatError
+from conftest import kill_9_while_writing
 
 FIRST_BUILD = textwrap.dedent("""
     import sys, time
@@ -89,17 +90,7 @@ def test_kill_9_during_the_first_cli_build_then_build_again(tmp_path, tiny_model
     root = tmp_path / "ix"
     cli = [str(Path(sys.executable).with_name("allmpnet")), "index", "build", str(corpus), "--out", str(root),
            "--model", str(tiny_model_dir), "--device", "cpu"]
-    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if list(root.glob(".staging-*/vectors.f32")):  # the writer is open and encoding
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the build finished before it could be killed"
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_9_while_writing(cli, root)
     assert main(["index", "info", str(root)]) == 2
     assert "allmpnet index build CORPUS --out" in capsys.readouterr().err
     small = tmp_path / "small.txt"

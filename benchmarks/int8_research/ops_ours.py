@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from common import PROJECTIONS, RESULTS, ROWS, cpu_model, interleaved_best  # noqa: E402
+from encode_speed import read_bandwidth_gbs  # noqa: E402
 
 from allmpnet.encode.int8_x86 import KERNELS, X86Int8Linear, kernel_unavailable  # noqa: E402
 
@@ -83,16 +85,6 @@ def query_projections(kernels: list[str], rows: int = 11, rounds: int = 30) -> d
                 call()
                 best[name][i] = min(best[name][i], time.perf_counter() - start)
     return {name: sum(times) for name, times in best.items()}
-
-
-def read_bandwidth_gbs(megabytes: int = 512, reps: int = 20) -> float:
-    a = torch.ones(megabytes * 2 ** 20 // 4)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - start)
-    return a.numel() * 4 / best / 1e9
 
 
 def main() -> None:

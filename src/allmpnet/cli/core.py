@@ -78,6 +78,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     enc = load_encoder(args)
+    enc.inference_model()  # built now: auto's int8 is checked against fp32 here, and the plan says the outcome
     info = {"model": enc.name, "directory": str(enc.model_dir), "dimensions": enc.dim,
             "max_seq_length": enc.max_seq_length, "pooling": enc.pooling.modes, "normalize": enc.normalize,
             "device": str(enc.device), "precision": enc.plan.describe(),

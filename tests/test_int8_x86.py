@@ -312,6 +312,9 @@ def test_quality_guard_passes_and_is_cached(tiny_model_dir, tmp_path, monkeypatc
     again = Encoder(tiny_model_dir, device="cpu", precision=plan)
     again.encode(TEXTS)
     assert enc.plan.reason == again.plan.reason  # the same figure, read back
+    again.refresh()
+    again.encode(TEXTS)
+    assert again.plan.reason.count("quality guard") == 1  # checked again after a refresh, said once
 
 
 @pytest.mark.skipif(not pick_kernel("weight-only"), reason="no int8 kernel runs on this CPU")

@@ -132,7 +132,8 @@ class Encoder:
                                 calibration.reference)
             calibration.record_guard(plan.int8_kernel, cosine)
         if cosine >= plan.guard_min_cosine:
-            self.plan = replace(plan, reason=f"{plan.reason}; quality guard passed: min cosine {cosine:.4f} to fp32 "
+            why = plan.reason.split("; quality guard")[0]  # a refresh checks again: one verdict, the latest
+            self.plan = replace(plan, reason=f"{why}; quality guard passed: min cosine {cosine:.4f} to fp32 "
                                              f"on {len(ids)} calibration texts")
             return fast
         fallback = plan_precision(plan.guard_fallback, self.device)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS, kernel_unavailable as x86_kernel_unavailable
+from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS, PREFERENCE as X86_PREFERENCE
+from allmpnet.encode.int8_x86 import kernel_unavailable as x86_kernel_unavailable
 from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "bf16+int8")
@@ -30,7 +31,7 @@ INT8_SMALL_BATCH_TOKENS = 512
 #   "int8-x86"  our int8-weight kernels for other x86 CPUs (plan.int8_kernel names which: int8_x86.KERNELS)
 # the int8-x86 kernels in the order "int8" prefers them: W8A8 on VNNI (calibrated, twice bf16's rate), else int16
 # activations (weight-only int8 quality; vpmaddwd runs at twice the fp32 FMA rate, AVX2 included)
-X86_INT8_KERNELS = ("vnni-a8", "vnni-a16", "avx512-a16", "avx2-a16")
+X86_INT8_KERNELS = tuple(X86_PREFERENCE["int8"] + X86_PREFERENCE["int16"])
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def _detect(device_type: str) -> Capabilities:
     flags = limit_isa(frozenset(cpu_flags()), max_isa_from_env())
     amx = kernels_unavailable() if {"amx_tile", "amx_bf16"} <= flags else "this CPU has no AMX bf16 units"
     onednn = frozenset(name for name in ("fp32", "bf16") if onednn_linear_available(COMPUTE_DTYPES[name]))
-    x86 = frozenset(name for name in X86_KERNELS if not x86_kernel_unavailable(name, flags))
+    # only the kernels a plan can name: each one checked here is built and self-tested at start-up
+    x86 = frozenset(name for name in X86_INT8_KERNELS if not x86_kernel_unavailable(name, flags))
     return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86)
 
 

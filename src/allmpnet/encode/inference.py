@@ -8,6 +8,8 @@ the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not 
 - "int8-x86": our kernels for CPUs without AMX (int8_x86.py): W8A8 on VNNI with the calibrated outlier
   treatment, int16 activations elsewhere; built from the fp32 master weights, not the cast copy's.
 - a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
+- with int8-x86 linears, the layer stack itself is swapped for `FusedX86Stack` (encode/fused_x86.py): small
+  batches run all layers in one C call.
 
 In fp32 with torch's linears the copy is the model itself; otherwise it is a frozen deep copy cast to the plan's
 dtype (in fp32 sharing every tensor but the swapped linears'), so the fp32 master weights (training, saving) are
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from allmpnet.encode.calibration import Calibration
+from allmpnet.encode.fused_x86 import FusedX86Stack
 from allmpnet.encode.int8_x86 import recipe_layer
 from allmpnet.encode.kernels import Int8Linear
 from allmpnet.encode.precision import PrecisionPlan
@@ -118,4 +121,6 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
             for t in list(model.parameters()) + list(model.buffers())}
     fast = copy.deepcopy(model, memo).eval()
     swap_linears(fast.network, linear_factory(plan, model, calibration))
+    if plan.fused_stack_tokens:
+        fast.network.encoder = FusedX86Stack(fast.network.encoder, plan.fused_stack_tokens)
     return fast

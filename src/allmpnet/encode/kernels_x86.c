@@ -34,7 +34,13 @@
 #define NB 64            // outputs per packed block
 #define MR 6             // rows per micro-kernel call
 #define MB 192           // rows per block whose prepared activations are reused by every output block
-#define PREFETCH 2048    // bytes of packed weights requested ahead of the step being multiplied
+#define SMALL_CHUNKS 4   // batches of at most this many chunks of MR rows go through each output block group by group
+// Packed weights are requested this many bytes ahead of the step being multiplied, into L2 (_MM_HINT_T1): 2 KB
+// ahead into L1 streamed a few rows' weights at 11-17 GB/s of the 29 the memory gives 2 Zen 4 cores, 16 KB into L2
+// at 15-24 (2 to 9 rows, /tmp-free A/B in benchmarks/int8_research/prefetch.py); large batches are unchanged.
+#define PREFETCH 16384
+#define PREFETCH_HINT _MM_HINT_T1
+#define MAX_FUSED_TEXT 64  // tokens of one text in allmpnet_x86_encoder (its attention keeps a row of weights on the stack)
 
 enum {
     KERNEL_AVX2_F32 = 1,
@@ -280,89 +286,162 @@ __attribute__((target(AVX512 ",avx512bf16"))) static inline __m512 widen_bf16(co
 
 #include <omp.h>
 
-// Rows list[from..to) through micro-kernel MK (activations of type T at ACT) against output block nb.
-#define CHUNKS(MK, T, ACT, EXTRA, list, from, to)                                                                 \
+// Chunks of MR rows of list[from..to) through micro-kernel MK (activations of type T at ACT), over inputs
+// [k0, k0 + span) of output block nb; chunk c's sums are added to tiles[c].
+#define MULTIPLY(MK, T, ACT, EXTRA, list, from, to, k0, span, tiles)                                              \
     for (int64_t c0 = (from); c0 < (to); c0 += MR) {                                                             \
         const int rows = (int)((to) - c0 < MR ? (to) - c0 : MR);                                                 \
-        const int32_t *out = (list) + c0;                                                                        \
         const T *x[MR];                                                                                          \
-        for (int m = 0; m < MR; m++) x[m] = (const T *)(ACT) + (int64_t)out[m < rows ? m : 0] * K;               \
-        memset(tile, 0, sizeof tile);                                                                             \
+        for (int m = 0; m < MR; m++) x[m] = (const T *)(ACT) + (int64_t)(list)[c0 + (m < rows ? m : 0)] * K + (k0); \
+        const int8_t *panel = a->packed + (nb * K + (k0)) * NB;                                                  \
+        const float *scales = a->scales + (nb * (K / a->group) + (k0) / a->group) * NB;                          \
+        float(*tile)[NB] = (tiles)[(c0 - (from)) / MR];                                                          \
         if (rows > 4)                                                                                             \
-            PASTE(MK, 6)(x, K, panel, scales, EXTRA(nb) a->group, tile);                                         \
+            PASTE(MK, 6)(x, span, panel, scales, EXTRA(nb, k0) a->group, tile);                                  \
         else if (rows > 2)                                                                                        \
-            PASTE(MK, 4)(x, K, panel, scales, EXTRA(nb) a->group, tile);                                         \
+            PASTE(MK, 4)(x, span, panel, scales, EXTRA(nb, k0) a->group, tile);                                  \
         else                                                                                                      \
-            PASTE(MK, 2)(x, K, panel, scales, EXTRA(nb) a->group, tile);                                         \
-        finish_rows(a, out, rows, nb, tile);                                                                      \
+            PASTE(MK, 2)(x, span, panel, scales, EXTRA(nb, k0) a->group, tile);                                  \
     }
 
-// Rows list[0..count) through MK into y: blocks of MB rows, within each the 64-output blocks shared between the
-// threads. TAIL (the routed rows) runs once per output block right after that block's first rows, while its
-// weights are still in cache: a query's two routed rows then cost arithmetic, not a second pass over memory.
-#define RUN_ROWS(MK, T, ACT, EXTRA, list, count, TAIL)                                                            \
-    for (int64_t mb = 0; mb < ((count) > 0 ? (count) : 1); mb += MB) {                                           \
-        const int64_t mb_end = mb + MB < (count) ? mb + MB : (count);                                            \
-        _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                     \
-            const int8_t *panel = a->packed + nb * K * NB;                                                       \
-            const float *scales = a->scales + nb * (K / a->group) * NB;                                          \
-            CHUNKS(MK, T, ACT, EXTRA, list, mb, mb_end)                                                          \
-            if (mb == 0) {                                                                                       \
-                TAIL                                                                                             \
-            }                                                                                                     \
-        }                                                                                                         \
+#define FINISH(list, from, to, tiles)                                                                             \
+    for (int64_t c0 = (from); c0 < (to); c0 += MR)                                                               \
+        finish_rows(a, (list) + c0, (int)((to) - c0 < MR ? (to) - c0 : MR), nb, (tiles)[(c0 - (from)) / MR]);
+
+// Rows list[from..to) against output block nb one chunk at a time, each over all of K.
+#define CHUNK_BY_CHUNK(MK, T, ACT, EXTRA, list, from, to)                                                         \
+    for (int64_t c1 = (from); c1 < (to); c1 += MR) {                                                             \
+        const int64_t c2 = c1 + MR < (to) ? c1 + MR : (to);                                                      \
+        memset(tiles[0], 0, sizeof tiles[0]);                                                                     \
+        MULTIPLY(MK, T, ACT, EXTRA, list, c1, c2, 0, K, tiles)                                                   \
+        FINISH(list, c1, c2, tiles)                                                                               \
     }
 
-#define NO_EXTRA(nb)
-#define A8_EXTRA(nb) a->compensation + (nb) * (K / a->group) * NB,
+#define NO_EXTRA(nb, k0)
+#define A8_EXTRA(nb, k0) a->compensation + ((nb) * (K / a->group) + (k0) / a->group) * NB,
 
-// One function per kernel: prepare the rows (in parallel), list them (int8 rows first, then any routed to
-// int16), multiply. ROUTED is the int16 micro-kernel of the same ISA (int8 kernel only).
-#define DRIVER(NAME, TARGET, KIND, MK, T, EXTRA, ROUTED)                                                          \
-    __attribute__((target(TARGET))) static int64_t NAME(const linear_args *a, float *buffers, int threads) {    \
+// One function per kernel, run by every thread of a team (an OpenMP parallel region: the kernel's own, or the
+// fused encoder's): prepare the rows, list them (int8 rows first, then any routed to int16), multiply. Returns
+// the rows routed to int16; the multiply ends without a barrier (the caller waits before reading y). RMK, RT,
+// RACT, REXTRA: the micro-kernel and activations of the routed rows (the int8 kernel's int16 one; for the other
+// kernels no row is routed, and they repeat their own).
+//
+// Output blocks are shared between the threads. A batch of at most SMALL_CHUNKS chunks (a query) goes through
+// each block one group of inputs at a time, every chunk's sums in turn, so the block's weights are read from
+// memory once and at the pace of all the rows' arithmetic (chunk after chunk over all of K leaves the memory idle
+// while the later chunks re-read the block from cache: 40% slower on a query). Larger batches take blocks of MB
+// rows, whose prepared activations stay in L2, and within them chunk after chunk; the routed rows run right after
+// the first block's, while the weights are still in cache.
+#define DRIVER(NAME, TARGET, KIND, MK, T, EXTRA, RMK, RT, RACT, REXTRA)                                            \
+    __attribute__((target(TARGET))) static int64_t NAME(const linear_args *a, float *buffer) {                  \
         const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;                                          \
-        int64_t primary = 0;                                                                                      \
-        _Pragma("omp parallel num_threads(threads)") {                                                            \
-            float *buffer = buffers + (int64_t)omp_get_thread_num() * K;                                         \
-            _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++)                                   \
-                a->routed[m] = prepare_row(a, KIND, m, buffer);                                                  \
-            _Pragma("omp single") {                                                                                \
-                /* flags -> row lists; the int8 rows keep their order, then the routed ones */                    \
-                int64_t routed = 0;                                                                                \
-                for (int64_t m = 0; m < M; m++) routed += a->routed[m];                                           \
-                int64_t first = 0, second = M - routed;                                                           \
-                primary = second;                                                                                  \
-                for (int64_t m = 0; m < M; m++) {                                                                 \
-                    a->order[a->routed[m] ? second++ : first++] = (int32_t)m;                                     \
+        _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++)                                       \
+            a->routed[m] = prepare_row(a, KIND, m, buffer);                                                      \
+        int64_t routed = 0;                                                                                        \
+        for (int64_t m = 0; m < M; m++) routed += a->routed[m];                                                   \
+        const int64_t primary = M - routed;                                                                        \
+        _Pragma("omp single") {                                                                                    \
+            /* flags -> row lists; the int8 rows keep their order, then the routed ones */                        \
+            int64_t first = 0, second = primary;                                                                   \
+            for (int64_t m = 0; m < M; m++) a->order[a->routed[m] ? second++ : first++] = (int32_t)m;             \
+        }                                                                                                          \
+        float tiles[SMALL_CHUNKS > 1 ? SMALL_CHUNKS : 1][MR][NB] __attribute__((aligned(64)));                                         \
+        const int64_t chunks = (primary + MR - 1) / MR;                                                            \
+        if (chunks + (routed + MR - 1) / MR <= SMALL_CHUNKS) {                                                     \
+            _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                 \
+                memset(tiles, 0, sizeof tiles);                                                                   \
+                for (int64_t k0 = 0; k0 < K; k0 += a->group) {                                                   \
+                    MULTIPLY(MK, T, a->act, EXTRA, a->order, 0, primary, k0, a->group, tiles)                    \
+                    MULTIPLY(RMK, RT, RACT, REXTRA, a->order, primary, M, k0, a->group, tiles + chunks)          \
+                }                                                                                                 \
+                FINISH(a->order, 0, primary, tiles)                                                               \
+                FINISH(a->order, primary, M, tiles + chunks)                                                      \
+            }                                                                                                     \
+            return routed;                                                                                        \
+        }                                                                                                          \
+        for (int64_t mb = 0; mb < primary; mb += MB) {                                                            \
+            const int64_t mb_end = mb + MB < primary ? mb + MB : primary;                                         \
+            _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                 \
+                CHUNK_BY_CHUNK(MK, T, a->act, EXTRA, a->order, mb, mb_end)                                        \
+                if (mb == 0) {                                                                                    \
+                    CHUNK_BY_CHUNK(RMK, RT, RACT, REXTRA, a->order, primary, M)                                  \
                 }                                                                                                  \
             }                                                                                                      \
-            float tile[MR][NB] __attribute__((aligned(64)));                                                      \
-            RUN_ROWS(MK, T, a->act, EXTRA, a->order, primary, ROUTED)                                             \
-        }                                                                                                           \
-        return M - primary;                                                                                        \
+        }                                                                                                          \
+        if (primary == 0) {                                                                                        \
+            _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                 \
+                CHUNK_BY_CHUNK(RMK, RT, RACT, REXTRA, a->order, primary, M)                                      \
+            }                                                                                                      \
+        }                                                                                                          \
+        return routed;                                                                                             \
     }
 
-#define NOT_ROUTED
-#define ROUTED_VNNI CHUNKS(mk_vnni_a16, int16_t, a->act16, NO_EXTRA, a->order + primary, 0, M - primary)
+DRIVER(run_vnni_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni_a8, uint8_t, A8_EXTRA, mk_vnni_a16, int16_t, a->act16,
+       NO_EXTRA)
+DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, NO_EXTRA, mk_vnni_a16, int16_t, a->act, NO_EXTRA)
+DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, NO_EXTRA, mk_avx512_a16, int16_t, a->act, NO_EXTRA)
+DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16, mk_avx512_bf16, uint16_t, NO_EXTRA,
+       mk_avx512_bf16, uint16_t, a->act, NO_EXTRA)
+DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, NO_EXTRA, mk_avx512_f32, float, a->act, NO_EXTRA)
+DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, NO_EXTRA, mk_avx2_a16, int16_t, a->act, NO_EXTRA)
+DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, NO_EXTRA, mk_avx2_f32, float, a->act, NO_EXTRA)
 
-DRIVER(run_vnni_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni_a8, uint8_t, A8_EXTRA, ROUTED_VNNI)
-DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, NO_EXTRA, NOT_ROUTED)
-DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, NO_EXTRA, NOT_ROUTED)
-DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16, mk_avx512_bf16, uint16_t, NO_EXTRA, NOT_ROUTED)
-DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, NO_EXTRA, NOT_ROUTED)
-DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, NO_EXTRA, NOT_ROUTED)
-DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, NO_EXTRA, NOT_ROUTED)
+// One linear layer by the calling team (see DRIVER); buffer: K floats of this thread's own.
+static int64_t linear_by_team(int kernel, const linear_args *a, float *buffer) {
+    switch (kernel) {
+        case KERNEL_VNNI_A8: return run_vnni_a8(a, buffer);
+        case KERNEL_VNNI_A16: return run_vnni_a16(a, buffer);
+        case KERNEL_AVX512_A16: return run_avx512_a16(a, buffer);
+        case KERNEL_AVX512_BF16: return run_avx512_bf16(a, buffer);
+        case KERNEL_AVX512_F32: return run_avx512_f32(a, buffer);
+        case KERNEL_AVX2_A16: return run_avx2_a16(a, buffer);
+        default: return run_avx2_f32(a, buffer);
+    }
+}
 
 static const int act_size[] = {[ACT_F32] = 4, [ACT_BF16] = 2, [ACT_I16] = 2, [ACT_U8] = 1};
 
 static int64_t aligned(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
-// Bytes of scratch the caller provides: the prepared activations (and int16 ones for routed rows), row scales,
-// row order and routing flags, and a row of fp32 per thread.
-int64_t allmpnet_x86_scratch_bytes(int kernel, int64_t M, int64_t K, int threads) {
+// Scratch of one linear layer but the threads' rows: the prepared activations (and int16 ones for routed rows),
+// row scales, row order and routing flags.
+static int64_t linear_scratch_bytes(int kernel, int64_t M, int64_t K) {
     const int64_t routed = kernel == KERNEL_VNNI_A8 ? aligned(M * K * 2) : 0;
-    return aligned(M * K * act_size[activation_kind(kernel)]) + routed + 3 * aligned(M * 4)
-           + (int64_t)(threads < 1 ? 1 : threads) * K * 4;
+    return aligned(M * K * act_size[activation_kind(kernel)]) + routed + 3 * aligned(M * 4);
+}
+
+// Bytes of scratch allmpnet_x86_linear needs: the layer's, and a row of fp32 per thread.
+int64_t allmpnet_x86_scratch_bytes(int kernel, int64_t M, int64_t K, int threads) {
+    return linear_scratch_bytes(kernel, M, K) + (int64_t)(threads < 1 ? 1 : threads) * K * 4;
+}
+
+// 0 when the kernel takes this layer (see allmpnet_x86_linear's return values), else -1 or -2.
+static int64_t check_linear(int kernel, const int32_t *compensation, int64_t group, int64_t M, int64_t N,
+                            int64_t K, float route) {
+    if (!allmpnet_x86_kernel_supported(kernel)) return -2;
+    const int a8 = kernel == KERNEL_VNNI_A8;
+    if (N <= 0 || K <= 0 || group <= 0 || group % 4 || K % group || M < 0
+        || ((activation_kind(kernel) == ACT_I16 || (a8 && route > 0.0f)) && group > 512) || (a8 && !compensation))
+        return -1;
+    return 0;
+}
+
+// The layer's per-call arrays laid out in scratch (linear_scratch_bytes of it).
+static void place_scratch(linear_args *a, int kernel, char *at) {
+    const int kind = activation_kind(kernel);
+    a->act = at;
+    at += aligned(a->M * a->K * act_size[kind]);
+    a->act16 = NULL;
+    if (kernel == KERNEL_VNNI_A8) {
+        a->act16 = (int16_t *)at;
+        at += aligned(a->M * a->K * 2);
+    }
+    a->row_scale = (float *)at;
+    at += aligned(a->M * 4);
+    a->order = (int32_t *)at;
+    at += aligned(a->M * 4);
+    a->routed = (int32_t *)at;
+    if (kind == ACT_F32 || kind == ACT_BF16) a->row_scale = NULL;  // finish_rows: no per-row scale
 }
 
 // Arrays as described at the top, N padded to whole blocks of 64 in packed, scales and compensation (zeros);
@@ -377,42 +456,166 @@ int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *
                             const float *scales, const int32_t *compensation, int64_t group, const float *bias,
                             const void *residual, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int gelu,
                             float route, void *scratch, int threads) {
-    if (!allmpnet_x86_kernel_supported(kernel)) return -2;
-    const int kind = activation_kind(kernel);
-    const int a8 = kernel == KERNEL_VNNI_A8;
-    if (N <= 0 || K <= 0 || group <= 0 || group % 4 || K % group || M < 0
-        || ((kind == ACT_I16 || (a8 && route > 0.0f)) && group > 512) || (a8 && !compensation))
-        return -1;
+    const int64_t refused = check_linear(kernel, compensation, group, M, N, K, route);
+    if (refused) return refused;
     if (M == 0) return 0;
     if (threads < 1) threads = 1;
-    char *at = (char *)scratch;
     linear_args a = {x, x_bf16, smooth, packed, scales, compensation, group, bias, residual, y, y_bf16, M, N, K,
-                     gelu, a8 ? route : 0.0f, NULL, NULL, NULL, NULL, NULL};
-    a.act = at;
-    at += aligned(M * K * act_size[kind]);
-    if (a8) {
-        a.act16 = (int16_t *)at;
-        at += aligned(M * K * 2);
+                     gelu, kernel == KERNEL_VNNI_A8 ? route : 0.0f, NULL, NULL, NULL, NULL, NULL};
+    place_scratch(&a, kernel, (char *)scratch);
+    float *buffers = (float *)((char *)scratch + linear_scratch_bytes(kernel, M, K));
+    int64_t routed = 0;
+    _Pragma("omp parallel num_threads(threads)") {
+        const int64_t count = linear_by_team(kernel, &a, buffers + (int64_t)omp_get_thread_num() * K);
+        if (omp_get_thread_num() == 0) routed = count;
     }
-    a.row_scale = (float *)at;
-    at += aligned(M * 4);
-    a.order = (int32_t *)at;
-    at += aligned(M * 4);
-    a.routed = (int32_t *)at;
-    at += aligned(M * 4);
-    float *buffers = (float *)at;
-    if (kind == ACT_F32 || kind == ACT_BF16) a.row_scale = NULL;  // finish_rows: no per-row scale
-    const linear_args *args = &a;
-    switch (kernel) {
-        case KERNEL_VNNI_A8: return run_vnni_a8(args, buffers, threads);
-        case KERNEL_VNNI_A16: return run_vnni_a16(args, buffers, threads);
-        case KERNEL_AVX512_A16: return run_avx512_a16(args, buffers, threads);
-        case KERNEL_AVX512_BF16: return run_avx512_bf16(args, buffers, threads);
-        case KERNEL_AVX512_F32: return run_avx512_f32(args, buffers, threads);
-        case KERNEL_AVX2_A16: return run_avx2_a16(args, buffers, threads);
-        case KERNEL_AVX2_F32: return run_avx2_f32(args, buffers, threads);
-        default: return -2;
+    return routed;
+}
+
+// ---------------------------------------------------------------- the whole layer stack in one call
+// For a few rows (a query) each layer's seven steps are microseconds of work; run one by one from Python they
+// cost more in calls than in arithmetic (48 projections, 24 LayerNorms, 12 attentions). Here one team of threads
+// runs them all, in fp32, with a barrier between steps. The layer is the model's (model/mpnet.py):
+//   a = LN1(x + o(attention(qkv(x)))),  x' = LN2(a + down(GELU(up(a)))).
+
+typedef struct {  // one int8 linear layer: the arrays of allmpnet_x86_linear
+    int32_t kernel, gelu;
+    const int8_t *packed;
+    const float *scales;
+    const int32_t *compensation;
+    const float *bias, *smooth;
+    int64_t group, N, K;
+    float route;
+} x86_linear_spec;
+
+typedef struct {
+    x86_linear_spec qkv, o, up, down;
+    const float *norm1_weight, *norm1_bias, *norm2_weight, *norm2_bias;
+} x86_layer_spec;
+
+static void bind_linear(linear_args *a, const x86_linear_spec *s, const float *x, const float *residual, float *y,
+                        int64_t M, char *scratch) {
+    const linear_args bound = {x, 0, s->smooth, s->packed, s->scales, s->compensation, s->group, s->bias, residual,
+                               y, 0, M, s->N, s->K, s->gelu, s->kernel == KERNEL_VNNI_A8 ? s->route : 0.0f,
+                               NULL, NULL, NULL, NULL, NULL};
+    *a = bound;
+    place_scratch(a, s->kernel, scratch);
+}
+
+// Rows [0, M) of x: LayerNorm over C in place, by the team.
+__attribute__((target(AVX2))) static void layer_norm_by_team(float *x, int64_t M, int64_t C, const float *weight,
+                                                             const float *bias, float eps) {
+    _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++) {
+        float *row = x + m * C, sum = 0.0f, squares = 0.0f;
+        _Pragma("omp simd reduction(+:sum)") for (int64_t c = 0; c < C; c++) sum += row[c];
+        const float mean = sum / (float)C;
+        _Pragma("omp simd reduction(+:squares)") for (int64_t c = 0; c < C; c++)
+            squares += (row[c] - mean) * (row[c] - mean);
+        const float inverse = 1.0f / __builtin_sqrtf(squares / (float)C + eps);
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) row[c] = (row[c] - mean) * inverse * weight[c] + bias[c];
     }
+}
+
+// softmax(q k^T / sqrt(D) + bias) v per text and head, from qkv (M, 3C) into out (M, C), by the team.
+__attribute__((target(AVX2))) static void attention_by_team(const float *qkv, float *out, int64_t C, int64_t H,
+                                                            int64_t texts, const int32_t *start,
+                                                            const int32_t *length, const float *const *bias) {
+    const int64_t D = C / H;
+    const float scale = 1.0f / __builtin_sqrtf((float)D);
+    _Pragma("omp for schedule(static)") for (int64_t th = 0; th < texts * H; th++) {
+        const int64_t t = th / H, h = th % H, L = length[t];
+        const float *rows = qkv + (int64_t)start[t] * 3 * C;
+        float weights[MAX_FUSED_TEXT] __attribute__((aligned(64)));
+        for (int64_t i = 0; i < L; i++) {
+            const float *q = rows + i * 3 * C + h * D, *b = bias[t] + (h * L + i) * L;
+            float top = -3.0e38f, total = 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                const float *k = rows + j * 3 * C + C + h * D;
+                float dot = 0.0f;
+                _Pragma("omp simd reduction(+:dot)") for (int64_t d = 0; d < D; d++) dot += q[d] * k[d];
+                weights[j] = dot * scale + b[j];
+                top = weights[j] > top ? weights[j] : top;
+            }
+            for (int64_t j = 0; j < L; j++) {
+                weights[j] = exp_nonpositive(weights[j] - top);
+                total += weights[j];
+            }
+            float *o = out + (start[t] + i) * C + h * D;
+            _Pragma("omp simd") for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                const float *v = rows + j * 3 * C + 2 * C + h * D, p = weights[j] / total;
+                _Pragma("omp simd") for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
+            }
+        }
+    }
+}
+
+// Bytes of scratch allmpnet_x86_encoder needs for M rows, hidden size C, intermediate size I.
+int64_t allmpnet_x86_encoder_scratch_bytes(int64_t M, int64_t C, int64_t I, int threads) {
+    const int64_t widest = I > 3 * C ? I : 3 * C, K = I > C ? I : C;
+    return aligned(M * widest * 4) + 2 * aligned(M * C * 4) + aligned(M * K * 4) + aligned(M * K * 2)
+           + 3 * aligned(M * 4) + (int64_t)(threads < 1 ? 1 : threads) * K * 4;
+}
+
+// x (M, C) fp32, in place: through `count` layers. The texts lie at rows start[t] .. start[t] + length[t] (each at
+// most MAX_FUSED_TEXT tokens), bias[t] (H, L, L) fp32 their position bias; eps the LayerNorms'. routed (count x 4)
+// or NULL: each projection's rows routed to int16 (int8 kernel). Returns 0; -1 or -2 as allmpnet_x86_linear for
+// a layer it refuses (nothing computed); -3 for texts out of range.
+int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, float *x, int64_t M, int64_t C, int64_t H,
+                             int64_t texts, const int32_t *start, const int32_t *length, const float *const *bias,
+                             float eps, int64_t *routed, void *scratch, int threads) {
+    if (M <= 0 || C <= 0 || H <= 0 || C % H || count < 0) return -1;
+    int64_t I = 0;
+    for (int64_t l = 0; l < count; l++) {
+        const x86_linear_spec *specs[4] = {&layers[l].qkv, &layers[l].o, &layers[l].up, &layers[l].down};
+        I = layers[l].up.N;
+        const int64_t shapes[4][2] = {{3 * C, C}, {C, C}, {I, C}, {C, I}};  // N, K
+        for (int p = 0; p < 4; p++) {
+            const x86_linear_spec *s = specs[p];
+            if (s->N != shapes[p][0] || s->K != shapes[p][1] || (l && I != layers[0].up.N)) return -1;
+            const int64_t refused = check_linear(s->kernel, s->compensation, s->group, M, s->N, s->K, s->route);
+            if (refused) return refused;
+        }
+    }
+    for (int64_t t = 0; t < texts; t++)
+        if (start[t] < 0 || length[t] < 1 || length[t] > MAX_FUSED_TEXT || start[t] + length[t] > M) return -3;
+    if (threads < 1) threads = 1;
+    char *at = (char *)scratch;
+    float *qkv = (float *)at;  // also the intermediate (M, I): never alive at once
+    at += aligned(M * (I > 3 * C ? I : 3 * C) * 4);
+    float *mixed = (float *)at, *attended = (float *)(at + aligned(M * C * 4));
+    at += 2 * aligned(M * C * 4);
+    const int64_t K = I > C ? I : C;
+    float *buffers = (float *)(at + aligned(M * K * 4) + aligned(M * K * 2) + 3 * aligned(M * 4));
+    _Pragma("omp parallel num_threads(threads)") {
+        float *buffer = buffers + (int64_t)omp_get_thread_num() * K;
+        const int lead = omp_get_thread_num() == 0;
+        linear_args a;  // each thread binds its own copy of the same arguments
+        for (int64_t l = 0; l < count; l++) {
+            const x86_layer_spec *layer = layers + l;
+            int64_t n;
+            bind_linear(&a, &layer->qkv, x, NULL, qkv, M, at);
+            n = linear_by_team(layer->qkv.kernel, &a, buffer);
+            if (lead && routed) routed[4 * l] = n;
+            _Pragma("omp barrier")
+            attention_by_team(qkv, attended, C, H, texts, start, length, bias);
+            bind_linear(&a, &layer->o, attended, x, mixed, M, at);
+            n = linear_by_team(layer->o.kernel, &a, buffer);
+            if (lead && routed) routed[4 * l + 1] = n;
+            _Pragma("omp barrier")
+            layer_norm_by_team(mixed, M, C, layer->norm1_weight, layer->norm1_bias, eps);
+            bind_linear(&a, &layer->up, mixed, NULL, qkv, M, at);
+            n = linear_by_team(layer->up.kernel, &a, buffer);
+            if (lead && routed) routed[4 * l + 2] = n;
+            _Pragma("omp barrier")
+            bind_linear(&a, &layer->down, qkv, mixed, x, M, at);
+            n = linear_by_team(layer->down.kernel, &a, buffer);
+            if (lead && routed) routed[4 * l + 3] = n;
+            _Pragma("omp barrier")
+            layer_norm_by_team(x, M, C, layer->norm2_weight, layer->norm2_bias, eps);
+        }
+    }
+    return 0;
 }
 
 #else  // ALLMPNET_MICRO_KERNELS: the part included once per row count
@@ -444,7 +647,7 @@ ROWS_NAME(mk_vnni_a8)(const uint8_t *const *x, int64_t K, const int8_t *panel, c
         ROWS(A8_START)
         for (int64_t k = k0; k < k0 + group; k += 4) {
             const int8_t *w = panel + k * NB;
-            for (int line = 0; line < 256; line += 64) _mm_prefetch((const char *)w + PREFETCH + line, _MM_HINT_T0);
+            for (int line = 0; line < 256; line += 64) _mm_prefetch((const char *)w + PREFETCH + line, PREFETCH_HINT);
             const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
             const __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
             ROWS(A8_STEP)
@@ -478,8 +681,8 @@ ROWS_NAME(mk_vnni_a8)(const uint8_t *const *x, int64_t K, const int8_t *panel, c
                 ROWS(P_START)                                                                                     \
                 for (int64_t k = k0; k < k0 + group; k += 4) {                                                   \
                     const int8_t *w = panel + k * NB + 128 * half;                                               \
-                    _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);                                       \
-                    _mm_prefetch((const char *)w + PREFETCH + 64, _MM_HINT_T0);                                  \
+                    _mm_prefetch((const char *)w + PREFETCH, PREFETCH_HINT);                                       \
+                    _mm_prefetch((const char *)w + PREFETCH + 64, PREFETCH_HINT);                                  \
                     const VEC w0 = WIDEN(w), w1 = WIDEN(w + 32), w2 = WIDEN(w + 64), w3 = WIDEN(w + 96);         \
                     ROWS(P_STEP)                                                                                  \
                 }                                                                                                 \
@@ -543,7 +746,7 @@ ROWS_NAME(mk_avx512_f32)(const float *const *x, int64_t K, const int8_t *panel, 
             ROWS(F_START)
             for (int64_t k = k0; k < k0 + group; k += 4) {
                 const int8_t *w = panel + k * NB + 64 * quarter;
-                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + PREFETCH, PREFETCH_HINT);
                 const __m512 w0 = WIDEN_F32(w), w1 = WIDEN_F32(w + 16), w2 = WIDEN_F32(w + 32), w3 = WIDEN_F32(w + 48);
                 ROWS(F_STEP)
             }
@@ -578,7 +781,7 @@ ROWS_NAME(mk_avx2_a16)(const int16_t *const *x, int64_t K, const int8_t *panel, 
             ROWS(H_START)
             for (int64_t k = k0; k < k0 + group; k += 4) {
                 const int8_t *w = panel + k * NB + 32 * part;
-                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + PREFETCH, PREFETCH_HINT);
                 const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
                 const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
                 ROWS(H_STEP)
@@ -614,7 +817,7 @@ ROWS_NAME(mk_avx2_f32)(const float *const *x, int64_t K, const int8_t *panel, co
             ROWS(G_START)
             for (int64_t k = k0; k < k0 + group; k += 4) {
                 const int8_t *w = panel + k * NB + 16 * part;
-                _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + PREFETCH, PREFETCH_HINT);
                 const __m256 w0 = WIDEN_F32X8(w), w1 = WIDEN_F32X8(w + 8);
                 ROWS(G_STEP)
             }

@@ -23,6 +23,9 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 # weights are half the bytes (2 AMX cores: ~4 vs ~9 ms for a query's 48 projections, still 20% faster at 512
 # rows); oneDNN's bf16 wins from ~1k rows, where the maths dominates
 INT8_SMALL_BATCH_TOKENS = 512
+# int8-x86 batches of at most this many tokens (a query, a few) run all layers in one call (encode/fused_x86.py):
+# a 9-token query's ~3 ms of Python and per-call overhead around ~5 ms of kernels, 2 Zen 4 cores
+FUSED_STACK_TOKENS = 64
 
 # linear layer kinds (encode/inference.py builds them):
 #   "torch"     F.linear in the plan's dtype
@@ -122,6 +125,7 @@ class PrecisionPlan:
     short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
     int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
+    fused_stack_tokens: int = 0  # int8-x86: batches of at most this many tokens run the layer stack in one C call
     guard_fallback: str | None = None  # auto's int8-x86: checked against fp32 on the calibration texts on first
     #                                    use (encode/calibration.py); below guard_min_cosine, this precision instead
     guard_min_cosine: float = 0.99  # the project's quality contract, per vector
@@ -148,6 +152,8 @@ class PrecisionPlan:
         linear = kind(self.linear) if self.small_linear is None else (
             f"{kind(self.small_linear)} up to {self.small_batch_tokens} tokens, {kind(self.linear)} above")
         attention = self.attention + (", our kernel for a lone short block" if self.short_attention_kernel else "")
+        if self.fused_stack_tokens:
+            attention += f"; the whole layer stack in one call up to {self.fused_stack_tokens} tokens"
         why = f" ({self.reason})" if self.reason else ""
         return (f"{self.name}{why}: {str(self.dtype).removeprefix('torch.')} activations; linear {linear}; "
                 f"attention {attention}")
@@ -255,4 +261,6 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         name=name, dtype=dtype, linear=large, small_linear=small, small_batch_tokens=small_tokens,
         attention="grouped" if cpu else "padded",
         short_attention_kernel=amx and dtype == torch.bfloat16,
-        bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel, guard_fallback=fallback, requested=requested, reason=reason)
+        bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel,
+        fused_stack_tokens=FUSED_STACK_TOKENS if large == "int8-x86" and small is None else 0,
+        guard_fallback=fallback, requested=requested, reason=reason)

@@ -1,0 +1,127 @@
+"""The fused int8 layer stack (encode/fused_x86.py, allmpnet_x86_encoder in kernels_x86.c): the same layers as the
+module-by-module stack, in one C call for small batches; everything else still runs the modules."""
+from __future__ import annotations
+
+import copy
+import ctypes
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from allmpnet.encode import int8_x86
+from allmpnet.encode.fused_x86 import MAX_TEXT_TOKENS, FusedX86Stack
+from allmpnet.encode.int8_x86 import KERNELS
+from allmpnet.encode.kernels import cpu_flags
+from allmpnet.model.packing import PackedBatch
+
+CPU = frozenset(cpu_flags())
+KERNEL_PARAMS = [pytest.param(k, marks=pytest.mark.skipif(bool(KERNELS[k].flags - CPU), reason=f"this CPU lacks "
+                                                           f"{', '.join(sorted(KERNELS[k].flags - CPU))} for {k}"))
+                 for k in ("vnni-a8", "vnni-a16", "avx512-a16", "avx2-a16")]
+TEXTS = ["the cat sat on the mat", "a dog and a car", "this is a test sentence with a few more words in it", "sun"]
+#          45 tokens together with the tiny model's tokenizer: one fused call
+
+
+def int8_encoder(model_dir, kernel: str):
+    import dataclasses
+
+    from allmpnet import Encoder
+    from allmpnet.encode.precision import Capabilities, plan_precision
+    caps = dataclasses.replace(Capabilities.detect("cpu"), x86_kernels=frozenset({kernel}), amx_kernels="not used")
+    return Encoder(model_dir, device="cpu", precision=plan_precision("int8", "cpu", caps))
+
+
+def stack_inputs(enc, texts):
+    """The inference copy's fused stack, and a batch's layer-stack input (fp32) and layout."""
+    copy_ = enc.inference_model()
+    batch = enc.pack(enc.tokenize(texts).ids)
+    with torch.inference_mode():
+        x = copy_.network.embeddings(batch.ids, batch.positions).float()
+    return copy_.network.encoder, x.clone(), batch  # a clone: an ordinary tensor, changeable outside inference
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_fused_stack_computes_what_the_modules_compute(tiny_model_dir, kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    enc = int8_encoder(tiny_model_dir, kernel)
+    stack, x, batch = stack_inputs(enc, TEXTS)
+    assert isinstance(stack, FusedX86Stack) and enc.plan.fused_stack_tokens == MAX_TEXT_TOKENS
+    # a spiky first token, and a routing threshold a 32-wide row can exceed (its max/RMS is at most sqrt(32)):
+    # the int8 kernel multiplies that row with int16 activations in the first q|k|v projection
+    x[0, 3] = 60.0
+    stack.stack.layer[0].attention.attn.qkv.route = 3.0 if kernel == "vnni-a8" else 0.0
+    modules = copy.deepcopy(stack.stack).float()  # the same int8 layers, module by module, fp32 between them
+    with torch.inference_mode():
+        assert stack.texts(x, batch.attention) is not None
+        expected = modules(x, batch.attention)
+        got = stack(x, batch.attention)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert (stack.routed[0, 0] >= 1) == (kernel == "vnni-a8")
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_one_query_encodes_as_it_does_in_a_large_batch(tiny_model_dir, kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    enc = int8_encoder(tiny_model_dir, kernel)
+    long_texts = [f"this is a test sentence with a few more words in it {i}" for i in range(3)]  # > 64 tokens
+    stack, x, batch = stack_inputs(enc, long_texts)
+    assert stack.texts(x, batch.attention) is None
+    texts = TEXTS + ["what is the capital of france?"]
+    alone = np.stack([enc.encode([t])[0] for t in texts])  # each through the fused call
+    together = enc.encode(texts + long_texts)[:len(texts)]  # through the modules in bf16 or fp32
+    cos = (alone * together).sum(1)
+    assert cos.min() > 0.999
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS[:1] + KERNEL_PARAMS[3:])
+def test_batches_the_fused_call_does_not_take_run_the_modules(tiny_model_dir, kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    enc = int8_encoder(tiny_model_dir, kernel)
+    stack, x, batch = stack_inputs(enc, TEXTS)
+    x = x.to(enc.plan.dtype)  # the modules' own dtype
+    ids = enc.tokenize(TEXTS).ids
+    padded = PackedBatch.from_ids(ids, attention="padded")
+    bucketed = PackedBatch.from_ids(ids, bucket_rows=True)
+    assert bucketed.ids.shape[0] > x.shape[0]  # filler rows
+    small = FusedX86Stack(stack.stack, max_tokens=x.shape[0] - 1)
+    with torch.inference_mode():
+        filler_x = torch.cat([x, x[:bucketed.ids.shape[0] - x.shape[0]]])
+        for s, inputs, layout in ((stack, x, padded.attention), (stack, filler_x, bucketed.attention),
+                                  (small, x, batch.attention)):
+            assert s.texts(inputs, layout) is None
+            torch.testing.assert_close(s(inputs, layout), stack.stack(inputs, layout), atol=0, rtol=0)
+
+
+def test_fused_stack_copies_and_pickles_without_its_pointers(tiny_model_dir, tmp_path, monkeypatch):
+    kernel = next((p.values[0] for p in KERNEL_PARAMS if not p.marks[0].args[0]), None)
+    if kernel is None:
+        pytest.skip("no int8 kernel runs on this CPU")
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    enc = int8_encoder(tiny_model_dir, kernel)
+    stack, x, batch = stack_inputs(enc, TEXTS)
+    with torch.inference_mode():
+        expected = stack(x, batch.attention)
+        for other in (copy.deepcopy(stack), pickle.loads(pickle.dumps(stack))):
+            torch.testing.assert_close(other(x, batch.attention), expected, atol=0, rtol=0)
+            assert other.specs[0].qkv.packed == other.stack.layer[0].attention.attn.qkv.packed.data_ptr()
+
+
+def test_the_library_refuses_bad_texts_and_shapes():
+    library, why = int8_x86._library()
+    if library is None:
+        pytest.skip(why)
+    from allmpnet.encode.fused_x86 import LayerSpec
+    specs = (LayerSpec * 1)()
+    x = torch.zeros(70, 32)
+    scratch = torch.empty(library.allmpnet_x86_encoder_scratch_bytes(70, 32, 64, 1), dtype=torch.uint8)
+    bias = torch.zeros(4, 70, 70)
+
+    def call(start: int, length: int, layers: int = 0) -> int:
+        return library.allmpnet_x86_encoder(specs, layers, x.data_ptr(), 70, 32, 4, 1, (ctypes.c_int32 * 1)(start),
+                                            (ctypes.c_int32 * 1)(length), (ctypes.c_void_p * 1)(bias.data_ptr()),
+                                            1e-5, None, scratch.data_ptr(), 1)
+    assert call(0, 10) == 0  # no layers: nothing to do
+    assert call(0, MAX_TEXT_TOKENS + 1) == -3 and call(65, 10) == -3 and call(0, 0) == -3
+    assert call(0, 10, layers=1) == -1  # a layer of empty (zero) shapes

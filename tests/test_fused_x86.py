@@ -1,5 +1,6 @@
-"""The fused int8 layer stack (encode/fused_x86.py, allmpnet_x86_encoder in kernels_x86.c): the same layers as the
-module-by-module stack, in one C call for small batches; everything else still runs the modules."""
+"""The fused layer stack (encode/fused_x86.py, allmpnet_x86_encoder in kernels_x86.c): the same layers as the
+module-by-module stack, in one C call for small batches (int8 layers, or the fp32 model's own weights);
+everything else still runs the modules."""
 from __future__ import annotations
 
 import copy
@@ -9,9 +10,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from allmpnet.encode import int8_x86
-from allmpnet.encode.fused_x86 import MAX_TEXT_TOKENS, FusedX86Stack
+from allmpnet.encode.fused_x86 import (FP32_KERNELS, MAX_TEXT_TOKENS, FusedX86Stack, fp32_kernel_unavailable,
+                                       fp32_linear)
 from allmpnet.encode.int8_x86 import KERNELS
 from allmpnet.encode.kernels import cpu_flags
 from allmpnet.model.packing import PackedBatch
@@ -125,3 +128,58 @@ def test_the_library_refuses_bad_texts_and_shapes():
     assert call(0, 10) == 0  # no layers: nothing to do
     assert call(0, MAX_TEXT_TOKENS + 1) == -3 and call(65, 10) == -3 and call(0, 0) == -3
     assert call(0, 10, layers=1) == -1  # a layer of empty (zero) shapes
+
+
+# ---------------------------------------------------------------- fp32: the model's own weights
+
+FP32_PARAMS = [pytest.param(k, marks=pytest.mark.skipif(bool(FP32_KERNELS[k].flags - CPU), reason=f"this CPU lacks "
+                                                        f"{', '.join(sorted(FP32_KERNELS[k].flags - CPU))} for {k}"))
+               for k in FP32_KERNELS]
+
+
+@pytest.mark.parametrize("name", FP32_PARAMS)
+@pytest.mark.parametrize("M,N,K", [(1, 64, 32), (9, 200, 96), (13, 96, 64), (70, 72, 48)])
+def test_fp32_weight_kernel_matches_torch(name, M, N, K):
+    assert fp32_kernel_unavailable(name) == ""
+    generator = torch.Generator().manual_seed(M)
+    x, weight, bias = torch.randn(M, K, generator=generator), torch.randn(N, K, generator=generator), torch.randn(N)
+    residual = torch.randn(M, N, generator=generator)
+    library = int8_x86._library()[0]
+    torch.testing.assert_close(fp32_linear(library, name, x, weight, bias), F.linear(x, weight, bias),
+                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(fp32_linear(library, name, x, weight, bias, residual, gelu=True),
+                               F.gelu(F.linear(x, weight, bias)) + residual, atol=1e-4, rtol=1e-5)
+
+
+def test_fp32_weight_kernels_refuse_shapes_they_do_not_step_over():
+    library, why = int8_x86._library()
+    if library is None:
+        pytest.skip(why)
+    x, weight = torch.randn(3, 36), torch.randn(8, 36)  # 36 inputs: not whole steps of 16 (AVX512) or 8 (AVX2)
+    for name in FP32_KERNELS:
+        if not fp32_kernel_unavailable(name):
+            with pytest.raises(RuntimeError, match="refused"):
+                fp32_linear(library, name, x, weight, None)
+
+
+@pytest.mark.parametrize("name", FP32_PARAMS)
+def test_fp32_fused_stack_gives_the_exact_vectors(tiny_model_dir, name):
+    import dataclasses
+
+    from allmpnet import Encoder
+    from allmpnet.encode.precision import Capabilities, plan_precision
+    caps = dataclasses.replace(Capabilities.detect("cpu"), fp32_fused_kernel=name)
+    plan = plan_precision("fp32", "cpu", caps)
+    assert plan.exact and plan.fused_fp32_kernel == name and plan.fused_stack_tokens == MAX_TEXT_TOKENS
+    enc = Encoder(tiny_model_dir, device="cpu", precision=plan)
+    stack, x, batch = stack_inputs(enc, TEXTS)
+    assert stack.fp32 is not None and stack.texts(x, batch.attention) is not None
+    # the model's own weights, not a copy
+    assert stack.specs[0].qkv.packed == enc.model.network.encoder.layer[0].attention.attn.qkv.weight.data_ptr()
+    with torch.inference_mode():
+        torch.testing.assert_close(stack(x, batch.attention), enc.model.network.encoder(x, batch.attention),
+                                   atol=2e-5, rtol=1e-5)
+    unfused = enc.with_precision(dataclasses.replace(plan, fused_stack_tokens=0, fused_fp32_kernel=None))
+    assert not isinstance(unfused.inference_model().network.encoder, FusedX86Stack)
+    for text in TEXTS:  # one at a time: the fused call, with no filler rows
+        np.testing.assert_allclose(enc.encode([text]), unfused.encode([text]), atol=1e-6)

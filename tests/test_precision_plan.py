@@ -143,3 +143,17 @@ def test_training_plans_stay_in_float():
     for name in ("int8", "bf16+int8"):
         with pytest.raises(ValueError, match="inference only"):
             plan_training_precision(name, "cpu", ZEN4)
+
+
+def test_small_batches_run_the_fused_stack_where_a_kernel_does():
+    zen4 = dataclasses.replace(ZEN4, fp32_fused_kernel="avx512-f32w")
+    fp32 = plan_precision("fp32", "cpu", zen4)
+    assert (fp32.fused_stack_tokens, fp32.fused_fp32_kernel) == (64, "avx512-f32w") and fp32.exact
+    assert "one call (avx512-f32w) up to 64 tokens" in fp32.describe()
+    int8 = plan_precision("auto", "cpu", zen4)
+    assert (int8.linear, int8.fused_stack_tokens, int8.fused_fp32_kernel) == ("int8-x86", 64, None)
+    assert plan_precision("bf16", "cpu", zen4).fused_stack_tokens == 0  # oneDNN's bf16 layers: no fused form
+    assert plan_precision("fp32", "cpu", ZEN4).fused_stack_tokens == 0  # no fp32-weight kernel runs there
+    assert plan_precision("bf16+int8", "cpu", dataclasses.replace(AMX, fp32_fused_kernel="avx512-f32w")
+                          ).fused_stack_tokens == 0
+    assert plan_precision("fp32", "cuda", GPU_BF16).fused_stack_tokens == 0

@@ -177,7 +177,9 @@ class Encoder:
         """Ragged token ids -> a packed batch on this encoder's device, laid out as the plan says."""
         plan = self.plan
         short = not for_training and plan.short_attention_kernel
-        return PackedBatch.from_ids(ids, self.device, plan.attention, bucket_rows=plan.bucket_rows and not for_training,
+        # rows are bucketed for oneDNN's per-shape caches; a batch the fused stack takes needs no filler
+        bucket = plan.bucket_rows and not for_training and sum(map(len, ids)) > plan.fused_stack_tokens
+        return PackedBatch.from_ids(ids, self.device, plan.attention, bucket_rows=bucket,
                                     short_kernel=kernels.short_attention if short else None,
                                     short_kernel_max_tokens=kernels.MAX_BLOCK_TOKENS)
 

@@ -4,22 +4,31 @@ A query's 9-15 tokens make each of a layer's seven steps (q|k|v, attention, o + 
 down + residual, LayerNorm) a few microseconds of arithmetic; run from Python, one module and one ctypes call at
 a time, the 12 layers' 48 projections, 12 attentions and 24 LayerNorms cost ~3 ms of calls around ~5 ms of
 kernels (2 Zen 4 cores). `allmpnet_x86_encoder` (kernels_x86.c) runs them all in one team of threads, in fp32
-between the projections, with the layers' own int8 weights: so a swapped module, `FusedX86Stack`, takes the
-place of the inference copy's `LayerStack` and sends batches of at most `max_tokens` tokens there, larger ones
-to the stack it wraps.
+between the projections: so a swapped module, `FusedX86Stack`, takes the place of the inference copy's
+`LayerStack` and sends batches of at most `max_tokens` tokens there, larger ones to the stack it wraps.
+
+Its projections are the int8 layers of an int8-x86 copy, or, for fp32, the model's own fp32 weights as they lie
+(kernels "avx512-f32w" / "avx2-f32w": no copy, exact up to the order of the sums), where a query is ~340 MB of
+weights streamed once and oneDNN's small-batch GEMMs and the per-module calls cost more than that.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from allmpnet.encode.int8_x86 import KERNELS, X86Int8Linear, _library, _scratch_buffer, kernel_unavailable
-from allmpnet.model.mpnet import LayerStack
+from allmpnet.encode.int8_x86 import (AVX2, AVX512, KERNELS, Kernel, X86Int8Linear, _library, _scratch_buffer,
+                                      kernel_unavailable)
+from allmpnet.encode.kernels import cpu_flags
+from allmpnet.model.mpnet import LayerStack, Linear
 from allmpnet.model.packing import AttentionLayout, GroupedAttention
 
 MAX_TEXT_TOKENS = 64  # MAX_FUSED_TEXT in kernels_x86.c
+# fp32-weight kernels (the model's (N, K) weights as they are), in the order preferred
+FP32_KERNELS = {"avx512-f32w": Kernel(8, AVX512, "fp32"), "avx2-f32w": Kernel(9, AVX2, "fp32")}
 
 
 class LinearSpec(ctypes.Structure):  # x86_linear_spec
@@ -39,6 +48,11 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """A layer's q|k|v, attention output, FFN up and FFN down projections."""
+    return layer.attention.attn.qkv, layer.attention.attn.o, layer.intermediate.dense, layer.output.dense
+
+
 def linear_spec(layer: X86Int8Linear) -> LinearSpec:
     """The C description of `layer` running its small-batch kernel (pointers into its buffers)."""
     return LinearSpec(KERNELS[layer.small].id, int(layer.activation == "gelu"), layer.packed.data_ptr(),
@@ -47,22 +61,81 @@ def linear_spec(layer: X86Int8Linear) -> LinearSpec:
                       layer.route)
 
 
-class FusedX86Stack(nn.Module):
-    """`stack` (whose linears are X86Int8Linear) in one C call for batches of at most `max_tokens` packed tokens
-    laid out as GroupedAttention with no filler rows; any other batch runs `stack` itself. Same call as LayerStack:
-    (N, C) tokens and the layout -> (N, C) tokens, in x's dtype (fp32 inside)."""
+@functools.lru_cache(maxsize=None)
+def fp32_kernel_unavailable(name: str, capabilities: frozenset[str] | None = None) -> str:
+    """Why fp32-weight kernel `name` cannot run on a CPU with these flags (this CPU's by default; "" when it can:
+    built, supported, and its check against F.linear passed)."""
+    capabilities = frozenset(cpu_flags()) if capabilities is None else capabilities
+    missing = sorted(FP32_KERNELS[name].flags - capabilities)
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    library, why = _library()
+    if library is None:
+        return why
+    if not library.allmpnet_x86_kernel_supported(FP32_KERNELS[name].id):
+        return "this CPU lacks an instruction set it needs"
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(72, 64, generator=generator), torch.randn(72, generator=generator)
+    x, residual = torch.randn(13, 64, generator=generator), torch.randn(13, 72, generator=generator)
+    got = fp32_linear(library, name, x, weight, bias, residual, gelu=True)
+    expected = F.gelu(F.linear(x, weight, bias)) + residual
+    return "" if torch.allclose(got, expected, atol=1e-4, rtol=1e-4) else f"kernel {name} failed its self-test"
 
-    def __init__(self, stack: LayerStack, max_tokens: int = MAX_TEXT_TOKENS):
+
+def pick_fp32_kernel(capabilities: frozenset[str] | None = None) -> str | None:
+    return next((name for name in FP32_KERNELS if not fp32_kernel_unavailable(name, capabilities)), None)
+
+
+def fp32_linear(library: ctypes.CDLL, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                residual: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    """act(x W^T + b) [+ residual] by fp32-weight kernel `name` (fp32 tensors; its self-test and tests)."""
+    (M, K), N = x.shape, weight.shape[0]
+    y = torch.empty(M, N)
+    kernel = FP32_KERNELS[name].id
+    scratch = _scratch_buffer(library.allmpnet_x86_scratch_bytes(kernel, M, K, 1))
+    status = library.allmpnet_x86_linear(kernel, x.contiguous().data_ptr(), 0, None, weight.contiguous().data_ptr(),
+                                         None, None, K, _pointer(bias), _pointer(residual), y.data_ptr(), 0, M, N, K,
+                                         int(gelu), 0.0, scratch.data_ptr(), 1)
+    if status < 0:
+        raise RuntimeError(f"fp32 kernel {name} refused the call (status {status})")
+    return y
+
+
+class FusedX86Stack(nn.Module):
+    """`stack` in one C call for batches of at most `max_tokens` packed tokens laid out as GroupedAttention with no
+    filler rows; any other batch runs `stack` itself. Same call as LayerStack: (N, C) tokens and the layout ->
+    (N, C) tokens, in x's dtype (fp32 inside).
+
+    The projections: `stack`'s own when they are all X86Int8Linear; else `fp32_weights`, the fp32 model's stack
+    (its Linear layers' tensors, shared, not copied), multiplied by fp32-weight kernel `fp32_kernel`."""
+
+    def __init__(self, stack: LayerStack, max_tokens: int = MAX_TEXT_TOKENS, fp32_weights: LayerStack | None = None,
+                 fp32_kernel: str | None = None):
         super().__init__()
         self.stack = stack
         layers = list(stack.layer)
-        linears = [(l.attention.attn.qkv, l.attention.attn.o, l.intermediate.dense, l.output.dense) for l in layers]
-        if not all(isinstance(linear, X86Int8Linear) for four in linears for linear in four):
-            raise TypeError("FusedX86Stack runs a stack whose linear layers are all X86Int8Linear")
-        self.max_tokens = min(max_tokens, MAX_TEXT_TOKENS, *(linear.max_small_rows for four in linears
-                                                            for linear in four))
-        kernels = {linear.small for four in linears for linear in four}
-        self.unavailable = "; ".join(filter(None, (kernel_unavailable(k) for k in sorted(kernels))))
+        if fp32_weights is None:
+            linears = [projections(layer) for layer in layers]
+            if not all(isinstance(linear, X86Int8Linear) for four in linears for linear in four):
+                raise TypeError("FusedX86Stack without fp32_weights runs a stack whose linear layers are all "
+                                "X86Int8Linear")
+            self.max_tokens = min(max_tokens, MAX_TEXT_TOKENS, *(linear.max_small_rows for four in linears
+                                                                for linear in four))
+            kernels = {linear.small for four in linears for linear in four}
+            self.unavailable = "; ".join(filter(None, (kernel_unavailable(k) for k in sorted(kernels))))
+            self.fp32 = None
+        else:
+            if fp32_kernel not in FP32_KERNELS:
+                raise ValueError(f"fp32_kernel must be one of {list(FP32_KERNELS)}, got {fp32_kernel!r}")
+            self.max_tokens = min(max_tokens, MAX_TEXT_TOKENS)
+            self.unavailable = fp32_kernel_unavailable(fp32_kernel)
+            masters = [projections(layer) for layer in fp32_weights.layer]
+            if len(masters) != len(layers) or not all(isinstance(l, Linear) for four in masters for l in four):
+                raise TypeError("fp32_weights must be the fp32 model's layer stack, of as many layers")
+            # (weight, bias, GELU) per projection: the model's own fp32 tensors (detached views, no copy)
+            self.fp32 = [[(l.weight.detach(), l.bias.detach(), l.activation == "gelu") for l in four]
+                         for four in masters]
+            self.fp32_kernel = fp32_kernel
         self.n_head = layers[0].attention.attn.n_head
         self.eps = float(layers[0].attention.LayerNorm.eps)
         norms = [(l.attention.LayerNorm, l.output.LayerNorm) for l in layers]
@@ -74,13 +147,23 @@ class FusedX86Stack(nn.Module):
         self.position_biases: dict[int, torch.Tensor] = {}
 
     @property
+    def layer(self) -> nn.ModuleList:
+        """The wrapped stack's layers (as LayerStack.layer)."""
+        return self.stack.layer
+
+    @property
     def specs(self) -> ctypes.Array:
         if self._specs is None:
             layers = list(self.stack.layer)
-            self._specs = (LayerSpec * len(layers))(*[
-                LayerSpec(linear_spec(l.attention.attn.qkv), linear_spec(l.attention.attn.o),
-                          linear_spec(l.intermediate.dense), linear_spec(l.output.dense), *(t.data_ptr() for t in norm))
-                for l, norm in zip(layers, self.norms)])
+            if self.fp32 is None:
+                linears = [[linear_spec(linear) for linear in projections(layer)] for layer in layers]
+            else:
+                kernel = FP32_KERNELS[self.fp32_kernel].id
+                linears = [[LinearSpec(kernel, int(gelu), weight.data_ptr(), None, None, bias.data_ptr(), None,
+                                       weight.shape[1], weight.shape[0], weight.shape[1], 0.0)
+                            for weight, bias, gelu in four] for four in self.fp32]
+            self._specs = (LayerSpec * len(layers))(*[LayerSpec(*four, *(t.data_ptr() for t in norm))
+                                                      for four, norm in zip(linears, self.norms)])
         return self._specs
 
     def __getstate__(self) -> dict:
@@ -128,5 +211,6 @@ class FusedX86Stack(nn.Module):
         return h.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"one C call up to {self.max_tokens} tokens" + (f" (off: {self.unavailable})" if self.unavailable
-                                                                 else "")
+        weights = "int8 layers" if self.fp32 is None else f"fp32 weights, {self.fp32_kernel}"
+        return f"one C call up to {self.max_tokens} tokens, {weights}" + (f" (off: {self.unavailable})"
+                                                                          if self.unavailable else "")

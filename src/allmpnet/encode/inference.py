@@ -8,8 +8,8 @@ the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not 
 - "int8-x86": our kernels for CPUs without AMX (int8_x86.py): W8A8 on VNNI with the calibrated outlier
   treatment, int16 activations elsewhere; built from the fp32 master weights, not the cast copy's.
 - a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
-- with int8-x86 linears, the layer stack itself is swapped for `FusedX86Stack` (encode/fused_x86.py): small
-  batches run all layers in one C call.
+- with int8-x86 linears, and in fp32 on x86 CPUs, the layer stack itself is swapped for `FusedX86Stack`
+  (encode/fused_x86.py): small batches run all layers in one C call (in fp32 on the model's own weights).
 
 In fp32 with torch's linears the copy is the model itself; otherwise it is a frozen deep copy cast to the plan's
 dtype (in fp32 sharing every tensor but the swapped linears'), so the fp32 master weights (training, saving) are
@@ -122,5 +122,7 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
     fast = copy.deepcopy(model, memo).eval()
     swap_linears(fast.network, linear_factory(plan, model, calibration))
     if plan.fused_stack_tokens:
-        fast.network.encoder = FusedX86Stack(fast.network.encoder, plan.fused_stack_tokens)
+        fp32 = plan.fused_fp32_kernel is not None  # the fp32 model's weights as they are; else the int8 layers
+        fast.network.encoder = FusedX86Stack(fast.network.encoder, plan.fused_stack_tokens,
+                                             model.network.encoder if fp32 else None, plan.fused_fp32_kernel)
     return fast

@@ -50,13 +50,15 @@ enum {
     KERNEL_AVX512_BF16 = 5,
     KERNEL_VNNI_A16 = 6,
     KERNEL_VNNI_A8 = 7,
+    KERNEL_AVX512_F32W = 8,  // fp32 weights, (N, K) as the model stores them (see F32W below)
+    KERNEL_AVX2_F32W = 9,
 };
 
 enum { ACT_F32, ACT_BF16, ACT_I16, ACT_U8 };
 
 static int activation_kind(int kernel) {
     switch (kernel) {
-        case KERNEL_AVX2_F32: case KERNEL_AVX512_F32: return ACT_F32;
+        case KERNEL_AVX2_F32: case KERNEL_AVX512_F32: case KERNEL_AVX512_F32W: case KERNEL_AVX2_F32W: return ACT_F32;
         case KERNEL_AVX512_BF16: return ACT_BF16;
         case KERNEL_AVX2_A16: case KERNEL_AVX512_A16: case KERNEL_VNNI_A16: return ACT_I16;
         default: return ACT_U8;
@@ -71,8 +73,8 @@ int allmpnet_x86_kernel_supported(int kernel) {
     const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
                        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     switch (kernel) {
-        case KERNEL_AVX2_F32: case KERNEL_AVX2_A16: return avx2;
-        case KERNEL_AVX512_F32: case KERNEL_AVX512_A16: return avx512;
+        case KERNEL_AVX2_F32: case KERNEL_AVX2_A16: case KERNEL_AVX2_F32W: return avx2;
+        case KERNEL_AVX512_F32: case KERNEL_AVX512_A16: case KERNEL_AVX512_F32W: return avx512;
         case KERNEL_AVX512_BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
         case KERNEL_VNNI_A16: case KERNEL_VNNI_A8: return avx512 && __builtin_cpu_supports("avx512vnni");
         default: return 0;
@@ -247,6 +249,17 @@ __attribute__((target(AVX512))) static inline __m512 fold_pairs_f32(__m512 lo, _
     return _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
 }
 
+__attribute__((target(AVX512))) static inline __m128 sum4_f32(__m512 c0, __m512 c1, __m512 c2, __m512 c3) {
+    // per 128-bit lane: [c0 c1 c0 c1] and [c2 c3 c2 c3] partial sums, then [c0 c1 c2 c3], then the 4 lanes added
+    const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(c0, c1), _mm512_unpackhi_ps(c0, c1));
+    const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(c2, c3), _mm512_unpackhi_ps(c2, c3));
+    const __m512d ad = _mm512_castps_pd(a), bd = _mm512_castps_pd(b);
+    const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ad, bd)),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(ad, bd)));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
 __attribute__((target(AVX512))) static inline void add_scaled(float *tile, __m512 sums, const float *scale) {
     _mm512_storeu_ps(tile, _mm512_fmadd_ps(sums, _mm512_loadu_ps(scale), _mm512_loadu_ps(tile)));
 }
@@ -386,9 +399,52 @@ DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, NO_EXTRA, mk_avx51
 DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, NO_EXTRA, mk_avx2_a16, int16_t, a->act, NO_EXTRA)
 DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, NO_EXTRA, mk_avx2_f32, float, a->act, NO_EXTRA)
 
+// F32W: the model's own fp32 weights, (N, K) row-major (`packed` points at them; scales and groups unused): no
+// copy, exact fp32 up to the order of the sums; the fused stack's fp32 path, for a few rows, where a query is the
+// weights' 340 MB streamed once. Per output block of 64, micro-kernels of a chunk's rows x OUT outputs over all
+// of K, every chunk in turn before the next outputs (their weight rows stay in L1/L2 meanwhile).
+#define W_CHUNKS 11  // chunks of MR rows per pass over the weights (66 rows: a fused batch in one pass)
+#define F32W_DRIVER(NAME, TARGET, MK, OUT)                                                                         \
+    __attribute__((target(TARGET))) static int64_t NAME(const linear_args *a, float *buffer) {                  \
+        const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;                                          \
+        const float *weight = (const float *)a->packed;                                                           \
+        _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++) {                                     \
+            prepare_row(a, ACT_F32, m, buffer);                                                                  \
+            a->order[m] = (int32_t)m;                                                                            \
+        }                                                                                                          \
+        float tiles[W_CHUNKS][MR][NB] __attribute__((aligned(64)));                                               \
+        _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                     \
+            const int width = a->N - nb * NB < NB ? (int)(a->N - nb * NB) : NB;                                  \
+            for (int64_t g0 = 0; g0 < M; g0 += W_CHUNKS * MR) {                                                  \
+                const int64_t g1 = g0 + W_CHUNKS * MR < M ? g0 + W_CHUNKS * MR : M;                              \
+                for (int j = 0; j < width; j += OUT) {                                                           \
+                    const float *w = weight + (nb * NB + j) * K;                                                 \
+                    for (int64_t c0 = g0; c0 < g1; c0 += MR) {                                                   \
+                        const int rows = (int)(g1 - c0 < MR ? g1 - c0 : MR);                                     \
+                        const float *x[MR];                                                                      \
+                        for (int m = 0; m < MR; m++) x[m] = (const float *)a->act + (c0 + (m < rows ? m : 0)) * K; \
+                        float(*tile)[NB] = tiles[(c0 - g0) / MR];                                                \
+                        if (rows > 4)                                                                             \
+                            PASTE(MK, 6)(x, K, w, tile, j);                                                      \
+                        else if (rows > 2)                                                                        \
+                            PASTE(MK, 4)(x, K, w, tile, j);                                                      \
+                        else                                                                                      \
+                            PASTE(MK, 2)(x, K, w, tile, j);                                                      \
+                    }                                                                                             \
+                }                                                                                                 \
+                FINISH(a->order, g0, g1, tiles)                                                                   \
+            }                                                                                                     \
+        }                                                                                                          \
+        return 0;                                                                                                  \
+    }
+F32W_DRIVER(run_avx512_f32w, AVX512, mk_avx512_f32w, 4)
+F32W_DRIVER(run_avx2_f32w, AVX2, mk_avx2_f32w, 2)
+
 // One linear layer by the calling team (see DRIVER); buffer: K floats of this thread's own.
 static int64_t linear_by_team(int kernel, const linear_args *a, float *buffer) {
     switch (kernel) {
+        case KERNEL_AVX512_F32W: return run_avx512_f32w(a, buffer);
+        case KERNEL_AVX2_F32W: return run_avx2_f32w(a, buffer);
         case KERNEL_VNNI_A8: return run_vnni_a8(a, buffer);
         case KERNEL_VNNI_A16: return run_vnni_a16(a, buffer);
         case KERNEL_AVX512_A16: return run_avx512_a16(a, buffer);
@@ -422,6 +478,8 @@ static int64_t check_linear(int kernel, const int32_t *compensation, int64_t gro
     const int a8 = kernel == KERNEL_VNNI_A8;
     if (N <= 0 || K <= 0 || group <= 0 || group % 4 || K % group || M < 0
         || ((activation_kind(kernel) == ACT_I16 || (a8 && route > 0.0f)) && group > 512) || (a8 && !compensation))
+        return -1;
+    if ((kernel == KERNEL_AVX512_F32W && (K % 16 || N % 4)) || (kernel == KERNEL_AVX2_F32W && (K % 8 || N % 4)))
         return -1;
     return 0;
 }
@@ -825,6 +883,62 @@ ROWS_NAME(mk_avx2_f32)(const float *const *x, int64_t K, const int8_t *panel, co
             ROWS(G_FLUSH)
         }
     }
+}
+
+// F32W (AVX512): 4 outputs (weight rows w, w + K, ...) x R rows, 16 inputs per step, a vector of partial sums per
+// output and row; the next 4 weight rows (contiguous after these) are prefetched at the same pace.
+#define V_START(m) __m512 c##m##0 = _mm512_setzero_ps(), c##m##1 = c##m##0, c##m##2 = c##m##0, c##m##3 = c##m##0;
+#define V_STEP(m)                                              \
+    {                                                          \
+        const __m512 xv = _mm512_loadu_ps(r##m + k);           \
+        c##m##0 = _mm512_fmadd_ps(xv, w0, c##m##0);            \
+        c##m##1 = _mm512_fmadd_ps(xv, w1, c##m##1);            \
+        c##m##2 = _mm512_fmadd_ps(xv, w2, c##m##2);            \
+        c##m##3 = _mm512_fmadd_ps(xv, w3, c##m##3);            \
+    }
+#define V_FLUSH(m) _mm_storeu_ps(tile[m] + j, sum4_f32(c##m##0, c##m##1, c##m##2, c##m##3));
+
+__attribute__((target(AVX512), noinline)) static void
+ROWS_NAME(mk_avx512_f32w)(const float *const *x, int64_t K, const float *w, float tile[][NB], int j) {
+    ROWS(ROW_POINTER)
+    const char *next = (const char *)(w + 4 * K);  // 16 K bytes, 256 per step of 16 inputs
+    ROWS(V_START)
+    for (int64_t k = 0; k < K; k += 16) {
+        for (int line = 0; line < 256; line += 64) _mm_prefetch(next + 16 * k + line, PREFETCH_HINT);
+        const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + K + k);
+        const __m512 w2 = _mm512_loadu_ps(w + 2 * K + k), w3 = _mm512_loadu_ps(w + 3 * K + k);
+        ROWS(V_STEP)
+    }
+    ROWS(V_FLUSH)
+}
+
+// F32W (AVX2): 2 outputs x R rows, 8 inputs per step (16 registers: 12 sums, 2 weights, the row's inputs).
+#define U_START(m) __m256 c##m##0 = _mm256_setzero_ps(), c##m##1 = c##m##0;
+#define U_STEP(m)                                              \
+    {                                                          \
+        const __m256 xv = _mm256_loadu_ps(r##m + k);           \
+        c##m##0 = _mm256_fmadd_ps(xv, w0, c##m##0);            \
+        c##m##1 = _mm256_fmadd_ps(xv, w1, c##m##1);            \
+    }
+// hadd: [c0 c0 c1 c1 | c0 c0 c1 c1] partial sums; halves added, then pairs: [sum c0, sum c1]
+#define U_FLUSH(m)                                                                                            \
+    {                                                                                                         \
+        const __m256 h = _mm256_hadd_ps(c##m##0, c##m##1);                                                    \
+        const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));                  \
+        _mm_storel_pi((__m64 *)(tile[m] + j), _mm_hadd_ps(q, q));                                             \
+    }
+
+__attribute__((target(AVX2), noinline)) static void
+ROWS_NAME(mk_avx2_f32w)(const float *const *x, int64_t K, const float *w, float tile[][NB], int j) {
+    ROWS(ROW_POINTER)
+    const char *next = (const char *)(w + 2 * K);  // 8 K bytes, 64 per step of 8 inputs
+    ROWS(U_START)
+    for (int64_t k = 0; k < K; k += 8) {
+        _mm_prefetch(next + 8 * k, PREFETCH_HINT);
+        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k);
+        ROWS(U_STEP)
+    }
+    ROWS(U_FLUSH)
 }
 
 #endif

@@ -15,6 +15,7 @@ import torch
 
 from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS, PREFERENCE as X86_PREFERENCE
 from allmpnet.encode.int8_x86 import kernel_unavailable as x86_kernel_unavailable
+from allmpnet.encode.fused_x86 import pick_fp32_kernel
 from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "bf16+int8")
@@ -23,8 +24,8 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 # weights are half the bytes (2 AMX cores: ~4 vs ~9 ms for a query's 48 projections, still 20% faster at 512
 # rows); oneDNN's bf16 wins from ~1k rows, where the maths dominates
 INT8_SMALL_BATCH_TOKENS = 512
-# int8-x86 batches of at most this many tokens (a query, a few) run all layers in one call (encode/fused_x86.py):
-# a 9-token query's ~3 ms of Python and per-call overhead around ~5 ms of kernels, 2 Zen 4 cores
+# batches of at most this many tokens (a query, a few) run all layers in one call (encode/fused_x86.py): a 9-token
+# query spent ~3 ms in Python and per-call overhead around ~5 ms of int8 kernels, 2 Zen 4 cores
 FUSED_STACK_TOKENS = 64
 
 # linear layer kinds (encode/inference.py builds them):
@@ -46,6 +47,7 @@ class Capabilities:
     amx_kernels: str = "not checked"  # "" when our AMX kernels compiled and passed their self-test; else why not
     cuda_bf16: bool = False
     x86_kernels: frozenset[str] = frozenset()  # int8_x86 kernels that built and passed their self-test here
+    fp32_fused_kernel: str | None = None  # the fused stack's fp32-weight kernel that runs here (fused_x86.py)
 
     @property
     def native_bf16(self) -> bool:
@@ -99,7 +101,7 @@ def _detect(device_type: str) -> Capabilities:
     onednn = frozenset(name for name in ("fp32", "bf16") if onednn_linear_available(COMPUTE_DTYPES[name]))
     # only the kernels a plan can name: each one checked here is built and self-tested at start-up
     x86 = frozenset(name for name in X86_INT8_KERNELS if not x86_kernel_unavailable(name, flags))
-    return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86)
+    return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86, fp32_fused_kernel=pick_fp32_kernel(flags))
 
 
 def onednn_linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -125,7 +127,9 @@ class PrecisionPlan:
     short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
     int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
-    fused_stack_tokens: int = 0  # int8-x86: batches of at most this many tokens run the layer stack in one C call
+    fused_stack_tokens: int = 0  # batches of at most this many tokens run the layer stack in one C call (int8-x86,
+    #                              or fp32 with fused_fp32_kernel on the model's own weights: encode/fused_x86.py)
+    fused_fp32_kernel: str | None = None
     guard_fallback: str | None = None  # auto's int8-x86: checked against fp32 on the calibration texts on first
     #                                    use (encode/calibration.py); below guard_min_cosine, this precision instead
     guard_min_cosine: float = 0.99  # the project's quality contract, per vector
@@ -153,7 +157,8 @@ class PrecisionPlan:
             f"{kind(self.small_linear)} up to {self.small_batch_tokens} tokens, {kind(self.linear)} above")
         attention = self.attention + (", our kernel for a lone short block" if self.short_attention_kernel else "")
         if self.fused_stack_tokens:
-            attention += f"; the whole layer stack in one call up to {self.fused_stack_tokens} tokens"
+            weights = f" ({self.fused_fp32_kernel})" if self.fused_fp32_kernel else ""
+            attention += f"; the whole layer stack in one call{weights} up to {self.fused_stack_tokens} tokens"
         why = f" ({self.reason})" if self.reason else ""
         return (f"{self.name}{why}: {str(self.dtype).removeprefix('torch.')} activations; linear {linear}; "
                 f"attention {attention}")
@@ -257,10 +262,13 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         large = int8
     elif name == "bf16+int8":
         small, small_tokens = int8, INT8_SMALL_BATCH_TOKENS
+    # one C call for the whole stack on small batches: int8-x86 layers, or fp32 on the model's own weights
+    fp32_fused = caps.fp32_fused_kernel if name == "fp32" and large == "onednn" and small is None else None
+    fused = (large == "int8-x86" and small is None) or fp32_fused is not None
     return PrecisionPlan(
         name=name, dtype=dtype, linear=large, small_linear=small, small_batch_tokens=small_tokens,
         attention="grouped" if cpu else "padded",
         short_attention_kernel=amx and dtype == torch.bfloat16,
         bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel,
-        fused_stack_tokens=FUSED_STACK_TOKENS if large == "int8-x86" and small is None else 0,
+        fused_stack_tokens=FUSED_STACK_TOKENS if fused else 0, fused_fp32_kernel=fp32_fused,
         guard_fallback=fallback, requested=requested, reason=reason)

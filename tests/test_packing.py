@@ -60,6 +60,18 @@ def test_only_lone_short_blocks_go_to_the_short_kernel():
     assert not any(GroupedAttention([5]).on_short_kernel(g) for g in GroupedAttention([5]).groups)
 
 
+def test_groups_go_to_the_short_kernel_then_the_block_kernel_then_sdpa():
+    def short(*args):
+        return None
+
+    def block(*args):
+        return None
+    layout = GroupedAttention([5] * 14 + [40] + [300], short_kernel=short, short_kernel_max_tokens=32,
+                              block_kernel=block, block_kernel_max_tokens=256)
+    # 2 blocks of 6 short texts, 1 lone block of 2 (the short kernel's), the 40-token text, the 300-token one
+    assert [layout.kernel_for(g) for g in layout.groups] == [block, short, block, None]
+
+
 def test_block_bias_keeps_each_text_to_itself():
     position = torch.arange(8, dtype=torch.float32).view(2, 2, 2)  # (H=2, L=2, L=2)
     bias = block_bias(position, rows=2)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from allmpnet.encode import kernels
+from allmpnet.encode import attention_x86, kernels
 from allmpnet.encode.batching import (SORT_WINDOW, TokenBudget, check_finite, default_batch_tokens, embed_in_batches,
                                      prefetched, windows)
 from allmpnet.encode.calibration import cached_calibration, calibration_texts, min_cosine
@@ -179,9 +179,14 @@ class Encoder:
         short = not for_training and plan.short_attention_kernel
         # rows are bucketed for oneDNN's per-shape caches; a batch the fused stack takes needs no filler
         bucket = plan.bucket_rows and not for_training and sum(map(len, ids)) > plan.fused_stack_tokens
+        cfg = self.model.network.cfg
+        block = (not for_training and plan.block_attention_kernel
+                 and cfg.hidden_size == cfg.num_attention_heads * attention_x86.HEAD_DIM)
         return PackedBatch.from_ids(ids, self.device, plan.attention, bucket_rows=bucket,
                                     short_kernel=kernels.short_attention if short else None,
-                                    short_kernel_max_tokens=kernels.MAX_BLOCK_TOKENS)
+                                    short_kernel_max_tokens=kernels.MAX_BLOCK_TOKENS,
+                                    block_kernel=attention_x86.block_attention if block else None,
+                                    block_kernel_max_tokens=attention_x86.MAX_TOKENS)
 
     @torch.inference_mode()
     def embed_ids(self, ids: Sequence[Sequence[int]], normalize: bool | None = None) -> torch.Tensor:

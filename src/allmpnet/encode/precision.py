@@ -15,6 +15,7 @@ import torch
 
 from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS, PREFERENCE as X86_PREFERENCE
 from allmpnet.encode.int8_x86 import kernel_unavailable as x86_kernel_unavailable
+from allmpnet.encode.attention_x86 import attention_unavailable
 from allmpnet.encode.fused_x86 import pick_fp32_kernel
 from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
 
@@ -48,6 +49,7 @@ class Capabilities:
     cuda_bf16: bool = False
     x86_kernels: frozenset[str] = frozenset()  # int8_x86 kernels that built and passed their self-test here
     fp32_fused_kernel: str | None = None  # the fused stack's fp32-weight kernel that runs here (fused_x86.py)
+    x86_attention: bool = False  # our attention kernel for CPUs without AMX runs here (attention_x86.py)
 
     @property
     def native_bf16(self) -> bool:
@@ -101,7 +103,8 @@ def _detect(device_type: str) -> Capabilities:
     onednn = frozenset(name for name in ("fp32", "bf16") if onednn_linear_available(COMPUTE_DTYPES[name]))
     # only the kernels a plan can name: each one checked here is built and self-tested at start-up
     x86 = frozenset(name for name in X86_INT8_KERNELS if not x86_kernel_unavailable(name, flags))
-    return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86, fp32_fused_kernel=pick_fp32_kernel(flags))
+    return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86, fp32_fused_kernel=pick_fp32_kernel(flags),
+                        x86_attention=not attention_unavailable(flags))
 
 
 def onednn_linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -125,6 +128,7 @@ class PrecisionPlan:
     small_batch_tokens: int = 0
     attention: str = "grouped"  # "grouped" (CPU: SDPA per equal-length group) or "padded" (GPU: one call)
     short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
+    block_attention_kernel: bool = False  # every group of blocks up to 512 tokens through our x86 kernel (no AMX)
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
     int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
     fused_stack_tokens: int = 0  # batches of at most this many tokens run the layer stack in one C call (int8-x86,
@@ -156,6 +160,7 @@ class PrecisionPlan:
         linear = kind(self.linear) if self.small_linear is None else (
             f"{kind(self.small_linear)} up to {self.small_batch_tokens} tokens, {kind(self.linear)} above")
         attention = self.attention + (", our kernel for a lone short block" if self.short_attention_kernel else "")
+        attention += ", our x86 kernel for blocks up to 512 tokens" if self.block_attention_kernel else ""
         if self.fused_stack_tokens:
             weights = f" ({self.fused_fp32_kernel})" if self.fused_fp32_kernel else ""
             attention += f"; the whole layer stack in one call{weights} up to {self.fused_stack_tokens} tokens"
@@ -269,6 +274,8 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         name=name, dtype=dtype, linear=large, small_linear=small, small_batch_tokens=small_tokens,
         attention="grouped" if cpu else "padded",
         short_attention_kernel=amx and dtype == torch.bfloat16,
+        # bf16 activations without AMX: SDPA's bf16 is slow there (fp32 keeps SDPA: exact, and ours gains less)
+        block_attention_kernel=cpu and not amx and dtype == torch.bfloat16 and caps.x86_attention,
         bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel,
         fused_stack_tokens=FUSED_STACK_TOKENS if fused else 0, fused_fp32_kernel=fp32_fused,
         guard_fallback=fallback, requested=requested, reason=reason)

@@ -7,7 +7,8 @@ needs to know where each text starts; a batch carries one of two layouts for it:
 - `GroupedAttention` (CPU): one SDPA call per group of equal-length texts, with no padding mask; texts shorter
   than a block are laid side by side in blocks of ~32 tokens with a block-diagonal bias. Length-sorted batches
   make few groups. SDPA's CPU kernel gains nothing from one big padded call, which would cost it (B, H, T, T)
-  mask traffic; a lone short block (a single query) may go to a kernel of ours instead (`short_kernel`).
+  mask traffic; a lone short block (a single query) may go to a kernel of ours instead (`short_kernel`, AMX),
+  or every group of blocks up to some length (`block_kernel`, x86 CPUs without AMX).
 - `PaddedAttention` (GPUs, ONNX export): the tokens are scattered into a padded (B, T) batch for one SDPA call.
   One big kernel beats a launch per group, and it is built from tensors alone, so it traces.
 """
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 # attention on very short texts is all per-call overhead: texts shorter than this go side by side in blocks
 ATTENTION_BLOCK_TOKENS = 32
 
-# kernel(qkv, out, bias (H, T, T) fp32, start, blocks, block_tokens, n_head): attention over lone short blocks
-ShortKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int], None]
+# kernel(qkv, out, bias (H, T, T) fp32, start, blocks, block_tokens, n_head): attention over a group's blocks
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int], None]
 # position_bias(length) -> (H, length, length): the model's relative-position bias
 PositionBias = Callable[[int], torch.Tensor]
 
@@ -87,22 +88,35 @@ def block_bias(position_bias: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class GroupedAttention:
-    def __init__(self, lengths: Sequence[int], short_kernel: ShortKernel | None = None,
-                 short_kernel_max_tokens: int = 0):
+    def __init__(self, lengths: Sequence[int], short_kernel: AttentionKernel | None = None,
+                 short_kernel_max_tokens: int = 0, block_kernel: AttentionKernel | None = None,
+                 block_kernel_max_tokens: int = 0):
         self.groups = attention_groups(lengths)
         self.tokens = sum(lengths)
         self.short_kernel = short_kernel
         self.short_kernel_max_tokens = short_kernel_max_tokens
+        self.block_kernel = block_kernel
+        self.block_kernel_max_tokens = block_kernel_max_tokens
 
     def on_short_kernel(self, group: AttentionGroup) -> bool:
         """Whether `group` runs on the short-block kernel: a lone block (one call would be all fixed cost)."""
         return (self.short_kernel is not None and group.blocks == 1
                 and group.block_tokens <= self.short_kernel_max_tokens)
 
+    def kernel_for(self, group: AttentionGroup) -> AttentionKernel | None:
+        """Our kernel that runs `group`, or None for SDPA."""
+        if self.on_short_kernel(group):
+            return self.short_kernel
+        if self.block_kernel is not None and group.block_tokens <= self.block_kernel_max_tokens:
+            return self.block_kernel
+        return None
+
     def bind(self, position_bias: PositionBias, dtype: torch.dtype) -> BoundAttention:
-        biases, cache = [], {}
+        biases, kernels, cache = [], [], {}
         for g in self.groups:
-            ours = self.on_short_kernel(g)
+            kernel = self.kernel_for(g)
+            kernels.append(kernel)
+            ours = kernel is not None
             key = (g.length, g.rows_per_block, ours)
             if key not in cache:
                 bias = block_bias(position_bias(g.length).to(torch.float32 if ours else dtype), g.rows_per_block)
@@ -113,9 +127,9 @@ class GroupedAttention:
             C = qkv.shape[1] // 3
             out = qkv.new_empty(qkv.shape[0], C)
             out[self.tokens:].zero_()  # filler rows: finite, never attended to
-            for g, bias in zip(self.groups, biases):
-                if bias.dim() == 3:
-                    self.short_kernel(qkv, out, bias, g.start, g.blocks, g.block_tokens, n_head)
+            for g, bias, kernel in zip(self.groups, biases, kernels):
+                if kernel is not None:
+                    kernel(qkv, out, bias, g.start, g.blocks, g.block_tokens, n_head)
                     continue
                 rows = qkv[g.start:g.end].view(g.blocks, g.block_tokens, 3, n_head, C // n_head)
                 q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
@@ -176,9 +190,11 @@ class PackedBatch:
 
     @classmethod
     def from_ids(cls, ids: Sequence[Sequence[int]], device: torch.device | str = "cpu", attention: str = "grouped",
-                 bucket_rows: bool = False, short_kernel: ShortKernel | None = None,
-                 short_kernel_max_tokens: int = 0) -> "PackedBatch":
-        """Pack ragged token ids; attention "grouped" or "padded". bucket_rows pads N to row_bucket(N)."""
+                 bucket_rows: bool = False, short_kernel: AttentionKernel | None = None,
+                 short_kernel_max_tokens: int = 0, block_kernel: AttentionKernel | None = None,
+                 block_kernel_max_tokens: int = 0) -> "PackedBatch":
+        """Pack ragged token ids; attention "grouped" or "padded" (grouped: with our kernels where given, see
+        GroupedAttention). bucket_rows pads N to row_bucket(N)."""
         lengths = [len(i) for i in ids]
         n = sum(lengths)
         filler = (row_bucket(n) if bucket_rows else n) - n
@@ -192,7 +208,8 @@ class PackedBatch:
         positions = torch.cat([positions, torch.full((filler,), -1, dtype=torch.long)])
         device = torch.device(device)
         if attention == "grouped":
-            layout = GroupedAttention(lengths, short_kernel, short_kernel_max_tokens)
+            layout = GroupedAttention(lengths, short_kernel, short_kernel_max_tokens, block_kernel,
+                                      block_kernel_max_tokens)
         elif attention == "padded":
             width = max(lengths, default=0)
             mask = (torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]).long()

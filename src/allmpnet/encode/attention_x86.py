@@ -1,0 +1,74 @@
+"""Attention over blocks of equal length for x86 CPUs with AVX512 but no AMX (`allmpnet_x86_attention` in
+kernels_x86.c): softmax(q k^T / sqrt(D) + bias) v per block and head of 64, in fp32 FMAs from bf16 or fp32 q|k|v.
+
+Why: there torch's SDPA runs this model's bf16 attention at ~70-110 GFLOP/s (2 Zen 4 cores), a quarter of a
+256-token passage's time; ours runs it at ~150 (1.4x on 256-token blocks, 1.5x on the 32-token blocks short texts
+are packed into; benchmarks/int8_research/attention.py). The packed batch sends it every group whose blocks are
+at most MAX_TOKENS long (model/packing.py, GroupedAttention), with the same call as the AMX short kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from allmpnet.encode.int8_x86 import AVX512, _library, _scratch_buffer
+from allmpnet.encode.kernels import cpu_flags
+
+HEAD_DIM = 64  # the head size the kernel is written for (all-mpnet-base-v2's)
+MAX_TOKENS = 512  # longest block it takes (its per-thread buffers grow with it: ~0.3 MB at 512)
+
+
+@functools.lru_cache(maxsize=None)
+def attention_unavailable(capabilities: frozenset[str] | None = None) -> str:
+    """Why the kernel cannot run on a CPU with these flags (this CPU's by default; "" when it can: built,
+    supported and checked against SDPA)."""
+    capabilities = frozenset(cpu_flags()) if capabilities is None else capabilities
+    missing = sorted(AVX512 - capabilities)
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    library, why = _library()
+    if library is None:
+        return why
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2 * 7, 3 * 2 * HEAD_DIM, generator=generator)  # 2 blocks of 7 tokens, 2 heads
+    bias = torch.randn(2, 7, 7, generator=generator)
+    out = torch.zeros(2 * 7, 2 * HEAD_DIM)
+    if _run(library, qkv, out, bias, 0, 2, 7, 2) != 0:
+        return "this CPU lacks an instruction set it needs"
+    expected = reference(qkv, bias, 0, 2, 7, 2)
+    return "" if torch.allclose(out, expected, atol=1e-5, rtol=1e-4) else "the attention kernel failed its self-test"
+
+
+def _run(library, qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
+         block_tokens: int, n_head: int) -> int:
+    scratch = _scratch_buffer(library.allmpnet_x86_attention_scratch_bytes(block_tokens, torch.get_num_threads()))
+    return library.allmpnet_x86_attention(qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), out.data_ptr(),
+                                          bias.data_ptr(), HEAD_DIM ** -0.5, start, blocks, block_tokens, n_head,
+                                          scratch.data_ptr(), torch.get_num_threads())
+
+
+def block_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
+                    block_tokens: int, n_head: int) -> None:
+    """Rows [start, start + blocks x block_tokens) of packed (N, 3C) q|k|v -> the same rows of out (N, C), both
+    bf16 or both fp32, heads of 64; bias (H, T, T) fp32."""
+    C = out.shape[1]
+    if not (qkv.dtype == out.dtype and qkv.dtype in (torch.bfloat16, torch.float32) and bias.dtype == torch.float32
+            and qkv.is_contiguous() and out.is_contiguous() and bias.is_contiguous() and qkv.shape[1] == 3 * C
+            and C == n_head * HEAD_DIM and bias.shape == (n_head, block_tokens, block_tokens)
+            and 0 < block_tokens <= MAX_TOKENS and start + blocks * block_tokens <= min(qkv.shape[0], out.shape[0])):
+        raise ValueError("block_attention: inputs of the wrong dtype, layout or shape")
+    library, why = _library()
+    if library is None or _run(library, qkv, out, bias, start, blocks, block_tokens, n_head) != 0:
+        raise RuntimeError(f"the x86 attention kernel cannot run here: {why or 'it refused the call'}")
+
+
+def reference(qkv: torch.Tensor, bias: torch.Tensor, start: int, blocks: int, block_tokens: int,
+              n_head: int) -> torch.Tensor:
+    """The same maths by torch's SDPA in fp32: (blocks x block_tokens, C)."""
+    C = qkv.shape[1] // 3
+    rows = qkv[start:start + blocks * block_tokens].float().view(blocks, block_tokens, 3, n_head, C // n_head)
+    q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+    return y.transpose(1, 2).reshape(blocks * block_tokens, C)

@@ -1,0 +1,85 @@
+"""Our attention kernel for x86 CPUs without AMX (attention_x86.py, allmpnet_x86_attention in kernels_x86.c)
+against torch's SDPA in fp32, alone and inside an encoder, and where the plan uses it."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from allmpnet.encode.attention_x86 import HEAD_DIM, attention_unavailable, block_attention, reference
+from allmpnet.encode.precision import Capabilities, plan_precision
+from allmpnet.model import MPNetConfig
+from allmpnet.model.packing import block_bias
+from allmpnet.testing import build_random_model
+
+needs_kernel = pytest.mark.skipif(bool(attention_unavailable()), reason=attention_unavailable() or "runs")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks,tokens,heads", [(1, 1, 1), (3, 13, 2), (2, 63, 3), (1, 64, 2), (2, 65, 1),
+                                                 (4, 256, 2)])
+def test_kernel_matches_sdpa(dtype, blocks, tokens, heads):
+    generator = torch.Generator().manual_seed(tokens)
+    start = 3  # the group starts inside the packed rows; rows around it stay untouched
+    qkv = torch.randn(start + blocks * tokens + 2, 3 * heads * HEAD_DIM, generator=generator).to(dtype)
+    bias = torch.randn(heads, tokens, tokens, generator=generator)
+    out = torch.full((qkv.shape[0], heads * HEAD_DIM), 7.0, dtype=dtype)
+    block_attention(qkv, out, bias, start, blocks, tokens, heads)
+    expected = reference(qkv, bias, start, blocks, tokens, heads)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: its own rounding of inputs and outputs
+    torch.testing.assert_close(out[start:start + blocks * tokens].float(), expected, atol=tolerance, rtol=tolerance)
+    assert (out[:start] == 7).all() and (out[start + blocks * tokens:] == 7).all()
+
+
+@needs_kernel
+def test_texts_side_by_side_do_not_attend_to_each_other():
+    generator = torch.Generator().manual_seed(0)
+    position = torch.randn(2, 5, 5, generator=generator)
+    bias = block_bias(position, 3)[0].float().contiguous()  # 3 texts of 5 tokens in one 15-token block
+    qkv = torch.randn(15, 3 * 2 * HEAD_DIM, generator=generator)
+    out = torch.zeros(15, 2 * HEAD_DIM)
+    block_attention(qkv, out, bias, 0, 1, 15, 2)
+    alone = torch.zeros(15, 2 * HEAD_DIM)
+    block_attention(qkv, alone, position.contiguous(), 0, 3, 5, 2)  # the same texts as 3 blocks of their own
+    torch.testing.assert_close(out, alone, atol=1e-6, rtol=1e-5)
+
+
+def test_kernel_refuses_what_it_was_not_written_for():
+    qkv, out = torch.zeros(4, 3 * 32), torch.zeros(4, 32)  # heads of 32
+    with pytest.raises(ValueError, match="wrong dtype, layout or shape"):
+        block_attention(qkv, out, torch.zeros(1, 4, 4), 0, 1, 4, 1)
+    assert "lacks avx512bw, avx512dq, avx512f" in attention_unavailable(frozenset({"avx2", "fma"}))
+
+
+def test_plan_uses_it_for_bf16_activations_without_amx():
+    zen4 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), frozenset({"fp32", "bf16"}),
+                        amx_kernels="no AMX", x86_kernels=frozenset({"vnni-a8"}), x86_attention=True)
+    assert plan_precision("auto", "cpu", zen4).block_attention_kernel  # int8 with bf16 activations
+    assert plan_precision("bf16", "cpu", zen4).block_attention_kernel
+    assert "our x86 kernel for blocks" in plan_precision("bf16", "cpu", zen4).describe()
+    assert not plan_precision("fp32", "cpu", zen4).block_attention_kernel  # the exact path keeps SDPA
+    assert not plan_precision("bf16", "cpu", dataclasses.replace(zen4, x86_attention=False)).block_attention_kernel
+    amx = dataclasses.replace(zen4, cpu_flags=zen4.cpu_flags | {"amx_tile", "amx_bf16"}, amx_kernels="")
+    assert not plan_precision("bf16", "cpu", amx).block_attention_kernel
+
+
+@needs_kernel
+def test_encoder_with_the_kernel_matches_sdpa(tmp_path):
+    from allmpnet import Encoder
+    cfg = MPNetConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                      max_position_embeddings=130)  # heads of 64
+    model_dir = build_random_model(tmp_path / "m", cfg)
+    caps = dataclasses.replace(Capabilities.detect("cpu"), x86_attention=True)
+    enc = Encoder(model_dir, device="cpu", precision=plan_precision("bf16", "cpu", caps))
+    texts = ["a short one", "the cat sat on the mat", "x " * 50, "another text of a few words", "y " * 90]
+    batch = enc.pack(enc.tokenize(texts).ids)
+    assert any(batch.attention.kernel_for(g) is block_attention for g in batch.attention.groups)
+    sdpa = enc.with_precision(dataclasses.replace(enc.plan, block_attention_kernel=False))
+    assert all(sdpa.pack(enc.tokenize(texts).ids).attention.kernel_for(g) is None
+               for g in batch.attention.groups)
+    got, expected = enc.encode(texts), sdpa.encode(texts)
+    assert (got * expected).sum(1).min() > 0.9995
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)

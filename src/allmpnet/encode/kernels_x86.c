@@ -36,8 +36,8 @@
 #define MB 192           // rows per block whose prepared activations are reused by every output block
 #define SMALL_CHUNKS 4   // batches of at most this many chunks of MR rows go through each output block group by group
 // Packed weights are requested this many bytes ahead of the step being multiplied, into L2 (_MM_HINT_T1): 2 KB
-// ahead into L1 streamed a few rows' weights at 11-17 GB/s of the 29 the memory gives 2 Zen 4 cores, 16 KB into L2
-// at 15-24 (2 to 9 rows, /tmp-free A/B in benchmarks/int8_research/prefetch.py); large batches are unchanged.
+// ahead into L1 streamed 9 rows' weights at 17 GB/s of the 29 the memory gives 2 Zen 4 cores, 16 KB into L2 at 21
+// (benchmarks/int8_research/kernel_variants.py); large batches are unchanged.
 #define PREFETCH 16384
 #define PREFETCH_HINT _MM_HINT_T1
 #define MAX_FUSED_TEXT 64  // tokens of one text in allmpnet_x86_encoder (its attention keeps a row of weights on the stack)
@@ -661,12 +661,96 @@ __attribute__((target(AVX512))) static void attend_block_head(const void *qkv, i
     }
 }
 
+// The same for bf16 q|k|v on AVX512-BF16: vdpbf16ps multiplies pairs of bf16 into fp32 sums at twice the fp32
+// FMA rate. Keys are laid out as pairs of inputs (k[2p], k[2p+1]) per key, values as pairs of keys (v_2q[d],
+// v_2q+1[d]) per output, so one 32-bit broadcast of a query's pair (or of two probabilities, rounded to bf16 as
+// SDPA's bf16 path does) meets 16 keys (outputs) per vector. Scores, softmax and sums stay fp32.
+__attribute__((target(AVX512 ",avx512bf16"))) static void attend_block_head_bf16(
+    const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
+    float *work) {
+    const int64_t padded = (T + 63) / 64 * 64, D = ATTENTION_D, P = D / 2, pairs = padded / 2;
+    uint32_t *keys = (uint32_t *)work;                  // (P, padded): key j's inputs 2p, 2p+1; zero past T
+    uint16_t *values = (uint16_t *)(keys + P * padded);  // (pairs, D, 2): keys 2q, 2q+1 of output d; zero past T
+    float *scores = (float *)(values + pairs * D * 2);   // (ATTENTION_ROWS, padded)
+    uint16_t *weights = (uint16_t *)(scores + ATTENTION_ROWS * padded);  // (ATTENTION_ROWS, padded) bf16
+    for (int64_t j = 0; j < padded; j++) {
+        const uint32_t *k = (const uint32_t *)(qkv + (row0 + j) * 3 * C + C);
+        for (int64_t p = 0; p < P; p++) keys[p * padded + j] = j < T ? k[p] : 0u;
+    }
+    for (int64_t j = 0; j < padded; j++) {
+        const uint16_t *v = qkv + (row0 + j) * 3 * C + 2 * C;
+        uint16_t *pair = values + (j / 2) * D * 2 + (j % 2);
+        for (int64_t d = 0; d < D; d++) pair[2 * d] = j < T ? v[d] : 0;
+    }
+    for (int64_t i0 = 0; i0 < T; i0 += ATTENTION_ROWS) {
+        const int rows = T - i0 < ATTENTION_ROWS ? (int)(T - i0) : ATTENTION_ROWS;
+        const uint32_t *q[ATTENTION_ROWS];  // missing rows repeat the first: computed, never stored
+        for (int r = 0; r < ATTENTION_ROWS; r++) q[r] = (const uint32_t *)(qkv + (row0 + i0 + (r < rows ? r : 0)) * 3 * C);
+        for (int64_t j0 = 0; j0 < padded; j0 += 64) {
+            __m512 s[ATTENTION_ROWS][4];
+            for (int r = 0; r < ATTENTION_ROWS; r++)
+                for (int v = 0; v < 4; v++) s[r][v] = _mm512_setzero_ps();
+            for (int64_t p = 0; p < P; p++) {
+                const uint32_t *k = keys + p * padded + j0;
+                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16),
+                               k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
+                for (int r = 0; r < ATTENTION_ROWS; r++) {
+                    const __m512bh qp = (__m512bh)_mm512_set1_epi32((int)q[r][p]);
+                    s[r][0] = _mm512_dpbf16_ps(s[r][0], qp, k0);
+                    s[r][1] = _mm512_dpbf16_ps(s[r][1], qp, k1);
+                    s[r][2] = _mm512_dpbf16_ps(s[r][2], qp, k2);
+                    s[r][3] = _mm512_dpbf16_ps(s[r][3], qp, k3);
+                }
+            }
+            for (int r = 0; r < ATTENTION_ROWS; r++)
+                for (int v = 0; v < 4; v++) _mm512_storeu_ps(scores + r * padded + j0 + 16 * v, s[r][v]);
+        }
+        for (int r = 0; r < ATTENTION_ROWS; r++) {
+            float *row = scores + r * padded, top = -3.0e38f, total = 0.0f;
+            const float *b = bias + (i0 + (r < rows ? r : 0)) * T;
+            _Pragma("omp simd reduction(max:top)") for (int64_t j = 0; j < T; j++) {
+                row[j] = row[j] * scale + b[j];
+                top = row[j] > top ? row[j] : top;
+            }
+            _Pragma("omp simd reduction(+:total)") for (int64_t j = 0; j < T; j++) {
+                row[j] = exp_nonpositive(row[j] - top);
+                total += row[j];
+            }
+            const float inverse = 1.0f / total;
+            uint16_t *w = weights + r * padded;
+            _Pragma("omp simd") for (int64_t j = 0; j < T; j++) w[j] = bf16_round(row[j] * inverse);
+            for (int64_t j = T; j < padded; j++) w[j] = 0;
+        }
+        __m512 o[ATTENTION_ROWS][4];
+        for (int r = 0; r < ATTENTION_ROWS; r++)
+            for (int v = 0; v < 4; v++) o[r][v] = _mm512_setzero_ps();
+        for (int64_t jp = 0; jp < (T + 1) / 2; jp++) {
+            const uint16_t *vp = values + jp * D * 2;
+            const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vp), v1 = (__m512bh)_mm512_loadu_si512(vp + 32),
+                           v2 = (__m512bh)_mm512_loadu_si512(vp + 64), v3 = (__m512bh)_mm512_loadu_si512(vp + 96);
+            for (int r = 0; r < ATTENTION_ROWS; r++) {
+                const __m512bh pp = (__m512bh)_mm512_set1_epi32(((const int32_t *)(weights + r * padded))[jp]);
+                o[r][0] = _mm512_dpbf16_ps(o[r][0], pp, v0);
+                o[r][1] = _mm512_dpbf16_ps(o[r][1], pp, v1);
+                o[r][2] = _mm512_dpbf16_ps(o[r][2], pp, v2);
+                o[r][3] = _mm512_dpbf16_ps(o[r][3], pp, v3);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            uint16_t *at = out + (row0 + i0 + r) * C;
+            for (int v = 0; v < 4; v++)
+                _mm256_storeu_si256((__m256i *)(at + 16 * v), (__m256i)_mm512_cvtneps_pbh(o[r][v]));
+        }
+    }
+}
+
 // Returns 0; -1 for a head size other than 64 or a bad shape (nothing computed); -2 without AVX512.
 int64_t allmpnet_x86_attention(const void *qkv, int bf16, void *out, const float *bias, float scale, int64_t start,
                                int64_t blocks, int64_t T, int64_t H, void *scratch, int threads) {
     if (!allmpnet_x86_kernel_supported(KERNEL_AVX512_F32)) return -2;
     if (T < 1 || H < 1 || blocks < 0 || start < 0) return -1;
     const int64_t C = H * ATTENTION_D, per_thread = allmpnet_x86_attention_scratch_bytes(T, 1) / 4;
+    const int dot_bf16 = allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16);
     if (threads < 1) threads = 1;
     _Pragma("omp parallel for schedule(static) num_threads(threads)")
     for (int64_t task = 0; task < blocks * H; task++) {
@@ -674,8 +758,12 @@ int64_t allmpnet_x86_attention(const void *qkv, int bf16, void *out, const float
         float *work = (float *)scratch + (int64_t)omp_get_thread_num() * per_thread;
         // the head's columns: q at h*D, k at C + h*D, v at 2C + h*D of each row; out at h*D
         const size_t size = bf16 ? 2 : 4;
-        attend_block_head((const char *)qkv + h * ATTENTION_D * size, bf16, (char *)out + h * ATTENTION_D * size,
-                          bias + h * T * T, scale, start + b * T, T, C, work);
+        if (bf16 && dot_bf16 && T >= 64)  // shorter blocks: the pair layouts cost more than the dots save
+            attend_block_head_bf16((const uint16_t *)qkv + h * ATTENTION_D, (uint16_t *)out + h * ATTENTION_D,
+                                   bias + h * T * T, scale, start + b * T, T, C, work);
+        else
+            attend_block_head((const char *)qkv + h * ATTENTION_D * size, bf16, (char *)out + h * ATTENTION_D * size,
+                              bias + h * T * T, scale, start + b * T, T, C, work);
     }
     return 0;
 }

@@ -4,6 +4,7 @@ everything else still runs the modules."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ctypes
 import pickle
 
@@ -183,3 +184,21 @@ def test_fp32_fused_stack_gives_the_exact_vectors(tiny_model_dir, name):
     assert not isinstance(unfused.inference_model().network.encoder, FusedX86Stack)
     for text in TEXTS:  # one at a time: the fused call, with no filler rows
         np.testing.assert_allclose(enc.encode([text]), unfused.encode([text]), atol=1e-6)
+
+
+def test_fp32_stack_of_shapes_its_kernel_does_not_step_over_runs_the_modules(tmp_path):
+    from allmpnet import Encoder
+    from allmpnet.model import MPNetConfig
+    from allmpnet.testing import build_random_model
+    name = next((k for k in FP32_KERNELS if not fp32_kernel_unavailable(k)), None)
+    if name is None:
+        pytest.skip("no fp32-weight kernel runs on this CPU")
+    cfg = MPNetConfig(hidden_size=36, num_hidden_layers=1, num_attention_heads=2, intermediate_size=72,
+                      max_position_embeddings=66)  # 36 inputs: no whole steps of 8 or 16
+    model_dir = build_random_model(tmp_path / "m", cfg)
+    enc = Encoder(model_dir, device="cpu")
+    stack = enc.inference_model().network.encoder
+    if isinstance(stack, FusedX86Stack):  # planned where an fp32-weight kernel runs, but refused for these shapes
+        assert "whole steps" in stack.unavailable and stack.texts(torch.zeros(3, 36), None) is None
+    exact = enc.with_precision(dataclasses.replace(enc.plan, fused_stack_tokens=0, fused_fp32_kernel=None))
+    np.testing.assert_allclose(enc.encode(["a short text"]), exact.encode(["a short text"]), atol=1e-6)

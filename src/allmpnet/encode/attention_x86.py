@@ -12,10 +12,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
-from allmpnet.encode.int8_x86 import AVX512, _library, _scratch_buffer
-from allmpnet.encode.kernels import cpu_flags
+from allmpnet.encode.int8_x86 import KERNELS, _library, _scratch_buffer, loaded_for
+from allmpnet.encode.kernels import short_attention_reference as reference  # the same maths by SDPA, in fp32
 
 HEAD_DIM = 64  # the head size the kernel is written for (all-mpnet-base-v2's)
 MAX_TOKENS = 512  # longest block it takes (its per-thread buffers grow with it: ~0.3 MB at 512)
@@ -25,11 +24,7 @@ MAX_TOKENS = 512  # longest block it takes (its per-thread buffers grow with it:
 def attention_unavailable(capabilities: frozenset[str] | None = None) -> str:
     """Why the kernel cannot run on a CPU with these flags (this CPU's by default; "" when it can: built,
     supported and checked against SDPA)."""
-    capabilities = frozenset(cpu_flags()) if capabilities is None else capabilities
-    missing = sorted(AVX512 - capabilities)
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    library, why = _library()
+    library, why = loaded_for(KERNELS["avx512-f32"], capabilities)  # the same instructions: AVX512 F/BW/VL/DQ
     if library is None:
         return why
     generator = torch.Generator().manual_seed(0)
@@ -63,13 +58,3 @@ def block_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, st
     library, why = _library()
     if library is None or _run(library, qkv, out, bias, start, blocks, block_tokens, n_head) != 0:
         raise RuntimeError(f"the x86 attention kernel cannot run here: {why or 'it refused the call'}")
-
-
-def reference(qkv: torch.Tensor, bias: torch.Tensor, start: int, blocks: int, block_tokens: int,
-              n_head: int) -> torch.Tensor:
-    """The same maths by torch's SDPA in fp32: (blocks x block_tokens, C)."""
-    C = qkv.shape[1] // 3
-    rows = qkv[start:start + blocks * block_tokens].float().view(blocks, block_tokens, 3, n_head, C // n_head)
-    q, k, v = rows.permute(2, 0, 3, 1, 4)  # each (blocks, H, T, D)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
-    return y.transpose(1, 2).reshape(blocks * block_tokens, C)

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allmpnet.encode.int8_x86 import (AVX2, AVX512, KERNELS, Kernel, X86Int8Linear, _library, _scratch_buffer,
-                                      kernel_unavailable)
-from allmpnet.encode.kernels import cpu_flags
+                                      kernel_unavailable, loaded_for)
 from allmpnet.model.mpnet import LayerStack, Linear
 from allmpnet.model.packing import AttentionLayout, GroupedAttention
 
@@ -65,15 +64,9 @@ def linear_spec(layer: X86Int8Linear) -> LinearSpec:
 def fp32_kernel_unavailable(name: str, capabilities: frozenset[str] | None = None) -> str:
     """Why fp32-weight kernel `name` cannot run on a CPU with these flags (this CPU's by default; "" when it can:
     built, supported, and its check against F.linear passed)."""
-    capabilities = frozenset(cpu_flags()) if capabilities is None else capabilities
-    missing = sorted(FP32_KERNELS[name].flags - capabilities)
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    library, why = _library()
+    library, why = loaded_for(FP32_KERNELS[name], capabilities)
     if library is None:
         return why
-    if not library.allmpnet_x86_kernel_supported(FP32_KERNELS[name].id):
-        return "this CPU lacks an instruction set it needs"
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(72, 64, generator=generator), torch.randn(72, generator=generator)
     x, residual = torch.randn(13, 64, generator=generator), torch.randn(13, 72, generator=generator)
@@ -133,9 +126,14 @@ class FusedX86Stack(nn.Module):
             if len(masters) != len(layers) or not all(isinstance(l, Linear) for four in masters for l in four):
                 raise TypeError("fp32_weights must be the fp32 model's layer stack, of as many layers")
             # (weight, bias, GELU) per projection: the model's own fp32 tensors (detached views, no copy)
-            self.fp32 = [[(l.weight.detach(), l.bias.detach(), l.activation == "gelu") for l in four]
+            self.fp32 = [[(l.weight.detach(), None if l.bias is None else l.bias.detach(), l.activation == "gelu")
+                          for l in four]
                          for four in masters]
             self.fp32_kernel = fp32_kernel
+            step = 16 if fp32_kernel == "avx512-f32w" else 8  # inputs per step; outputs go 4 at a time
+            if not self.unavailable and any(w.shape[1] % step or w.shape[0] % 4 or b is None
+                                            for four in self.fp32 for w, b, _ in four):
+                self.unavailable = f"{fp32_kernel} takes layers of whole steps of {step} inputs and 4 outputs"
         self.n_head = layers[0].attention.attn.n_head
         self.eps = float(layers[0].attention.LayerNorm.eps)
         norms = [(l.attention.LayerNorm, l.output.LayerNorm) for l in layers]

@@ -118,21 +118,30 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return library, ""
 
 
+def loaded_for(kernel: Kernel, capabilities: frozenset[str] | None = None) -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") when a CPU with these flags (this CPU's by default) has what `kernel` needs, the library
+    built, and it agrees that this CPU runs the kernel; else (None, why not). Self-tests come after."""
+    capabilities = frozenset(cpu_flags()) if capabilities is None else capabilities
+    missing = sorted(kernel.flags - capabilities)
+    if missing:
+        return None, f"this CPU lacks {', '.join(missing)}"
+    library, why = _library()
+    if library is None:
+        return None, why
+    if not library.allmpnet_x86_kernel_supported(kernel.id):
+        return None, "this CPU lacks an instruction set it needs"
+    return library, ""
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_unavailable(name: str, capabilities: frozenset[str] | None = None) -> str:
     """Why kernel `name` cannot run on a CPU with these flags (this CPU's by default; "" when it can: built,
     supported, and its self-test passed)."""
     if name not in KERNELS:
         return f"unknown kernel {name!r}; known: {sorted(KERNELS)}"
-    capabilities = frozenset(cpu_flags()) if capabilities is None else capabilities
-    missing = sorted(KERNELS[name].flags - capabilities)
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    library, why = _library()
+    library, why = loaded_for(KERNELS[name], capabilities)
     if library is None:
         return why
-    if not library.allmpnet_x86_kernel_supported(KERNELS[name].id):
-        return "this CPU lacks an instruction set it needs"
     return "" if _self_test(library, name) else f"kernel {name} gave wrong results in its self-test"
 
 

@@ -47,6 +47,10 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
 def projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     """A layer's q|k|v, attention output, FFN up and FFN down projections."""
     return layer.attention.attn.qkv, layer.attention.attn.o, layer.intermediate.dense, layer.output.dense
@@ -126,13 +130,12 @@ class FusedX86Stack(nn.Module):
             if len(masters) != len(layers) or not all(isinstance(l, Linear) for four in masters for l in four):
                 raise TypeError("fp32_weights must be the fp32 model's layer stack, of as many layers")
             # (weight, bias, GELU) per projection: the model's own fp32 tensors (detached views, no copy)
-            self.fp32 = [[(l.weight.detach(), None if l.bias is None else l.bias.detach(), l.activation == "gelu")
-                          for l in four]
+            self.fp32 = [[(l.weight.detach().contiguous(), _detached(l.bias), l.activation == "gelu") for l in four]
                          for four in masters]
             self.fp32_kernel = fp32_kernel
             step = 16 if fp32_kernel == "avx512-f32w" else 8  # inputs per step; outputs go 4 at a time
-            if not self.unavailable and any(w.shape[1] % step or w.shape[0] % 4 or b is None
-                                            for four in self.fp32 for w, b, _ in four):
+            if not self.unavailable and any(w.shape[1] % step or w.shape[0] % 4
+                                            for four in self.fp32 for w, _, _ in four):
                 self.unavailable = f"{fp32_kernel} takes layers of whole steps of {step} inputs and 4 outputs"
         self.n_head = layers[0].attention.attn.n_head
         self.eps = float(layers[0].attention.LayerNorm.eps)
@@ -157,7 +160,7 @@ class FusedX86Stack(nn.Module):
                 linears = [[linear_spec(linear) for linear in projections(layer)] for layer in layers]
             else:
                 kernel = FP32_KERNELS[self.fp32_kernel].id
-                linears = [[LinearSpec(kernel, int(gelu), weight.data_ptr(), None, None, bias.data_ptr(), None,
+                linears = [[LinearSpec(kernel, int(gelu), weight.data_ptr(), None, None, _pointer(bias), None,
                                        weight.shape[1], weight.shape[0], weight.shape[1], 0.0)
                             for weight, bias, gelu in four] for four in self.fp32]
             self._specs = (LayerSpec * len(layers))(*[LayerSpec(*four, *(t.data_ptr() for t in norm))

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from allmpnet.encode import int8_x86
-from allmpnet.encode.fused_x86 import (FP32_KERNELS, MAX_TEXT_TOKENS, FusedX86Stack, fp32_kernel_unavailable,
-                                       fp32_linear)
+from allmpnet.encode.fused_x86 import (FP32_KERNELS, MAX_TEXT_TOKENS, EmbeddingSpec, FusedX86Stack,
+                                       fp32_kernel_unavailable, fp32_linear)
 from allmpnet.encode.int8_x86 import KERNELS
 from allmpnet.encode.kernels import cpu_flags
 from allmpnet.model.packing import PackedBatch
+from allmpnet.model.pooling import Pooling
 
 CPU = frozenset(cpu_flags())
 KERNEL_PARAMS = [pytest.param(k, marks=pytest.mark.skipif(bool(KERNELS[k].flags - CPU), reason=f"this CPU lacks "
@@ -47,22 +48,24 @@ def stack_inputs(enc, texts):
 
 
 @pytest.mark.parametrize("kernel", KERNEL_PARAMS)
-def test_fused_stack_computes_what_the_modules_compute(tiny_model_dir, kernel, tmp_path, monkeypatch):
+@pytest.mark.parametrize("route", [3.0, 1.0])
+def test_fused_stack_computes_what_the_modules_compute(tiny_model_dir, kernel, route, tmp_path, monkeypatch):
     monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
     enc = int8_encoder(tiny_model_dir, kernel)
     stack, x, batch = stack_inputs(enc, TEXTS)
     assert isinstance(stack, FusedX86Stack) and enc.plan.fused_stack_tokens == MAX_TEXT_TOKENS
-    # a spiky first token, and a routing threshold a 32-wide row can exceed (its max/RMS is at most sqrt(32)):
-    # the int8 kernel multiplies that row with int16 activations in the first q|k|v projection
+    # a spiky first token, and a threshold a 32-wide row can exceed (its max/RMS is at most sqrt(32)): in the
+    # first q|k|v projection the int8 kernel keeps that row's one huge entry aside; at route 1 nearly every row
+    # has more than MAX_SPLIT entries above 0.6 RMS and runs with int16 activations
     x[0, 3] = 60.0
-    stack.stack.layer[0].attention.attn.qkv.route = 3.0 if kernel == "vnni-a8" else 0.0
+    stack.stack.layer[0].attention.attn.qkv.route = route if kernel == "vnni-a8" else 0.0
     modules = copy.deepcopy(stack.stack).float()  # the same int8 layers, module by module, fp32 between them
     with torch.inference_mode():
         assert stack.texts(x, batch.attention) is not None
         expected = modules(x, batch.attention)
         got = stack(x, batch.attention)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    assert (stack.routed[0, 0] >= 1) == (kernel == "vnni-a8")
+    assert (stack.routed[0, 0] >= 1) == (kernel == "vnni-a8" and route == 1.0)
 
 
 @pytest.mark.parametrize("kernel", KERNEL_PARAMS)
@@ -112,6 +115,47 @@ def test_fused_stack_copies_and_pickles_without_its_pointers(tiny_model_dir, tmp
             assert other.specs[0].qkv.packed == other.stack.layer[0].attention.attn.qkv.packed.data_ptr()
 
 
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sentence_vectors_are_the_models_forward_pass(tiny_model_dir, kernel, normalize, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    enc = int8_encoder(tiny_model_dir, kernel)
+    fast = copy.deepcopy(enc.inference_model()).float()  # fp32 tables: the C embeddings and torch's agree to 1e-5
+    stack, ids = fast.network.encoder, enc.tokenize(TEXTS).ids
+    assert isinstance(stack, FusedX86Stack) and stack.embeddings is fast.network.embeddings
+    got = stack.sentence_vectors(ids, normalize)
+    with torch.inference_mode():
+        expected = fast(enc.pack(ids), normalize)  # torch's embeddings and pooling around the same layers
+    assert got is not None and got.shape == (len(TEXTS), 32)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(got.norm(dim=1), torch.ones(len(TEXTS))) == normalize
+    # and in the plan's own dtype (bf16 tables on AVX512-VNNI), through Encoder.embed_ids
+    np.testing.assert_allclose(enc.embed_ids(ids).numpy(), F.normalize(expected, dim=1).numpy(), atol=2e-2)
+
+
+def test_sentence_vectors_leave_batches_they_do_not_take_to_the_model(tiny_model_dir, tmp_path, monkeypatch):
+    kernel = next((p.values[0] for p in KERNEL_PARAMS if not p.marks[0].args[0]), None)
+    if kernel is None:
+        pytest.skip("no int8 kernel runs on this CPU")
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    enc = int8_encoder(tiny_model_dir, kernel)
+    stack = enc.inference_model().network.encoder
+    ids = enc.tokenize(TEXTS).ids
+    vocab = enc.model.network.cfg.vocab_size
+    assert stack.sentence_vectors(ids, True) is not None
+    for refused in (ids * 2,  # 90 tokens: over max_tokens
+                    [[5] * (MAX_TEXT_TOKENS + 1)],  # one text over the attention's row of weights
+                    [ids[0], []],  # an empty text
+                    [],
+                    [ids[0], [0, vocab, 2]]):  # a token id the table lacks: the C call checks, refuses
+        assert stack.sentence_vectors(refused, True) is None
+    with pytest.raises(IndexError):  # the model then says what is wrong, as it does for any batch
+        enc.embed_ids([ids[0], [0, vocab, 2]])
+    cls_only = FusedX86Stack(stack.stack, embeddings=enc.inference_model().network.embeddings,
+                             pooling=Pooling(32, pooling_mode_cls_token=True, pooling_mode_mean_tokens=False))
+    assert cls_only.embeddings is None and cls_only.sentence_vectors(ids, True) is None
+
+
 def test_the_library_refuses_bad_texts_and_shapes():
     library, why = int8_x86._library()
     if library is None:
@@ -123,12 +167,27 @@ def test_the_library_refuses_bad_texts_and_shapes():
     bias = torch.zeros(4, 70, 70)
 
     def call(start: int, length: int, layers: int = 0) -> int:
-        return library.allmpnet_x86_encoder(specs, layers, x.data_ptr(), 70, 32, 4, 1, (ctypes.c_int32 * 1)(start),
-                                            (ctypes.c_int32 * 1)(length), (ctypes.c_void_p * 1)(bias.data_ptr()),
-                                            1e-5, None, scratch.data_ptr(), 1)
+        return library.allmpnet_x86_encoder(specs, layers, None, None, x.data_ptr(), 70, 32, 4, 1,
+                                            (ctypes.c_int32 * 1)(start), (ctypes.c_int32 * 1)(length),
+                                            (ctypes.c_void_p * 1)(bias.data_ptr()), 1e-5, None, 0, None,
+                                            scratch.data_ptr(), 1)
     assert call(0, 10) == 0  # no layers: nothing to do
     assert call(0, MAX_TEXT_TOKENS + 1) == -3 and call(65, 10) == -3 and call(0, 0) == -3
     assert call(0, 10, layers=1) == -1  # a layer of empty (zero) shapes
+    tables = torch.zeros(100, 32)
+    norm = torch.ones(32)
+    # 100 words, 40 positions of which a text's first token takes the third
+    embedding = EmbeddingSpec(tables.data_ptr(), tables.data_ptr(), 0, 100, 40, 2, norm.data_ptr(), norm.data_ptr())
+    pooled = torch.zeros(1, 32)
+
+    def embed(ids: list[int]) -> int:
+        return library.allmpnet_x86_encoder(specs, 0, ctypes.byref(embedding), (ctypes.c_int32 * len(ids))(*ids),
+                                            x.data_ptr(), len(ids), 32, 4, 1, (ctypes.c_int32 * 1)(0),
+                                            (ctypes.c_int32 * 1)(len(ids)), (ctypes.c_void_p * 1)(bias.data_ptr()),
+                                            1e-5, pooled.data_ptr(), 1, None, scratch.data_ptr(), 1)
+    assert embed([1, 99, 3]) == 0
+    assert embed([1, 100, 3]) == -4 and embed([-1]) == -4  # ids outside the word table
+    assert embed([1] * 38) == 0 and embed([1] * 39) == -4  # the 39th token's position is outside the table
 
 
 # ---------------------------------------------------------------- fp32: the model's own weights

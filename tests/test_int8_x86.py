@@ -201,24 +201,33 @@ def test_int8_weights_stay_close_to_the_float_layer(name):
 
 @needs("vnni-a8")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_spiky_rows_are_routed_to_int16_in_the_same_call(dtype):
-    layer, g = make_layer("vnni-a8", 96, 256, "none", smooth=True)
+@pytest.mark.parametrize("rows", [12, 40])  # a query's path (each output block group by group), a batch's
+def test_spiky_rows_keep_their_outliers_aside_or_run_in_int16(dtype, rows):
+    layer, g = make_layer("vnni-a8", 96, 1024, "none", smooth=True)
     layer.route = 10.0
-    x = torch.randn(40, 256, generator=g)
-    spikes = [0, 7, 8, 39]  # one huge value: max / rms far above 10 (as the <s> token's activations)
-    x[spikes, 3] = 200.0
+    v = torch.randn(rows, 1024, generator=g)  # what the kernel quantizes: x / smooth
+    split_rows = [0, 7, rows - 1]  # one huge value: max / rms far above 10 (as the <s> token's activations)
+    v[split_rows, 3] = 200.0
+    routed_rows = [5, 8]  # a huge value and ten more above 0.6 x 10 x rms: over MAX_SPLIT, so int16
+    v[routed_rows, 100] = 1000.0
+    v[5, 200:210] = 250.0
+    v[8, 500:510] = -250.0
+    x = v / layer.inverse_smooth
+    kept, split, routed = int8_x86.spiky_rows(v, layer.route)
+    assert split.nonzero().flatten().tolist() == split_rows and routed.nonzero().flatten().tolist() == routed_rows
+    assert (kept[split_rows].abs() > 0).sum(1).tolist() == [1, 1, 1]
     got = layer(x.to(dtype))
-    assert layer.routed_rows == len(spikes) and layer.rows == 40
+    assert layer.routed_rows == len(routed_rows) and layer.rows == rows
     expected = layer.reference(x.to(dtype), form="int8")
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-3 if dtype == torch.float32 else 0.05,
                                rtol=2e-3 if dtype == torch.float32 else 0.02)
-    # the routed rows are as exact as int16 activations make them, the plain int8 ones are not
-    plain = X86Int8Linear(torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.1, layer.bias,
+    # split and routed rows come out near their exact values; plain int8 (no route) leaves them far off
+    plain = X86Int8Linear(torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)) * 0.1, layer.bias,
                           group=64, smooth=1 / layer.inverse_smooth, small="vnni-a8", large="vnni-a8")
     exact = layer.reference(x.to(dtype), form="fp32").float()
-    routed_error = (got.float() - exact)[spikes].abs().max()
-    plain_error = (plain(x.to(dtype)).float() - exact)[spikes].abs().max()
-    assert routed_error * 4 < plain_error
+    plain_got = plain(x.to(dtype)).float()
+    for spiky in (split_rows, routed_rows):
+        assert (got.float() - exact)[spiky].abs().max() * 4 < (plain_got - exact)[spiky].abs().max()
 
 
 def test_rows_switch_between_the_small_and_the_large_kernel():

@@ -68,7 +68,10 @@ class NonFiniteOutputError(ValueError):
 
 def check_finite(vectors: torch.Tensor | np.ndarray) -> None:
     """Raise NonFiniteOutputError when a (B, dim) batch of output vectors holds NaN or inf."""
-    finite = (torch.isfinite(vectors) if isinstance(vectors, torch.Tensor) else np.isfinite(vectors)).all(axis=1)
+    finite = torch.isfinite(vectors) if isinstance(vectors, torch.Tensor) else np.isfinite(vectors)
+    if bool(finite.all()):  # the usual case in one reduction: a query's every torch op is ~10 us
+        return
+    finite = finite.all(axis=1)
     if not bool(finite.all()):
         bad = np.flatnonzero(~np.asarray(finite)).tolist()
         raise NonFiniteOutputError(

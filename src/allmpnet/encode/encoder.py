@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import nullcontext
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from allmpnet.encode.batching import (SORT_WINDOW, TokenBudget, check_finite, de
                                      prefetched, windows)
 from allmpnet.encode.calibration import cached_calibration, calibration_texts, min_cosine
 from allmpnet.encode.documents import ChunkSettings, DocumentChunks, chunk_token_ranges
+from allmpnet.encode.fused_x86 import FusedX86Stack
 from allmpnet.encode.inference import inference_model
 from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS
 from allmpnet.encode.precision import PrecisionPlan, plan_precision
@@ -195,7 +197,13 @@ class Encoder:
             return torch.empty((0, self.dim), dtype=torch.float32)
         if self.plan.runs_the_model_itself and self.model.training:  # dropout would be on
             raise RuntimeError("the model is in training mode: call encoder.eval() before encoding")
-        vectors = self.inference_model()(self.pack(ids), normalize).float().cpu()
+        model = self.inference_model()
+        stack = model.network.encoder
+        # a small batch (a query) as token ids straight into the fused stack's one C call: no packed batch
+        vectors = (stack.sentence_vectors(ids, model.normalize if normalize is None else normalize)
+                   if isinstance(stack, FusedX86Stack) else None)
+        if vectors is None:
+            vectors = model(self.pack(ids), normalize).float().cpu()
         check_finite(vectors)
         return vectors
 
@@ -236,13 +244,14 @@ class Encoder:
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         truncated = 0
         show = len(texts) > 256 if show_progress_bar is None else show_progress_bar
-        with tqdm(total=len(texts), desc="encoding", unit="text", disable=not show) as bar:
+        # no bar at all when none is shown: a disabled one still costs a query ~50 us
+        with tqdm(total=len(texts), desc="encoding", unit="text") if show else nullcontext() as bar:
             # the next window is tokenized on a background thread while this one runs through the model
             for (start, _), window in prefetched(windows(len(texts), self.sort_window),
                                                     lambda span: self.tokenizer(texts[span[0]:span[1]])):
                 truncated += sum(window.truncated)
                 embed_in_batches(window.ids, lambda batch: self.embed_ids(batch, normalize), budget, out, start,
-                                 bar.update)
+                                 bar.update if show else None)
         if truncated:
             warnings.warn(f"{truncated} of {len(texts)} texts were longer than {self.max_seq_length} word pieces and "
                           "were truncated; Encoder.truncated_indices(texts) lists them", TruncationWarning,

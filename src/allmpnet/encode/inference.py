@@ -9,7 +9,8 @@ the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not 
   treatment, int16 activations elsewhere; built from the fp32 master weights, not the cast copy's.
 - a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
 - with int8-x86 linears, and in fp32 on x86 CPUs, the layer stack itself is swapped for `FusedX86Stack`
-  (encode/fused_x86.py): small batches run all layers in one C call (in fp32 on the model's own weights).
+  (encode/fused_x86.py): small batches run all layers in one C call (in fp32 on the model's own weights), and
+  Encoder.embed_ids sends them there as token ids, embeddings and pooling included.
 
 In fp32 with torch's linears the copy is the model itself; otherwise it is a frozen deep copy cast to the plan's
 dtype (in fp32 sharing every tensor but the swapped linears'), so the fp32 master weights (training, saving) are
@@ -124,5 +125,6 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
     if plan.fused_stack_tokens:
         fp32 = plan.fused_fp32_kernel is not None  # the fp32 model's weights as they are; else the int8 layers
         fast.network.encoder = FusedX86Stack(fast.network.encoder, plan.fused_stack_tokens,
-                                             model.network.encoder if fp32 else None, plan.fused_fp32_kernel)
+                                             model.network.encoder if fp32 else None, plan.fused_fp32_kernel,
+                                             fast.network.embeddings, fast.pooling)
     return fast

@@ -105,8 +105,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     library.allmpnet_x86_scratch_bytes.restype = i64
     library.allmpnet_x86_kernel_supported.argtypes = [c_int]
     library.allmpnet_x86_kernel_supported.restype = c_int
-    library.allmpnet_x86_encoder.argtypes = [pointer, i64, pointer, i64, i64, i64, i64, pointer, pointer, pointer,
-                                             ctypes.c_float, pointer, pointer, c_int]
+    library.allmpnet_x86_encoder.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, i64, i64, pointer,
+                                             pointer, pointer, ctypes.c_float, pointer, c_int, pointer, pointer, c_int]
     library.allmpnet_x86_encoder.restype = i64
     library.allmpnet_x86_encoder_scratch_bytes.argtypes = [i64, i64, i64, c_int]
     library.allmpnet_x86_encoder_scratch_bytes.restype = i64
@@ -206,6 +206,21 @@ def smoothing_factors(activation_absmax: torch.Tensor, weight: torch.Tensor, alp
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(1e-2, 1e2)
 
 
+SPLIT_SHARE, MAX_SPLIT = 0.6, 8  # kernels_x86.c's: a spiky row's entries above 0.6 route x RMS, if at most 8
+
+
+def spiky_rows(v: torch.Tensor, route: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the int8 kernel does with rows whose largest |v| exceeds route x their RMS: (kept, split, routed):
+    kept (M, K) the entries a split row keeps aside (exact, else 0), split (M,) the rows that do, routed (M,) the
+    rows with more than MAX_SPLIT such entries, which run with int16 activations instead."""
+    squares = v.pow(2).mean(1)
+    spiky = v.abs().amax(1) > route * squares.sqrt()
+    above = (v.pow(2) > (SPLIT_SHARE * route) ** 2 * squares[:, None]) & spiky[:, None]
+    routed = above.sum(1) > MAX_SPLIT
+    split = spiky & ~routed
+    return torch.where(above & split[:, None], v, torch.zeros_like(v)), split, routed
+
+
 def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization to `bits` (8 or 16), as the kernels do: (integer values as float, scales)."""
     top = 2 ** (bits - 1) - 1
@@ -234,8 +249,9 @@ class X86Int8Linear(nn.Module):
     Batches of at most `max_small_rows` rows run kernel `small`, larger ones kernel `large` (KERNELS names; they
     share the one packed weight). smooth (K,): SmoothQuant factors s (smoothing_factors); the layer stores
     W diag(s) and multiplies x by 1 / s inside the kernel, so callers pass x unchanged. route (the int8 kernel):
-    rows (tokens) whose largest |x / s| exceeds `route` times their root mean square are multiplied with int16
-    activations instead of int8, in the same call (0: never).
+    rows (tokens) whose largest |x / s| exceeds `route` times their root mean square keep their few largest
+    entries aside, exact (the rest is int8 at the scale its own values set), or, with more than MAX_SPLIT of them,
+    are multiplied with int16 activations, in the same call (spiky_rows; 0: never).
 
     Each row's result depends only on that row (per-row activation scales, fixed summation order)."""
 
@@ -331,11 +347,12 @@ class X86Int8Linear(nn.Module):
             v = v * self.inverse_smooth
         if form in ("int8", "int16"):
             q, scale = quantize_rows(v, 8 if form == "int8" else 16)
+            kept = None
             if form == "int8" and self.route > 0:
-                spiky = v.abs().amax(1) > self.route * v.pow(2).mean(1).sqrt()
-                q16, scale16 = quantize_rows(v[spiky], 16)
-                q[spiky], scale[spiky] = q16, scale16
-            v = q * scale
+                kept, split, routed = spiky_rows(v, self.route)
+                q[split], scale[split] = quantize_rows(v[split] - kept[split], 8)
+                q[routed], scale[routed] = quantize_rows(v[routed], 16)
+            v = q * scale if kept is None else q * scale + kept
         elif form == "bf16":
             v = v.bfloat16().float()
         y = F.linear(v, self.dequantized(), self.bias)

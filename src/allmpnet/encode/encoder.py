@@ -241,17 +241,14 @@ class Encoder:
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
         budget = self.budget(batch_size)
-        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
-        truncated = 0
         show = len(texts) > 256 if show_progress_bar is None else show_progress_bar
-        # no bar at all when none is shown: a disabled one still costs a query ~50 us
-        with tqdm(total=len(texts), desc="encoding", unit="text") if show else nullcontext() as bar:
-            # the next window is tokenized on a background thread while this one runs through the model
-            for (start, _), window in prefetched(windows(len(texts), self.sort_window),
-                                                    lambda span: self.tokenizer(texts[span[0]:span[1]])):
-                truncated += sum(window.truncated)
-                embed_in_batches(window.ids, lambda batch: self.embed_ids(batch, normalize), budget, out, start,
-                                 bar.update if show else None)
+        if len(texts) == 1 and not show:
+            # a query: one batch, nothing to sort or to place; each step skipped is ~10-50 us of a few ms
+            tokenized = self.tokenizer(texts)
+            truncated = sum(tokenized.truncated)
+            out = self.embed_ids(tokenized.ids, normalize)
+        else:
+            out, truncated = self._encode_in_windows(texts, budget, normalize, show)
         if truncated:
             warnings.warn(f"{truncated} of {len(texts)} texts were longer than {self.max_seq_length} word pieces and "
                           "were truncated; Encoder.truncated_indices(texts) lists them", TruncationWarning,
@@ -260,6 +257,21 @@ class Encoder:
             out = torch.from_numpy(quantizer(out.numpy()))
         result = out[0] if single else out
         return result.numpy() if convert_to == "numpy" else result
+
+    def _encode_in_windows(self, texts: Sequence[str], budget: TokenBudget, normalize: bool | None,
+                           show: bool) -> tuple[torch.Tensor, int]:
+        """(len(texts), dim) vectors in the texts' order, and how many texts were truncated."""
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        truncated = 0
+        # no bar at all when none is shown: a disabled one still costs a query ~50 us
+        with tqdm(total=len(texts), desc="encoding", unit="text") if show else nullcontext() as bar:
+            # the next window is tokenized on a background thread while this one runs through the model
+            for (start, _), window in prefetched(windows(len(texts), self.sort_window),
+                                                    lambda span: self.tokenizer(texts[span[0]:span[1]])):
+                truncated += sum(window.truncated)
+                embed_in_batches(window.ids, lambda batch: self.embed_ids(batch, normalize), budget, out, start,
+                                 bar.update if show else None)
+        return out, truncated
 
     def encode_documents(self, docs: str | Sequence[str], chunk_tokens: int | None = None,
                          overlap: int | None = None, batch_size: int | None = None,

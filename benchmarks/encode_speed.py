@@ -10,7 +10,8 @@ ours the token budget) and encodes each workload once as warm-up before the time
 process (peak RSS is per path) and the paths take turns for --reps rounds, so machine load hits them alike; the
 best round counts. Quality per path: min cosine to our fp32 vectors on (a) and on (b), and STSBenchmark Spearman
 x100 on all pairs. Machine figures in the same run: matmul ceilings (fp32, bf16, int8), memory read bandwidth, and
-the single-query floor (layer weights over bandwidth). GPU section: with CUDA, sentence-transformers fp16 against
+the single-query floor (layer weights over the read bandwidth measured right before ours-auto's runs; it is
+read before every path's, and the range is printed). GPU section: with CUDA, sentence-transformers fp16 against
 ours fp16/bf16 on a random model of the published shape.
 
     .venv/bin/python benchmarks/encode_speed.py --setup-peers                 # once: the peers' venvs
@@ -321,12 +322,7 @@ def main() -> None:
     from allmpnet.encode.tokenizer import TextTokenizer
     from allmpnet.model import MPNetConfig
     cfg = MPNetConfig.load(args.model)
-    bandwidth = read_bandwidth_gbs()
     layer_weights = layer_weight_count(cfg)
-    int8_floor_ms = layer_weights / bandwidth / 1e6
-    out(f"single-query floor: a query reads every layer weight once; int8 {layer_weights / 1e6:.0f} MB at the "
-        f"{bandwidth:.1f} GB/s this run reads from memory = {int8_floor_ms:.1f} ms "
-        f"(bf16: {2 * int8_floor_ms:.1f} ms, fp32: {4 * int8_floor_ms:.1f} ms)")
     s1, s2, gold = sts_pairs(DATA)
     sentences = (s1 + s2)[: args.sentences or None]
     passages = scifact_passages(DATA, args.passages)
@@ -342,8 +338,12 @@ def main() -> None:
         out(f"  {name:<18} {PATHS[name][1]}")
 
     results: dict[str, list[dict]] = {p: [] for p in paths}
+    bandwidths: dict[str, list[float]] = {p: [] for p in paths}
     for rep in range(args.reps):
         for name in paths:
+            # read right before each path: what the machine's memory gives swings with its other tenants (28-49
+            # GB/s on one Zen 4 VM in one hour), so a single reading at the start says little about a later query
+            bandwidths[name].append(read_bandwidth_gbs())
             results[name].append(run_worker(name, args, work))
             print(f"  round {rep + 1}/{args.reps}: {name} done", file=sys.stderr, flush=True)
 
@@ -355,6 +355,16 @@ def main() -> None:
     ceiling = {k: max(ceiling[k], matmul_ceiling(d)) for k, d in dtypes.items()}
     out(f"matmul ceiling (2048^3, best of before and after the paths): fp32 {ceiling['fp32']:.0f} GFLOP/s, "
         f"bf16 {ceiling['bf16']:.0f} GFLOP/s, int8 (torch._int_mm) {ceiling['int8']:.0f} GOP/s")
+    readings = sorted(b for bs in bandwidths.values() for b in bs)
+    floor_path = "ours-auto" if "ours-auto" in paths else paths[-1]
+    bandwidth = max(bandwidths[floor_path])  # the most the memory gave next to that path's runs: the harder floor
+    int8_floor_ms = layer_weights / bandwidth / 1e6
+    out(f"memory read bandwidth right before each path's runs: {readings[0]:.1f} - {readings[-1]:.1f} GB/s (median "
+        f"{statistics.median(readings):.1f}); before {floor_path}'s: "
+        f"{', '.join(f'{b:.1f}' for b in bandwidths[floor_path])}")
+    out(f"single-query floor: a query reads every layer weight once; int8 {layer_weights / 1e6:.0f} MB at "
+        f"{bandwidth:.1f} GB/s (the most read right before {floor_path}'s runs) = {int8_floor_ms:.1f} ms "
+        f"(bf16: {2 * int8_floor_ms:.1f} ms, fp32: {4 * int8_floor_ms:.1f} ms)")
     out(f"best of {args.reps} rounds; ratios against {reference}; %bf16 = achieved FLOP/s over the bf16 matmul "
         f"ceiling; min cos against {QUALITY_BASE} on (a) and on (b)")
     header = (f"{'path':<18}{'(a) sent/s':>11}{'tok/s':>8}{'x ref':>7}{'%bf16':>7}   {'(b) pass/s':>10}{'tok/s':>8}"

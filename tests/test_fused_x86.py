@@ -38,6 +38,14 @@ def int8_encoder(model_dir, kernel: str):
     return Encoder(model_dir, device="cpu", precision=plan_precision("int8", "cpu", caps))
 
 
+def runnable_kernel() -> str:
+    """The first int8 kernel this CPU runs (the test is skipped where none does)."""
+    kernel = next((p.values[0] for p in KERNEL_PARAMS if not p.marks[0].args[0]), None)
+    if kernel is None:
+        pytest.skip("no int8 kernel runs on this CPU")
+    return kernel
+
+
 def stack_inputs(enc, texts):
     """The inference copy's fused stack, and a batch's layer-stack input (fp32) and layout."""
     copy_ = enc.inference_model()
@@ -102,11 +110,8 @@ def test_batches_the_fused_call_does_not_take_run_the_modules(tiny_model_dir, ke
 
 
 def test_fused_stack_copies_and_pickles_without_its_pointers(tiny_model_dir, tmp_path, monkeypatch):
-    kernel = next((p.values[0] for p in KERNEL_PARAMS if not p.marks[0].args[0]), None)
-    if kernel is None:
-        pytest.skip("no int8 kernel runs on this CPU")
     monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
-    enc = int8_encoder(tiny_model_dir, kernel)
+    enc = int8_encoder(tiny_model_dir, runnable_kernel())
     stack, x, batch = stack_inputs(enc, TEXTS)
     with torch.inference_mode():
         expected = stack(x, batch.attention)
@@ -134,11 +139,8 @@ def test_sentence_vectors_are_the_models_forward_pass(tiny_model_dir, kernel, no
 
 
 def test_sentence_vectors_leave_batches_they_do_not_take_to_the_model(tiny_model_dir, tmp_path, monkeypatch):
-    kernel = next((p.values[0] for p in KERNEL_PARAMS if not p.marks[0].args[0]), None)
-    if kernel is None:
-        pytest.skip("no int8 kernel runs on this CPU")
     monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
-    enc = int8_encoder(tiny_model_dir, kernel)
+    enc = int8_encoder(tiny_model_dir, runnable_kernel())
     stack = enc.inference_model().network.encoder
     ids = enc.tokenize(TEXTS).ids
     vocab = enc.model.network.cfg.vocab_size

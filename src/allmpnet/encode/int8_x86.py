@@ -372,10 +372,11 @@ class X86Int8Linear(nn.Module):
 # Measured (docs/int8-research.md): W8A8 keeps min cosine to fp32 >= 0.99 and STSBenchmark within 0.1 only with
 # SmoothQuant on the inputs of q|k|v, the attention output and the FFN up projection, whose outliers sit in a few
 # fixed channels of the residual stream, but not on the FFN down projection, whose outliers move with the token
-# (smoothing made it worse), and with the spiky rows (the <s> and </s> tokens above all) routed to int16.
+# (smoothing made it worse), and with the spiky rows (the <s> and </s> tokens above all) treated apart: their few
+# largest entries kept aside exact (as well as int16 rows, at int8's speed; benchmarks/int8_research/split_rows.py).
 
 SMOOTHING = {"qkv": 0.8, "o": 0.8, "up": 0.8}  # SmoothQuant alpha per projection
-SPIKY_ROW_RATIO = 20.0  # a row whose max |x| exceeds this many times its RMS is multiplied with int16 activations
+SPIKY_ROW_RATIO = 20.0  # a row whose max |x| exceeds this many times its RMS is spiky (spiky_rows)
 
 
 def projection(name: str) -> str:

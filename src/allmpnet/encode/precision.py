@@ -155,7 +155,8 @@ class PrecisionPlan:
             if name != "int8-x86" or self.int8_kernel is None:
                 return name
             form = X86_KERNELS[self.int8_kernel].activations
-            how = "W8A8, SmoothQuant-calibrated, spiky rows in int16" if form == "int8" else f"{form} activations"
+            how = ("W8A8, SmoothQuant-calibrated, spiky rows' largest entries kept aside" if form == "int8"
+                   else f"{form} activations")
             return f"{name} ({self.int8_kernel}: {how})"
         linear = kind(self.linear) if self.small_linear is None else (
             f"{kind(self.small_linear)} up to {self.small_batch_tokens} tokens, {kind(self.linear)} above")

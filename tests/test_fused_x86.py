@@ -149,7 +149,8 @@ def test_sentence_vectors_leave_batches_they_do_not_take_to_the_model(tiny_model
                     [[5] * (MAX_TEXT_TOKENS + 1)],  # one text over the attention's row of weights
                     [ids[0], []],  # an empty text
                     [],
-                    [ids[0], [0, vocab, 2]]):  # a token id the table lacks: the C call checks, refuses
+                    [ids[0], [0, vocab, 2]],  # a token id the table lacks
+                    [[0, 2 ** 32 + 5, 2]]):  # one that 32 bits would wrap into the table
         assert stack.sentence_vectors(refused, True) is None
     with pytest.raises(IndexError):  # the model then says what is wrong, as it does for any batch
         enc.embed_ids([ids[0], [0, vocab, 2]])

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import nullcontext
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Sequence

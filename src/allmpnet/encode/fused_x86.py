@@ -123,8 +123,10 @@ class FusedX86Stack(nn.Module):
                  pooling: Pooling | None = None):
         super().__init__()
         self.stack = stack
-        # the network's own module (shared: copies and pickles keep one), when the C call can run it and the pooling
-        tables = None if embeddings is None else (embeddings.word_embeddings.weight, embeddings.position_embeddings.weight)
+        # the network's own Embeddings (a shared submodule: copies and pickles keep one), when the C call can run
+        # them and the pooling is the mean alone
+        tables = (None if embeddings is None
+                  else (embeddings.word_embeddings.weight, embeddings.position_embeddings.weight))
         takes_ids = (tables is not None and pooling is not None and pooling.modes == ["mean_tokens"]
                      and all(t.dtype in (torch.float32, torch.bfloat16) and t.dtype == tables[0].dtype
                              and t.is_contiguous() for t in tables))
@@ -258,6 +260,9 @@ class FusedX86Stack(nn.Module):
         if (self.embedding is None or self.unavailable or not 0 < M <= self.max_tokens
                 or not 0 < min(lengths, default=0) <= max(lengths) <= MAX_TEXT_TOKENS):
             return None
+        flat = list(itertools.chain.from_iterable(ids))
+        if not 0 <= min(flat) <= max(flat) < self.embedding.vocab:  # also never wrapped into 32 bits
+            return None
         n, C = len(lengths), self.embedding_width
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         biases = [self.position_bias(length) for length in lengths]
@@ -267,7 +272,7 @@ class FusedX86Stack(nn.Module):
         x, pooled = torch.empty(M, C), torch.empty(n, C)
         status = library.allmpnet_x86_encoder(
             self.specs, len(self.specs), ctypes.byref(self.embedding),
-            (ctypes.c_int32 * M)(*itertools.chain.from_iterable(ids)), x.data_ptr(), M, C, self.n_head, n,
+            (ctypes.c_int32 * M)(*flat), x.data_ptr(), M, C, self.n_head, n,
             (ctypes.c_int32 * n)(*starts), (ctypes.c_int32 * n)(*lengths),
             (ctypes.c_void_p * n)(*[b.data_ptr() for b in biases]), self.eps, pooled.data_ptr(), int(normalize),
             self.routed.data_ptr(), scratch.data_ptr(), threads)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODEL, cpu_model, min_cosine, scifact_passages, sts_sentences  # noqa: E402
@@ -53,12 +52,7 @@ def emulated(variant: dict, stats: dict):
         if routed.any():
             q16, scale16 = quantize_rows(v[routed], 16)
             v_hat[routed] = q16 * scale16
-        y = F.linear(v_hat, self.dequantized(), self.bias)
-        if self.activation == "gelu":
-            y = F.gelu(y)
-        if residual is not None:
-            y = y + residual.float()
-        return y.to(x.dtype)
+        return self.from_activations(v_hat, residual, x.dtype)
     return forward
 
 

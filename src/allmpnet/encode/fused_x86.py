@@ -231,20 +231,8 @@ class FusedX86Stack(nn.Module):
         texts = self.texts(x, layout)
         if texts is None:
             return self.stack(x, layout)
-        starts, lengths = texts
         h = x.to(torch.float32, copy=True).contiguous()  # (N, C), layers applied in place
-        M, C = h.shape
-        biases = [self.position_bias(length) for length in lengths]
-        n = len(starts)
-        library = _library()[0]
-        threads = torch.get_num_threads()
-        intermediate = self.specs[0].up.N
-        scratch = _scratch_buffer(library.allmpnet_x86_encoder_scratch_bytes(M, C, intermediate, threads))
-        status = library.allmpnet_x86_encoder(
-            self.specs, len(self.specs), None, None, h.data_ptr(), M, C, self.n_head, n,
-            (ctypes.c_int32 * n)(*starts), (ctypes.c_int32 * n)(*lengths),
-            (ctypes.c_void_p * n)(*[b.data_ptr() for b in biases]), self.eps, None, 0, self.routed.data_ptr(),
-            scratch.data_ptr(), threads)
+        status = self._call(h, *texts)
         if status < 0:
             raise RuntimeError(f"the fused int8 layer stack refused the call (status {status})")
         return h.to(x.dtype)
@@ -263,20 +251,28 @@ class FusedX86Stack(nn.Module):
         flat = list(itertools.chain.from_iterable(ids))
         if not 0 <= min(flat) <= max(flat) < self.embedding.vocab:  # also never wrapped into 32 bits
             return None
-        n, C = len(lengths), self.embedding_width
+        C = self.embedding_width
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
-        biases = [self.position_bias(length) for length in lengths]
+        pooled = torch.empty(len(lengths), C)
+        status = self._call(torch.empty(M, C), starts, lengths, flat, pooled, normalize)
+        return pooled if status == 0 else None
+
+    def _call(self, x: torch.Tensor, starts: list[int], lengths: list[int], ids: list[int] | None = None,
+              pooled: torch.Tensor | None = None, normalize: bool = False) -> int:
+        """allmpnet_x86_encoder on x (M, C) fp32, in place: from `ids` through the embeddings when given, each
+        text's mean row into `pooled` when given. Returns its status."""
+        (M, C), n = x.shape, len(starts)
         library = _library()[0]
         threads = torch.get_num_threads()
         scratch = _scratch_buffer(library.allmpnet_x86_encoder_scratch_bytes(M, C, self.specs[0].up.N, threads))
-        x, pooled = torch.empty(M, C), torch.empty(n, C)
-        status = library.allmpnet_x86_encoder(
-            self.specs, len(self.specs), ctypes.byref(self.embedding),
-            (ctypes.c_int32 * M)(*flat), x.data_ptr(), M, C, self.n_head, n,
+        biases = [self.position_bias(length) for length in lengths]
+        return library.allmpnet_x86_encoder(
+            self.specs, len(self.specs), None if ids is None else ctypes.byref(self.embedding),
+            None if ids is None else (ctypes.c_int32 * M)(*ids), x.data_ptr(), M, C, self.n_head, n,
             (ctypes.c_int32 * n)(*starts), (ctypes.c_int32 * n)(*lengths),
-            (ctypes.c_void_p * n)(*[b.data_ptr() for b in biases]), self.eps, pooled.data_ptr(), int(normalize),
-            self.routed.data_ptr(), scratch.data_ptr(), threads)
-        return pooled if status == 0 else None
+            (ctypes.c_void_p * n)(*[b.data_ptr() for b in biases]), self.eps,
+            None if pooled is None else pooled.data_ptr(), int(normalize), self.routed.data_ptr(),
+            scratch.data_ptr(), threads)
 
     def extra_repr(self) -> str:
         weights = "int8 layers" if self.fp32 is None else f"fp32 weights, {self.fp32_kernel}"

@@ -355,12 +355,17 @@ class X86Int8Linear(nn.Module):
             v = q * scale if kept is None else q * scale + kept
         elif form == "bf16":
             v = v.bfloat16().float()
+        return self.from_activations(v, residual, x.dtype)
+
+    def from_activations(self, v: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """act(v W'^T + b) [+ residual] in torch fp32, from activations v already in the kernel's form (x / s,
+        rounded as it rounds them), W' the dequantized weight; in `dtype`."""
         y = F.linear(v, self.dequantized(), self.bias)
         if self.activation == "gelu":
             y = F.gelu(y)
         if residual is not None:
             y = y + residual.float()
-        return y.to(x.dtype)
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, activation={self.activation}, group={self.group}, "

@@ -18,16 +18,17 @@ needs_kernel = pytest.mark.skipif(bool(attention_unavailable()), reason=attentio
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("blocks,tokens,heads", [(1, 1, 1), (3, 13, 2), (2, 63, 3), (1, 64, 2), (2, 65, 1),
-                                                 (4, 256, 2)])
-def test_kernel_matches_sdpa(dtype, blocks, tokens, heads):
+@pytest.mark.parametrize("dtype,bf16_dots", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+# key counts: 1-4 vectors of 16 in the last tile (13, 40, 63, 64, 100, 130), odd and even, a lone token
+@pytest.mark.parametrize("blocks,tokens,heads", [(1, 1, 1), (3, 13, 2), (2, 40, 2), (2, 63, 3), (1, 64, 2),
+                                                 (2, 65, 1), (1, 100, 2), (1, 130, 1), (4, 256, 2)])
+def test_kernel_matches_sdpa(dtype, bf16_dots, blocks, tokens, heads):
     generator = torch.Generator().manual_seed(tokens)
     start = 3  # the group starts inside the packed rows; rows around it stay untouched
     qkv = torch.randn(start + blocks * tokens + 2, 3 * heads * HEAD_DIM, generator=generator).to(dtype)
     bias = torch.randn(heads, tokens, tokens, generator=generator)
     out = torch.full((qkv.shape[0], heads * HEAD_DIM), 7.0, dtype=dtype)
-    block_attention(qkv, out, bias, start, blocks, tokens, heads)
+    block_attention(qkv, out, bias, start, blocks, tokens, heads, bf16_dots)  # False: as on CPUs without BF16
     expected = reference(qkv, bias, start, blocks, tokens, heads)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: its own rounding of inputs and outputs
     torch.testing.assert_close(out[start:start + blocks * tokens].float(), expected, atol=tolerance, rtol=tolerance)

@@ -159,6 +159,25 @@ def test_sentence_vectors_leave_batches_they_do_not_take_to_the_model(tiny_model
     assert cls_only.embeddings is None and cls_only.sentence_vectors(ids, True) is None
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_vector_with_nan_or_inf_is_an_error_from_the_one_call(tiny_model_dir, precision, tmp_path, monkeypatch):
+    from allmpnet import Encoder, NonFiniteOutputError
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    enc = int8_encoder(tiny_model_dir, runnable_kernel()) if precision == "int8" else Encoder(tiny_model_dir)
+    stack = enc.inference_model().network.encoder
+    if not isinstance(stack, FusedX86Stack) or stack.unavailable or stack.embedding is None:
+        pytest.skip("no fused stack on this CPU")
+    ids = enc.tokenize(["the cat sat", "a dog"]).ids
+    assert stack.sentence_vectors(ids, True) is not None
+    with torch.no_grad():  # a damaged row of the table the call reads (after any calibration saw it whole)
+        stack.embeddings.word_embeddings.weight[ids[1][2]] = float("inf")
+    with pytest.raises(NonFiniteOutputError, match="for 1 of 2 texts"):  # the text with that token only
+        stack.sentence_vectors(ids, True)
+    assert torch.isfinite(stack.sentence_vectors(ids[:1], True)).all()
+    with pytest.raises(NonFiniteOutputError):
+        enc.encode("a dog")
+
+
 def test_the_library_refuses_bad_texts_and_shapes():
     library, why = int8_x86._library()
     if library is None:

@@ -188,6 +188,22 @@ def test_each_row_depends_only_on_itself_and_not_on_threads(name):
 
 
 @pytest.mark.parametrize("name", ALL_KERNELS)
+def test_nan_or_inf_in_a_row_stays_in_that_rows_outputs(name):
+    # never silent: the int8 kernel once turned a NaN row into finite values (its scale came out as 1)
+    layer, g = make_layer(name, 128, 256, "none", smooth=False)
+    layer.route = 20.0 if KERNELS[name].activations == "int8" else 0.0
+    x = torch.randn(20, 256, generator=g)
+    clean = layer(x)
+    x[3] = float("nan")
+    x[7, 5], x[11, 200] = float("nan"), float("-inf")
+    damaged = layer(x)
+    bad = [3, 7, 11]
+    assert not torch.isfinite(damaged[bad]).any(1).any()  # every output of those rows, not only some
+    others = [i for i in range(20) if i not in bad]
+    assert torch.equal(damaged[others], clean[others])
+
+
+@pytest.mark.parametrize("name", ALL_KERNELS)
 def test_int8_weights_stay_close_to_the_float_layer(name):
     # the whole point: int8 weights (and int8 or int16 activations) track the float layer
     layer, g = make_layer(name, 128, 512, "none", smooth=False, group=128)

@@ -38,17 +38,18 @@ def attention_unavailable(capabilities: frozenset[str] | None = None) -> str:
 
 
 def _run(library, qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
-         block_tokens: int, n_head: int) -> int:
+         block_tokens: int, n_head: int, bf16_dots: bool = True) -> int:
     scratch = _scratch_buffer(library.allmpnet_x86_attention_scratch_bytes(block_tokens, torch.get_num_threads()))
     return library.allmpnet_x86_attention(qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), out.data_ptr(),
                                           bias.data_ptr(), HEAD_DIM ** -0.5, start, blocks, block_tokens, n_head,
-                                          scratch.data_ptr(), torch.get_num_threads())
+                                          int(bf16_dots), scratch.data_ptr(), torch.get_num_threads())
 
 
 def block_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
-                    block_tokens: int, n_head: int) -> None:
+                    block_tokens: int, n_head: int, bf16_dots: bool = True) -> None:
     """Rows [start, start + blocks x block_tokens) of packed (N, 3C) q|k|v -> the same rows of out (N, C), both
-    bf16 or both fp32, heads of 64; bias (H, T, T) fp32."""
+    bf16 or both fp32, heads of 64; bias (H, T, T) fp32. bf16_dots: bf16 q|k|v through AVX512-BF16 pair dot
+    products where the CPU has them (False: fp32 FMAs, as on CPUs without)."""
     C = out.shape[1]
     if not (qkv.dtype == out.dtype and qkv.dtype in (torch.bfloat16, torch.float32) and bias.dtype == torch.float32
             and qkv.is_contiguous() and out.is_contiguous() and bias.is_contiguous() and qkv.shape[1] == 3 * C
@@ -56,5 +57,5 @@ def block_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, st
             and 0 < block_tokens <= MAX_TOKENS and start + blocks * block_tokens <= min(qkv.shape[0], out.shape[0])):
         raise ValueError("block_attention: inputs of the wrong dtype, layout or shape")
     library, why = _library()
-    if library is None or _run(library, qkv, out, bias, start, blocks, block_tokens, n_head) != 0:
+    if library is None or _run(library, qkv, out, bias, start, blocks, block_tokens, n_head, bf16_dots) != 0:
         raise RuntimeError(f"the x86 attention kernel cannot run here: {why or 'it refused the call'}")

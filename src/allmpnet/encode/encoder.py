@@ -199,12 +199,13 @@ class Encoder:
             raise RuntimeError("the model is in training mode: call encoder.eval() before encoding")
         model = self.inference_model()
         stack = model.network.encoder
-        # a small batch (a query) as token ids straight into the fused stack's one C call: no packed batch
+        # a small batch (a query) as token ids straight into the fused stack's one C call (which also checks the
+        # vectors are finite): no packed batch
         vectors = (stack.sentence_vectors(ids, model.normalize if normalize is None else normalize)
                    if isinstance(stack, FusedX86Stack) else None)
         if vectors is None:
             vectors = model(self.pack(ids), normalize).float().cpu()
-        check_finite(vectors)
+            check_finite(vectors)
         return vectors
 
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None, normalize: bool | None = None,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmpnet.encode.batching import check_finite
 from allmpnet.encode.int8_x86 import (AVX2, AVX512, KERNELS, Kernel, X86Int8Linear, _library, _scratch_buffer,
                                       kernel_unavailable, loaded_for)
 from allmpnet.model.mpnet import Embeddings, LayerStack, Linear
@@ -241,7 +242,8 @@ class FusedX86Stack(nn.Module):
         """(B, C) fp32 mean-pooled vectors (unit length when `normalize`) of the texts' token ids through the
         embeddings, the layers and the pooling in one C call: a query's whole forward pass, with no packed batch
         and no torch op around it (each costs ~10-20 us on caches the layers' weights have just swept: ~1 ms of
-        a 5 ms query on 2 Zen 4 cores). None when the batch is not one this call takes (too many tokens, an empty
+        a 5 ms query on 2 Zen 4 cores). Raises NonFiniteOutputError for NaN or inf in a vector (checked in the
+        call). None when the batch is not one this call takes (too many tokens, an empty
         or over-long text, no embeddings given, a token id or position the tables lack): run the model then."""
         lengths = [len(i) for i in ids]
         M = sum(lengths)
@@ -255,6 +257,8 @@ class FusedX86Stack(nn.Module):
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         pooled = torch.empty(len(lengths), C)
         status = self._call(torch.empty(M, C), starts, lengths, flat, pooled, normalize)
+        if status > 0:  # texts whose vector holds NaN or inf (counted in C): the same error as the model's path
+            check_finite(pooled)
         return pooled if status == 0 else None
 
     def _call(self, x: torch.Tensor, starts: list[int], lengths: list[int], ids: list[int] | None = None,

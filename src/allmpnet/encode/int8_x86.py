@@ -111,7 +111,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     library.allmpnet_x86_encoder_scratch_bytes.argtypes = [i64, i64, i64, c_int]
     library.allmpnet_x86_encoder_scratch_bytes.restype = i64
     library.allmpnet_x86_attention.argtypes = [pointer, c_int, pointer, pointer, ctypes.c_float, i64, i64, i64, i64,
-                                               pointer, c_int]
+                                               c_int, pointer, c_int]
     library.allmpnet_x86_attention.restype = i64
     library.allmpnet_x86_attention_scratch_bytes.argtypes = [i64, c_int]
     library.allmpnet_x86_attention_scratch_bytes.restype = i64

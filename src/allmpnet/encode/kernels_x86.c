@@ -228,7 +228,9 @@ static inline __attribute__((always_inline)) int prepare_row(const linear_args *
             }
         }
         const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
-        a->row_scale[m] = largest > 0.0f ? largest / 127.0f : 1.0f;  // 1: a split row's kept entries divide by it
+        // 1: a split row's kept entries divide by it; NaN (largest, as the bits' max finds it) keeps the row's
+        // outputs NaN rather than the finite values its undefined bytes would give
+        a->row_scale[m] = largest > 0.0f ? largest / 127.0f : largest == 0.0f ? 1.0f : largest;
         uint8_t *out = (uint8_t *)a->act + m * K;
         for (int64_t k = 0; k < K; k++) out[k] = (uint8_t)((int32_t)__builtin_rintf(buffer[k] * inverse) + 128);
     }
@@ -635,167 +637,219 @@ int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *
 // softmax(q k^T * scale + bias) v for `blocks` blocks of T tokens from row `start` of packed q|k|v (N, 3C), heads of
 // 64, into rows of out (N, C); qkv and out bf16 or fp32 (`bf16`), bias (H, T, T) fp32. Why: on CPUs without AMX,
 // torch's SDPA runs this model's bf16 attention at ~70-90 GFLOP/s (2 Zen 4 cores), a quarter of a 256-token
-// passage's time. Here per (block, head) the keys are transposed and the values widened to fp32 once, and 4 query
-// rows at a time take their scores, softmax and weighted values in fp32 FMAs with the sums in registers.
+// passage's time. Per (block, head) the keys are laid out transposed once (16 x 16 register transposes), and 4
+// query rows at a time take their scores in registers, 16 keys per vector (only as many vectors as T needs: a
+// 28-token block of side-by-side sentences costs 2, not a padded 4). The scale, the bias and the running maximum
+// are applied as the scores leave the registers, exp and its sum in one pass; the weighted values are summed
+// unnormalised and divided by the sum at the end. With AVX512-BF16 (`dot_bf16`) and bf16 q|k|v both products are
+// vdpbf16ps pair dot products (twice the fp32 FMA rate): keys as pairs of inputs (k[2p], k[2p+1]) per key, values
+// as pairs of keys (v_2q[d], v_2q+1[d]) per output, so one 32-bit broadcast of a query's pair, or of two exp
+// values rounded to bf16 (as SDPA's bf16 path rounds its probabilities), meets 16 keys (outputs) per vector.
+// Otherwise fp32 FMAs. Scores, softmax and sums stay fp32.
 #define ATTENTION_D 64     // head size the kernel is written for (4 vectors)
 #define ATTENTION_ROWS 4   // query rows per register block
 
-static inline __attribute__((always_inline)) float value_at(const void *p, int bf16, int64_t i) {
-    return bf16 ? bf16_load((const uint16_t *)p + i) : ((const float *)p)[i];
-}
-
 // Bytes of scratch allmpnet_x86_attention needs for blocks of T tokens.
 int64_t allmpnet_x86_attention_scratch_bytes(int64_t T, int threads) {
-    const int64_t padded = (T + 63) / 64 * 64;
-    return (int64_t)(threads < 1 ? 1 : threads) * (ATTENTION_D * padded + T * ATTENTION_D
-                                                    + ATTENTION_ROWS * padded + ATTENTION_ROWS * ATTENTION_D) * 4;
+    const int64_t padded = (T + 15) / 16 * 16;  // keys: D x padded, values: padded x D, scores, queries (fp32)
+    return (int64_t)(threads < 1 ? 1 : threads)
+           * (2 * ATTENTION_D * padded + ATTENTION_ROWS * padded + ATTENTION_ROWS * ATTENTION_D) * 4;
 }
 
-__attribute__((target(AVX512))) static void attend_block_head(const void *qkv, int bf16, void *out, const float *bias,
-                                                              float scale, int64_t row0, int64_t T, int64_t C,
-                                                              float *work) {
-    const int64_t padded = (T + 63) / 64 * 64, D = ATTENTION_D;
-    float *keys = work;                       // (D, padded): keys transposed, zero past T
-    float *values = keys + D * padded;        // (T, D)
-    float *scores = values + T * D;           // (ATTENTION_ROWS, padded)
-    float *queries = scores + ATTENTION_ROWS * padded;  // (ATTENTION_ROWS, D)
-    for (int64_t j = 0; j < padded; j++)
-        for (int64_t d = 0; d < D; d++)
-            keys[d * padded + j] = j < T ? value_at(qkv, bf16, (row0 + j) * 3 * C + C + d) : 0.0f;
-    for (int64_t j = 0; j < T; j++)
-        for (int64_t d = 0; d < D; d++) values[j * D + d] = value_at(qkv, bf16, (row0 + j) * 3 * C + 2 * C + d);
-    for (int64_t i0 = 0; i0 < T; i0 += ATTENTION_ROWS) {
-        const int rows = T - i0 < ATTENTION_ROWS ? (int)(T - i0) : ATTENTION_ROWS;
-        for (int r = 0; r < ATTENTION_ROWS; r++)  // missing rows repeat the first: computed, never stored
-            for (int64_t d = 0; d < D; d++)
-                queries[r * D + d] = value_at(qkv, bf16, (row0 + i0 + (r < rows ? r : 0)) * 3 * C + d) * scale;
-        for (int64_t j0 = 0; j0 < padded; j0 += 64) {
-            __m512 s[ATTENTION_ROWS][4];
-            for (int r = 0; r < ATTENTION_ROWS; r++)
-                for (int v = 0; v < 4; v++) s[r][v] = _mm512_setzero_ps();
-            for (int64_t d = 0; d < D; d++) {
-                const float *k = keys + d * padded + j0;
-                const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
-                             k3 = _mm512_loadu_ps(k + 48);
-                for (int r = 0; r < ATTENTION_ROWS; r++) {
-                    const __m512 q = _mm512_set1_ps(queries[r * D + d]);
-                    s[r][0] = _mm512_fmadd_ps(q, k0, s[r][0]);
-                    s[r][1] = _mm512_fmadd_ps(q, k1, s[r][1]);
-                    s[r][2] = _mm512_fmadd_ps(q, k2, s[r][2]);
-                    s[r][3] = _mm512_fmadd_ps(q, k3, s[r][3]);
-                }
-            }
-            for (int r = 0; r < ATTENTION_ROWS; r++)
-                for (int v = 0; v < 4; v++) _mm512_storeu_ps(scores + r * padded + j0 + 16 * v, s[r][v]);
+// 16 32-bit lanes at element `index` of p: fp32 / bf16 pairs as they are, or (widen) 16 bf16 as fp32
+static inline __attribute__((always_inline, target(AVX512))) __m512i load16(const void *p, int64_t index,
+                                                                             int widen) {
+    if (widen)
+        return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p
+                                                                                                + index))), 16);
+    return _mm512_loadu_si512((const uint32_t *)p + index);
+}
+
+// r[i][e] -> r[e][i]: within 128-bit lanes, then the lanes themselves
+static inline __attribute__((always_inline, target(AVX512))) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // r[i + c], lane L: column 4L + c of rows i..i+3
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD),
+                      y0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88),
+                      y1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+        t[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+        t[4 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+        t[8 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+        t[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+// dst (columns x padded): column c of the T rows (row j at src + j * stride, `columns` 32-bit lanes, or bf16
+// widened), zero past T
+__attribute__((target(AVX512))) static void stage_transposed(const void *src, int widen, int64_t stride, int64_t T,
+                                                             int64_t columns, uint32_t *dst, int64_t padded) {
+    for (int64_t j0 = 0; j0 < padded; j0 += 16)
+        for (int64_t c0 = 0; c0 < columns; c0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = j0 + i < T ? load16(src, (j0 + i) * stride + c0, widen) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int i = 0; i < 16; i++) _mm512_store_si512(dst + (c0 + i) * padded + j0, r[i]);
         }
-        for (int r = 0; r < ATTENTION_ROWS; r++) {  // softmax over the T real keys, with the position bias
-            float *row = scores + r * padded, top = -3.0e38f, total = 0.0f;
-            const float *b = bias + (i0 + (r < rows ? r : 0)) * T;
-            _Pragma("omp simd reduction(max:top)") for (int64_t j = 0; j < T; j++) {
-                row[j] += b[j];
-                top = row[j] > top ? row[j] : top;
-            }
-            _Pragma("omp simd reduction(+:total)") for (int64_t j = 0; j < T; j++) {
-                row[j] = exp_nonpositive(row[j] - top);
-                total += row[j];
-            }
-            const float inverse = 1.0f / total;
-            _Pragma("omp simd") for (int64_t j = 0; j < T; j++) row[j] *= inverse;
-        }
-        __m512 o[ATTENTION_ROWS][4];
-        for (int r = 0; r < ATTENTION_ROWS; r++)
-            for (int v = 0; v < 4; v++) o[r][v] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < T; j++) {
-            const float *vj = values + j * D;
-            const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
-                         v3 = _mm512_loadu_ps(vj + 48);
-            for (int r = 0; r < ATTENTION_ROWS; r++) {
-                const __m512 p = _mm512_set1_ps(scores[r * padded + j]);
-                o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]);
-                o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
-                o[r][2] = _mm512_fmadd_ps(p, v2, o[r][2]);
-                o[r][3] = _mm512_fmadd_ps(p, v3, o[r][3]);
-            }
-        }
-        for (int r = 0; r < rows; r++) {
-            float result[ATTENTION_D] __attribute__((aligned(64)));
-            for (int v = 0; v < 4; v++) _mm512_store_ps(result + 16 * v, o[r][v]);
-            const int64_t at = (row0 + i0 + r) * C;
-            if (bf16)
-                for (int64_t d = 0; d < D; d++) ((uint16_t *)out)[at + d] = bf16_round(result[d]);
-            else
-                memcpy((float *)out + at, result, D * 4);
+}
+
+// exp(y) for y <= 0, as exp_nonpositive, 16 at a time
+static inline __attribute__((always_inline, target(AVX512))) __m512 exp_nonpositive16(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), y);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// 16 fp32 -> bf16, to nearest even as bf16_round (and vcvtneps2bf16, which CPUs without AVX512-BF16 lack)
+static inline __attribute__((always_inline, target(AVX512))) __m256i bf16_round16(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd,
+                                                                       _mm512_set1_epi32(0x7fff))), 16));
+}
+
+static inline __attribute__((always_inline)) __mmask16 keys_before(int64_t T, int64_t j) {
+    return j + 16 <= T ? (__mmask16)0xFFFF : j < T ? (__mmask16)((1u << (T - j)) - 1) : (__mmask16)0;
+}
+
+// scores s (ATTENTION_ROWS x V vectors from key j0) -> scale x s + bias, -inf past T, into scores; row maxima
+static inline __attribute__((always_inline, target(AVX512))) void store_scores(
+    __m512 s[ATTENTION_ROWS][4], int V, int64_t j0, int64_t T, const float *const *bias, float scale,
+    float *scores, int64_t padded, __m512 *top) {
+    for (int v = 0; v < V; v++) {
+        const int64_t j = j0 + 16 * v;
+        const __mmask16 real = keys_before(T, j);
+        for (int r = 0; r < ATTENTION_ROWS; r++) {
+            __m512 x = _mm512_fmadd_ps(s[r][v], _mm512_set1_ps(scale), _mm512_maskz_loadu_ps(real, bias[r] + j));
+            x = _mm512_mask_blend_ps(real, _mm512_set1_ps(-__builtin_inff()), x);
+            _mm512_store_ps(scores + r * padded + j, x);
+            top[r] = _mm512_max_ps(top[r], x);
         }
     }
 }
 
-// The same for bf16 q|k|v on AVX512-BF16: vdpbf16ps multiplies pairs of bf16 into fp32 sums at twice the fp32
-// FMA rate. Keys are laid out as pairs of inputs (k[2p], k[2p+1]) per key, values as pairs of keys (v_2q[d],
-// v_2q+1[d]) per output, so one 32-bit broadcast of a query's pair (or of two probabilities, rounded to bf16 as
-// SDPA's bf16 path does) meets 16 keys (outputs) per vector. Scores, softmax and sums stay fp32.
-__attribute__((target(AVX512 ",avx512bf16"))) static void attend_block_head_bf16(
+// V (1-4) vectors of 16 keys from j0: fp32 queries (ATTENTION_ROWS x D) against keys (D x padded)
+static inline __attribute__((always_inline, target(AVX512))) void score_tile_fp32(
+    const float *queries, const float *keys, int64_t padded, int V, int64_t j0, int64_t T,
+    const float *const *bias, float scale, float *scores, __m512 *top) {
+    __m512 s[ATTENTION_ROWS][4], k[4];
+    for (int r = 0; r < ATTENTION_ROWS; r++)
+        for (int v = 0; v < V; v++) s[r][v] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < ATTENTION_D; d++) {
+        for (int v = 0; v < V; v++) k[v] = _mm512_load_ps(keys + d * padded + j0 + 16 * v);
+        for (int r = 0; r < ATTENTION_ROWS; r++) {
+            const __m512 q = _mm512_set1_ps(queries[r * ATTENTION_D + d]);
+            for (int v = 0; v < V; v++) s[r][v] = _mm512_fmadd_ps(q, k[v], s[r][v]);
+        }
+    }
+    store_scores(s, V, j0, T, bias, scale, scores, padded, top);
+}
+
+// the same with bf16 pairs: queries' pairs read in place, keys (D/2 x padded) pairs
+static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) void score_tile_bf16(
+    const uint32_t *const *q, const uint32_t *keys, int64_t padded, int V, int64_t j0, int64_t T,
+    const float *const *bias, float scale, float *scores, __m512 *top) {
+    __m512 s[ATTENTION_ROWS][4];
+    __m512bh k[4];
+    for (int r = 0; r < ATTENTION_ROWS; r++)
+        for (int v = 0; v < V; v++) s[r][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < ATTENTION_D / 2; p++) {
+        for (int v = 0; v < V; v++) k[v] = (__m512bh)_mm512_load_si512(keys + p * padded + j0 + 16 * v);
+        for (int r = 0; r < ATTENTION_ROWS; r++) {
+            const __m512bh qp = (__m512bh)_mm512_set1_epi32((int)q[r][p]);
+            for (int v = 0; v < V; v++) s[r][v] = _mm512_dpbf16_ps(s[r][v], qp, k[v]);
+        }
+    }
+    store_scores(s, V, j0, T, bias, scale, scores, padded, top);
+}
+
+// exp(score - row max) over the padded row (zero past T), in place or (weights) rounded to bf16; 1 / their sum
+static inline __attribute__((always_inline, target(AVX512))) float exponentiate(
+    float *row, uint16_t *weights, int64_t T, int64_t padded, __m512 top) {
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(keys_before(T, j), exp_nonpositive16(_mm512_sub_ps(_mm512_load_ps(row + j), m)));
+        if (weights)
+            _mm256_store_si256((__m256i *)(weights + j), bf16_round16(e));
+        else
+            _mm512_store_ps(row + j, e);
+        total = _mm512_add_ps(total, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(total);
+}
+
+// one head of one block; qkv, out at the head's first column, row0 the block's first row
+__attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
     const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
     float *work) {
-    const int64_t padded = (T + 63) / 64 * 64, D = ATTENTION_D, P = D / 2, pairs = padded / 2;
-    uint32_t *keys = (uint32_t *)work;                  // (P, padded): key j's inputs 2p, 2p+1; zero past T
-    uint16_t *values = (uint16_t *)(keys + P * padded);  // (pairs, D, 2): keys 2q, 2q+1 of output d; zero past T
-    float *scores = (float *)(values + pairs * D * 2);   // (ATTENTION_ROWS, padded)
+    const int64_t padded = (T + 15) / 16 * 16, D = ATTENTION_D, P = D / 2;
+    uint32_t *keys = (uint32_t *)work;                              // (P, padded) pairs
+    uint16_t *values = (uint16_t *)(keys + P * padded);             // (padded / 2, D, 2)
+    float *scores = (float *)(values + padded * D);                 // (ATTENTION_ROWS, padded)
     uint16_t *weights = (uint16_t *)(scores + ATTENTION_ROWS * padded);  // (ATTENTION_ROWS, padded) bf16
-    for (int64_t j = 0; j < padded; j++) {
-        const uint32_t *k = (const uint32_t *)(qkv + (row0 + j) * 3 * C + C);
-        for (int64_t p = 0; p < P; p++) keys[p * padded + j] = j < T ? k[p] : 0u;
-    }
-    for (int64_t j = 0; j < padded; j++) {
-        const uint16_t *v = qkv + (row0 + j) * 3 * C + 2 * C;
-        uint16_t *pair = values + (j / 2) * D * 2 + (j % 2);
-        for (int64_t d = 0; d < D; d++) pair[2 * d] = j < T ? v[d] : 0;
+    const uint16_t *rows = qkv + row0 * 3 * C;
+    stage_transposed(rows + C, 0, 3 * C / 2, T, P, keys, padded);
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0),
+                  high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+    for (int64_t j = 0; j < padded; j += 2) {  // keys j, j + 1 interleaved per output
+        const uint16_t *a = rows + j * 3 * C + 2 * C, *b = a + 3 * C;
+        for (int half = 0; half < 2; half++) {
+            const __m512i x = j < T ? _mm512_loadu_si512(a + 32 * half) : _mm512_setzero_si512(),
+                          y = j + 1 < T ? _mm512_loadu_si512(b + 32 * half) : _mm512_setzero_si512();
+            _mm512_store_si512(values + j * D + 64 * half, _mm512_permutex2var_epi16(x, low, y));
+            _mm512_store_si512(values + j * D + 64 * half + 32, _mm512_permutex2var_epi16(x, high, y));
+        }
     }
     for (int64_t i0 = 0; i0 < T; i0 += ATTENTION_ROWS) {
-        const int rows = T - i0 < ATTENTION_ROWS ? (int)(T - i0) : ATTENTION_ROWS;
+        const int rows_here = T - i0 < ATTENTION_ROWS ? (int)(T - i0) : ATTENTION_ROWS;
         const uint32_t *q[ATTENTION_ROWS];  // missing rows repeat the first: computed, never stored
-        for (int r = 0; r < ATTENTION_ROWS; r++) q[r] = (const uint32_t *)(qkv + (row0 + i0 + (r < rows ? r : 0)) * 3 * C);
-        for (int64_t j0 = 0; j0 < padded; j0 += 64) {
-            __m512 s[ATTENTION_ROWS][4];
-            for (int r = 0; r < ATTENTION_ROWS; r++)
-                for (int v = 0; v < 4; v++) s[r][v] = _mm512_setzero_ps();
-            for (int64_t p = 0; p < P; p++) {
-                const uint32_t *k = keys + p * padded + j0;
-                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16),
-                               k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
-                for (int r = 0; r < ATTENTION_ROWS; r++) {
-                    const __m512bh qp = (__m512bh)_mm512_set1_epi32((int)q[r][p]);
-                    s[r][0] = _mm512_dpbf16_ps(s[r][0], qp, k0);
-                    s[r][1] = _mm512_dpbf16_ps(s[r][1], qp, k1);
-                    s[r][2] = _mm512_dpbf16_ps(s[r][2], qp, k2);
-                    s[r][3] = _mm512_dpbf16_ps(s[r][3], qp, k3);
-                }
-            }
-            for (int r = 0; r < ATTENTION_ROWS; r++)
-                for (int v = 0; v < 4; v++) _mm512_storeu_ps(scores + r * padded + j0 + 16 * v, s[r][v]);
-        }
+        const float *b[ATTENTION_ROWS];
+        __m512 top[ATTENTION_ROWS];
         for (int r = 0; r < ATTENTION_ROWS; r++) {
-            float *row = scores + r * padded, top = -3.0e38f, total = 0.0f;
-            const float *b = bias + (i0 + (r < rows ? r : 0)) * T;
-            _Pragma("omp simd reduction(max:top)") for (int64_t j = 0; j < T; j++) {
-                row[j] = row[j] * scale + b[j];
-                top = row[j] > top ? row[j] : top;
-            }
-            _Pragma("omp simd reduction(+:total)") for (int64_t j = 0; j < T; j++) {
-                row[j] = exp_nonpositive(row[j] - top);
-                total += row[j];
-            }
-            const float inverse = 1.0f / total;
-            uint16_t *w = weights + r * padded;
-            _Pragma("omp simd") for (int64_t j = 0; j < T; j++) w[j] = bf16_round(row[j] * inverse);
-            for (int64_t j = T; j < padded; j++) w[j] = 0;
+            const int64_t i = i0 + (r < rows_here ? r : 0);
+            q[r] = (const uint32_t *)(rows + i * 3 * C);
+            b[r] = bias + i * T;
+            top[r] = _mm512_set1_ps(-__builtin_inff());
         }
+        int64_t j0 = 0;
+        for (; j0 + 64 <= padded; j0 += 64) score_tile_bf16(q, keys, padded, 4, j0, T, b, scale, scores, top);
+        switch ((padded - j0) / 16) {
+            case 3: score_tile_bf16(q, keys, padded, 3, j0, T, b, scale, scores, top); break;
+            case 2: score_tile_bf16(q, keys, padded, 2, j0, T, b, scale, scores, top); break;
+            case 1: score_tile_bf16(q, keys, padded, 1, j0, T, b, scale, scores, top); break;
+        }
+        float inverse[ATTENTION_ROWS];
+        for (int r = 0; r < ATTENTION_ROWS; r++)
+            inverse[r] = exponentiate(scores + r * padded, weights + r * padded, T, padded, top[r]);
         __m512 o[ATTENTION_ROWS][4];
         for (int r = 0; r < ATTENTION_ROWS; r++)
             for (int v = 0; v < 4; v++) o[r][v] = _mm512_setzero_ps();
         for (int64_t jp = 0; jp < (T + 1) / 2; jp++) {
             const uint16_t *vp = values + jp * D * 2;
-            const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vp), v1 = (__m512bh)_mm512_loadu_si512(vp + 32),
-                           v2 = (__m512bh)_mm512_loadu_si512(vp + 64), v3 = (__m512bh)_mm512_loadu_si512(vp + 96);
+            const __m512bh v0 = (__m512bh)_mm512_load_si512(vp), v1 = (__m512bh)_mm512_load_si512(vp + 32),
+                           v2 = (__m512bh)_mm512_load_si512(vp + 64), v3 = (__m512bh)_mm512_load_si512(vp + 96);
             for (int r = 0; r < ATTENTION_ROWS; r++) {
                 const __m512bh pp = (__m512bh)_mm512_set1_epi32(((const int32_t *)(weights + r * padded))[jp]);
                 o[r][0] = _mm512_dpbf16_ps(o[r][0], pp, v0);
@@ -804,34 +858,111 @@ __attribute__((target(AVX512 ",avx512bf16"))) static void attend_block_head_bf16
                 o[r][3] = _mm512_dpbf16_ps(o[r][3], pp, v3);
             }
         }
-        for (int r = 0; r < rows; r++) {
+        for (int r = 0; r < rows_here; r++) {
             uint16_t *at = out + (row0 + i0 + r) * C;
+            const __m512 w = _mm512_set1_ps(inverse[r]);
             for (int v = 0; v < 4; v++)
-                _mm256_storeu_si256((__m256i *)(at + 16 * v), (__m256i)_mm512_cvtneps_pbh(o[r][v]));
+                _mm256_storeu_si256((__m256i *)(at + 16 * v), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][v], w)));
         }
     }
 }
 
-// Returns 0; -1 for a head size other than 64 or a bad shape (nothing computed); -2 without AVX512.
+// the same in fp32 FMAs, from fp32 or bf16 q|k|v (widened as staged) into out of the same dtype
+__attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, int bf16, void *out,
+                                                             const float *bias, float scale, int64_t row0, int64_t T,
+                                                             int64_t C, float *work) {
+    const int64_t padded = (T + 15) / 16 * 16, D = ATTENTION_D, size = bf16 ? 2 : 4;
+    float *keys = work;                              // (D, padded)
+    float *values = keys + D * padded;               // (padded, D)
+    float *scores = values + padded * D;             // (ATTENTION_ROWS, padded)
+    float *queries = scores + ATTENTION_ROWS * padded;  // (ATTENTION_ROWS, D)
+    const char *rows = (const char *)qkv + row0 * 3 * C * size;  // elements of row j: j * 3C on
+    stage_transposed(rows + C * size, bf16, 3 * C, T, D, (uint32_t *)keys, padded);
+    for (int64_t j = 0; j < T; j++)
+        for (int v = 0; v < 4; v++)
+            _mm512_store_si512(values + j * D + 16 * v, load16(rows, j * 3 * C + 2 * C + 16 * v, bf16));
+    for (int64_t i0 = 0; i0 < T; i0 += ATTENTION_ROWS) {
+        const int rows_here = T - i0 < ATTENTION_ROWS ? (int)(T - i0) : ATTENTION_ROWS;
+        const float *b[ATTENTION_ROWS];
+        __m512 top[ATTENTION_ROWS];
+        for (int r = 0; r < ATTENTION_ROWS; r++) {
+            const int64_t i = i0 + (r < rows_here ? r : 0);  // missing rows repeat the first: computed, never stored
+            for (int v = 0; v < 4; v++)
+                _mm512_store_si512(queries + r * D + 16 * v, load16(rows, i * 3 * C + 16 * v, bf16));
+            b[r] = bias + i * T;
+            top[r] = _mm512_set1_ps(-__builtin_inff());
+        }
+        int64_t j0 = 0;
+        for (; j0 + 64 <= padded; j0 += 64) score_tile_fp32(queries, keys, padded, 4, j0, T, b, scale, scores, top);
+        switch ((padded - j0) / 16) {
+            case 3: score_tile_fp32(queries, keys, padded, 3, j0, T, b, scale, scores, top); break;
+            case 2: score_tile_fp32(queries, keys, padded, 2, j0, T, b, scale, scores, top); break;
+            case 1: score_tile_fp32(queries, keys, padded, 1, j0, T, b, scale, scores, top); break;
+        }
+        float inverse[ATTENTION_ROWS];
+        for (int r = 0; r < ATTENTION_ROWS; r++) inverse[r] = exponentiate(scores + r * padded, NULL, T, padded, top[r]);
+        __m512 o[ATTENTION_ROWS][4];
+        for (int r = 0; r < ATTENTION_ROWS; r++)
+            for (int v = 0; v < 4; v++) o[r][v] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < T; j++) {
+            const float *vj = values + j * D;
+            const __m512 v0 = _mm512_load_ps(vj), v1 = _mm512_load_ps(vj + 16), v2 = _mm512_load_ps(vj + 32),
+                         v3 = _mm512_load_ps(vj + 48);
+            for (int r = 0; r < ATTENTION_ROWS; r++) {
+                const __m512 p = _mm512_set1_ps(scores[r * padded + j]);
+                o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]);
+                o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
+                o[r][2] = _mm512_fmadd_ps(p, v2, o[r][2]);
+                o[r][3] = _mm512_fmadd_ps(p, v3, o[r][3]);
+            }
+        }
+        for (int r = 0; r < rows_here; r++) {
+            const int64_t at = (row0 + i0 + r) * C;
+            const __m512 w = _mm512_set1_ps(inverse[r]);
+            for (int v = 0; v < 4; v++) {
+                const __m512 x = _mm512_mul_ps(o[r][v], w);
+                if (bf16)
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + at + 16 * v), bf16_round16(x));
+                else
+                    _mm512_storeu_ps((float *)out + at + 16 * v, x);
+            }
+        }
+    }
+}
+
+// Each head reads its own 128 or 256 bytes of q, k and v from every row of the block: other cache lines than the
+// previous head's, a strided pattern the hardware prefetchers miss. The next task's are requested into L2 first.
+static void prefetch_head(const char *qkv, int64_t size, int64_t row0, int64_t T, int64_t C, int64_t h) {
+    for (int64_t j = 0; j < T; j++)
+        for (int part = 0; part < 3; part++) {
+            const char *p = qkv + ((row0 + j) * 3 * C + part * C + h * ATTENTION_D) * size;
+            for (int64_t line = 0; line < ATTENTION_D * size; line += 64) _mm_prefetch(p + line, _MM_HINT_T1);
+        }
+}
+
+// Returns 0; -1 for a head size other than 64 or a bad shape (nothing computed); -2 without AVX512. dot_bf16:
+// the caller's choice of bf16 pair products for bf16 q|k|v (taken only where the CPU has AVX512-BF16).
 int64_t allmpnet_x86_attention(const void *qkv, int bf16, void *out, const float *bias, float scale, int64_t start,
-                               int64_t blocks, int64_t T, int64_t H, void *scratch, int threads) {
+                               int64_t blocks, int64_t T, int64_t H, int dot_bf16, void *scratch, int threads) {
     if (!allmpnet_x86_kernel_supported(KERNEL_AVX512_F32)) return -2;
     if (T < 1 || H < 1 || blocks < 0 || start < 0) return -1;
     const int64_t C = H * ATTENTION_D, per_thread = allmpnet_x86_attention_scratch_bytes(T, 1) / 4;
-    const int dot_bf16 = allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16);
+    dot_bf16 = dot_bf16 && bf16 && allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16);
     if (threads < 1) threads = 1;
     _Pragma("omp parallel for schedule(static) num_threads(threads)")
     for (int64_t task = 0; task < blocks * H; task++) {
         const int64_t b = task / H, h = task % H;
         float *work = (float *)scratch + (int64_t)omp_get_thread_num() * per_thread;
+        if (task + 1 < blocks * H)
+            prefetch_head((const char *)qkv, bf16 ? 2 : 4, start + (task + 1) / H * T, T, C, (task + 1) % H);
         // the head's columns: q at h*D, k at C + h*D, v at 2C + h*D of each row; out at h*D
-        const size_t size = bf16 ? 2 : 4;
-        if (bf16 && dot_bf16 && T >= 64)  // shorter blocks: the pair layouts cost more than the dots save
-            attend_block_head_bf16((const uint16_t *)qkv + h * ATTENTION_D, (uint16_t *)out + h * ATTENTION_D,
-                                   bias + h * T * T, scale, start + b * T, T, C, work);
+        if (dot_bf16)
+            attend_head_bf16((const uint16_t *)qkv + h * ATTENTION_D, (uint16_t *)out + h * ATTENTION_D,
+                             bias + h * T * T, scale, start + b * T, T, C, work);
         else
-            attend_block_head((const char *)qkv + h * ATTENTION_D * size, bf16, (char *)out + h * ATTENTION_D * size,
-                              bias + h * T * T, scale, start + b * T, T, C, work);
+            attend_head_fp32((const char *)qkv + h * ATTENTION_D * (bf16 ? 2 : 4), bf16,
+                             (char *)out + h * ATTENTION_D * (bf16 ? 2 : 4), bias + h * T * T, scale, start + b * T,
+                             T, C, work);
     }
     return 0;
 }
@@ -941,19 +1072,25 @@ __attribute__((target(AVX2))) static void embed_by_team(const x86_embedding_spec
     }
 }
 
-// Each text's mean row, unit length when `normalize` (F.normalize's 1e-12 floor), into out (texts, C), by the team.
+// Each text's mean row, unit length when `normalize` (F.normalize's 1e-12 floor), into out (texts, C), by the team;
+// texts whose mean holds NaN or inf are counted into *bad (the caller's check, done here while the row is in L1: a
+// torch op on the result after the layers' sweep of the caches costs ~0.1 ms).
 __attribute__((target(AVX2))) static void pool_by_team(const float *x, int64_t C, int64_t texts,
                                                        const int32_t *start, const int32_t *length, int normalize,
-                                                       float *out) {
+                                                       float *out, int64_t *bad) {
     _Pragma("omp for schedule(static)") for (int64_t t = 0; t < texts; t++) {
-        float *row = out + t * C, squares = 0.0f;
+        float *row = out + t * C, squares = 0.0f, poison = 0.0f;  // poison: 0 x each value, NaN unless all finite
         for (int64_t c = 0; c < C; c++) row[c] = 0.0f;
         for (int64_t m = start[t]; m < start[t] + length[t]; m++)
             for (int64_t c = 0; c < C; c++) row[c] += x[m * C + c];
         const float inverse = 1.0f / (float)length[t];
-        _Pragma("omp simd reduction(+:squares)") for (int64_t c = 0; c < C; c++) {
+        _Pragma("omp simd reduction(+:squares, poison)") for (int64_t c = 0; c < C; c++) {
             row[c] *= inverse;
             squares += row[c] * row[c];
+            poison += row[c] * 0.0f;
+        }
+        if (poison != 0.0f || poison != poison) {
+            _Pragma("omp atomic") (*bad)++;
         }
         if (normalize) {
             const float norm = __builtin_sqrtf(squares), scale = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
@@ -973,9 +1110,9 @@ int64_t allmpnet_x86_encoder_scratch_bytes(int64_t M, int64_t C, int64_t I, int 
 // most MAX_FUSED_TEXT tokens), bias[t] (H, L, L) fp32 their position bias; eps the LayerNorms'. With `embedding`,
 // x is first filled from the rows' token ids (ids, M) through the embeddings; with `pooled` (texts, C), each
 // text's mean row (unit length when `normalize`) is written there: a query's whole forward pass in one call.
-// routed (count x 4) or NULL: each projection's rows routed to int16 (int8 kernel). Returns 0; -1 or -2 as
-// allmpnet_x86_linear for a layer it refuses (nothing computed); -3 for texts out of range, -4 for token ids or
-// positions outside the embedding tables.
+// routed (count x 4) or NULL: each projection's rows routed to int16 (int8 kernel). Returns 0, or with `pooled`
+// the number of texts whose mean holds NaN or inf; -1 or -2 as allmpnet_x86_linear for a layer it refuses
+// (nothing computed); -3 for texts out of range, -4 for token ids or positions outside the embedding tables.
 int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const x86_embedding_spec *embedding,
                              const int32_t *ids, float *x, int64_t M, int64_t C, int64_t H, int64_t texts,
                              const int32_t *start, const int32_t *length, const float *const *bias, float eps,
@@ -1010,6 +1147,7 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
     at += 2 * aligned(M * C * 4);
     const int64_t K = I > C ? I : C;
     float *buffers = (float *)(at + widest_linear_scratch_bytes(M, K));
+    int64_t bad = 0;
     _Pragma("omp parallel num_threads(threads)") {
         float *buffer = buffers + (int64_t)omp_get_thread_num() * K;
         const int lead = omp_get_thread_num() == 0;
@@ -1041,9 +1179,9 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
             _Pragma("omp barrier")
             layer_norm_by_team(x, M, C, layer->norm2_weight, layer->norm2_bias, eps);
         }
-        if (pooled) pool_by_team(x, C, texts, start, length, normalize, pooled);
+        if (pooled) pool_by_team(x, C, texts, start, length, normalize, pooled, &bad);
     }
-    return 0;
+    return bad;
 }
 
 #else  // ALLMPNET_MICRO_KERNELS: the part included once per row count

@@ -1,9 +1,10 @@
 """Attention over blocks of equal length for x86 CPUs with AVX512 but no AMX (`allmpnet_x86_attention` in
 kernels_x86.c): softmax(q k^T / sqrt(D) + bias) v per block and head of 64, with fp32 scores and softmax; the
-products in fp32 FMAs, or for bf16 blocks of 64+ tokens in AVX512-BF16 pair dot products (twice the rate).
+products of bf16 blocks in AVX512-BF16 pair dot products (twice the FMA rate) where the CPU has them, else (and
+for fp32 blocks) in fp32 FMAs.
 
-Why: there torch's SDPA runs this model's bf16 attention at ~60-110 GFLOP/s (2 Zen 4 cores), a quarter of a
-256-token passage's time; ours runs it at ~2x that on 32- to 384-token blocks (benchmarks/int8_research/
+Why: there torch's SDPA runs this model's bf16 attention at ~40-115 GFLOP/s (2 Zen 4 cores), a quarter of a
+256-token passage's time; ours runs it at 2.5-6x that on 9- to 384-token blocks (benchmarks/int8_research/
 attention.py). The packed batch sends it every group whose blocks are at most MAX_TOKENS long (model/packing.py,
 GroupedAttention), with the same call as the AMX short kernel.
 """

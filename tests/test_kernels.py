@@ -30,6 +30,25 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- quantization and layout (no kernel needed)
 
 
+def test_a_library_is_rebuilt_when_a_header_beside_it_changes(tmp_path, monkeypatch):
+    import ctypes
+    import shutil
+
+    from allmpnet.encode.kernels import compiled_library
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path / "home"))
+    source, header = tmp_path / "lib.c", tmp_path / "value.h"
+    source.write_text('#include "value.h"\nint value(void) { return VALUE; }\n')
+    built = {}
+    for value in (1, 2):
+        header.write_text(f"#define VALUE {value}\n")
+        built[value] = compiled_library(source, ["-O1", "-shared", "-fPIC"])
+        library = ctypes.CDLL(str(built[value]))
+        assert library.value() == value
+    assert built[1] != built[2]
+
+
 def test_quantize_keeps_each_group_within_half_a_step():
     torch.manual_seed(0)
     weight = torch.randn(64, 256)

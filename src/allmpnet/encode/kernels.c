@@ -20,6 +20,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "simd_math.h"
+
 #define STEP_K 32     // inputs per B tile (16 rows of bf16 pairs)
 #define BLOCK_N 32    // outputs per block: two 16-column tiles
 #define CHUNK_M 32    // rows per pass over a block: two 16-row tiles
@@ -49,25 +51,6 @@ static void configure_tiles(int rows0, int rows1) {
     _tile_loadconfig(&cfg);
 }
 
-static inline __m512 bf16_to_fp32(__m256i v) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-// exp(y) for y <= 0: 2^n exp(r), |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error < 1e-7)
-static inline __m512 exp_nonpositive(__m512 y) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(-88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), y);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 // GELU(v) = v / 2 (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7; the result
 // is rounded to bf16, ~4e-3 relative, anyway)
 static inline __m512 gelu(__m512 v) {
@@ -80,7 +63,7 @@ static inline __m512 gelu(__m512 v) {
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
     p = _mm512_mul_ps(p, t);
-    const __m512 erf_abs = _mm512_fnmadd_ps(p, exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x))),
+    const __m512 erf_abs = _mm512_fnmadd_ps(p, exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x))),
                                             _mm512_set1_ps(1.0f));
     const __m512 half_v = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
     // v / 2 (1 + sign(v) erf|.|) = v / 2 + |v| / 2 erf|.|
@@ -254,8 +237,8 @@ void allmpnet_short_attention(const uint16_t *qkv, uint16_t *out, const float *b
                 s0 = _mm512_mask_blend_ps(valid0, far, s0);  // lanes past T take no weight
                 s1 = _mm512_mask_blend_ps(valid1, far, s1);
                 const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-                const __m512 p0 = _mm512_maskz_mov_ps(valid0, exp_nonpositive(_mm512_sub_ps(s0, top)));
-                const __m512 p1 = _mm512_maskz_mov_ps(valid1, exp_nonpositive(_mm512_sub_ps(s1, top)));
+                const __m512 p0 = _mm512_maskz_mov_ps(valid0, exp_nonpositive16(_mm512_sub_ps(s0, top)));
+                const __m512 p1 = _mm512_maskz_mov_ps(valid1, exp_nonpositive16(_mm512_sub_ps(s1, top)));
                 const __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(p0, p1)));
                 float weights[MAX_BLOCK_TOKENS] __attribute__((aligned(64)));
                 _mm512_store_ps(weights, _mm512_mul_ps(p0, norm));

@@ -41,12 +41,13 @@ GROUP = 128  # inputs sharing one scale (per output channel)
 
 
 def compiled_library(source: Path, flags: list[str]) -> Path:
-    """`source` built with `flags` by the system C compiler, once, into the cache (atomically: parallel processes
-    may race to build it)."""
+    """`source` built with `flags` by the system C compiler, once per content of it and of the headers beside it
+    (which it may include), into the cache (atomically: parallel processes may race to build it)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the source includes
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{source.stem}-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

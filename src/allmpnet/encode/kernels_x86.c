@@ -31,6 +31,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd_math.h"
+
 #define NB 64            // outputs per packed block
 #define MR 6             // rows per micro-kernel call
 #define MB 192           // rows per block whose prepared activations are reused by every output block
@@ -660,8 +662,7 @@ int64_t allmpnet_x86_attention_scratch_bytes(int64_t T, int threads) {
 static inline __attribute__((always_inline, target(AVX512))) __m512i load16(const void *p, int64_t index,
                                                                              int widen) {
     if (widen)
-        return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p
-                                                                                                + index))), 16);
+        return _mm512_castps_si512(bf16_to_fp32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + index))));
     return _mm512_loadu_si512((const uint32_t *)p + index);
 }
 
@@ -702,22 +703,6 @@ __attribute__((target(AVX512))) static void stage_transposed(const void *src, in
             transpose16(r);
             for (int i = 0; i < 16; i++) _mm512_store_si512(dst + (c0 + i) * padded + j0, r[i]);
         }
-}
-
-// exp(y) for y <= 0, as exp_nonpositive, 16 at a time
-static inline __attribute__((always_inline, target(AVX512))) __m512 exp_nonpositive16(__m512 y) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), y);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 // 16 fp32 -> bf16, to nearest even as bf16_round (and vcvtneps2bf16, which CPUs without AVX512-BF16 lack)
@@ -783,6 +768,19 @@ static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) void 
     store_scores(s, V, j0, T, bias, scale, scores, padded, top);
 }
 
+// A block of ATTENTION_ROWS query rows against every key: tiles of 4 vectors of 16 keys, then one of the 1-3 left
+// (each a separate instance of the tile, its vector count a constant)
+#define SCORE_ROWS(tile, q)                                                                                     \
+    do {                                                                                                        \
+        int64_t j0 = 0;                                                                                         \
+        for (; j0 + 64 <= padded; j0 += 64) tile(q, keys, padded, 4, j0, T, b, scale, scores, top);             \
+        switch ((padded - j0) / 16) {                                                                           \
+            case 3: tile(q, keys, padded, 3, j0, T, b, scale, scores, top); break;                              \
+            case 2: tile(q, keys, padded, 2, j0, T, b, scale, scores, top); break;                              \
+            case 1: tile(q, keys, padded, 1, j0, T, b, scale, scores, top); break;                              \
+        }                                                                                                       \
+    } while (0)
+
 // exp(score - row max) over the padded row (zero past T): in place, or rounded to bf16 into weights, and with
 // `rest` what that rounding left out, also in bf16 (weights + rest: ~16 bits); returns 1 / their sum
 static inline __attribute__((always_inline, target(AVX512))) float exponentiate(
@@ -795,7 +793,7 @@ static inline __attribute__((always_inline, target(AVX512))) float exponentiate(
             const __m256i high = bf16_round16(e);
             _mm256_store_si256((__m256i *)(weights + j), high);
             if (rest) {
-                const __m512 kept = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(high), 16));
+                const __m512 kept = bf16_to_fp32(high);
                 _mm256_store_si256((__m256i *)(rest + j), bf16_round16(_mm512_sub_ps(e, kept)));
             }
         } else {
@@ -844,13 +842,7 @@ __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
             b[r] = bias + i * T;
             top[r] = _mm512_set1_ps(-__builtin_inff());
         }
-        int64_t j0 = 0;
-        for (; j0 + 64 <= padded; j0 += 64) score_tile_bf16(q, keys, padded, 4, j0, T, b, scale, scores, top);
-        switch ((padded - j0) / 16) {
-            case 3: score_tile_bf16(q, keys, padded, 3, j0, T, b, scale, scores, top); break;
-            case 2: score_tile_bf16(q, keys, padded, 2, j0, T, b, scale, scores, top); break;
-            case 1: score_tile_bf16(q, keys, padded, 1, j0, T, b, scale, scores, top); break;
-        }
+        SCORE_ROWS(score_tile_bf16, q);
         float inverse[ATTENTION_ROWS];
         for (int r = 0; r < ATTENTION_ROWS; r++)
             inverse[r] = exponentiate(scores + r * padded, weights + r * padded, rest ? rest + r * padded : NULL, T,
@@ -862,16 +854,9 @@ __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
             const uint16_t *vp = values + jp * D * 2;
             const __m512bh v0 = (__m512bh)_mm512_load_si512(vp), v1 = (__m512bh)_mm512_load_si512(vp + 32),
                            v2 = (__m512bh)_mm512_load_si512(vp + 64), v3 = (__m512bh)_mm512_load_si512(vp + 96);
-            for (int r = 0; r < ATTENTION_ROWS; r++) {
-                const __m512bh pp = (__m512bh)_mm512_set1_epi32(((const int32_t *)(weights + r * padded))[jp]);
-                o[r][0] = _mm512_dpbf16_ps(o[r][0], pp, v0);
-                o[r][1] = _mm512_dpbf16_ps(o[r][1], pp, v1);
-                o[r][2] = _mm512_dpbf16_ps(o[r][2], pp, v2);
-                o[r][3] = _mm512_dpbf16_ps(o[r][3], pp, v3);
-            }
-            if (rest)
+            for (const uint16_t *part = weights; part; part = part == weights ? rest : NULL)
                 for (int r = 0; r < ATTENTION_ROWS; r++) {
-                    const __m512bh pp = (__m512bh)_mm512_set1_epi32(((const int32_t *)(rest + r * padded))[jp]);
+                    const __m512bh pp = (__m512bh)_mm512_set1_epi32(((const int32_t *)(part + r * padded))[jp]);
                     o[r][0] = _mm512_dpbf16_ps(o[r][0], pp, v0);
                     o[r][1] = _mm512_dpbf16_ps(o[r][1], pp, v1);
                     o[r][2] = _mm512_dpbf16_ps(o[r][2], pp, v2);
@@ -912,13 +897,7 @@ __attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, in
             b[r] = bias + i * T;
             top[r] = _mm512_set1_ps(-__builtin_inff());
         }
-        int64_t j0 = 0;
-        for (; j0 + 64 <= padded; j0 += 64) score_tile_fp32(queries, keys, padded, 4, j0, T, b, scale, scores, top);
-        switch ((padded - j0) / 16) {
-            case 3: score_tile_fp32(queries, keys, padded, 3, j0, T, b, scale, scores, top); break;
-            case 2: score_tile_fp32(queries, keys, padded, 2, j0, T, b, scale, scores, top); break;
-            case 1: score_tile_fp32(queries, keys, padded, 1, j0, T, b, scale, scores, top); break;
-        }
+        SCORE_ROWS(score_tile_fp32, queries);
         float inverse[ATTENTION_ROWS];
         for (int r = 0; r < ATTENTION_ROWS; r++) inverse[r] = exponentiate(scores + r * padded, NULL, NULL, T, padded, top[r]);
         __m512 o[ATTENTION_ROWS][4];

@@ -646,8 +646,8 @@ int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *
 // unnormalised and divided by the sum at the end. With AVX512-BF16 (`dot_bf16`) and bf16 q|k|v both products are
 // vdpbf16ps pair dot products (twice the fp32 FMA rate): keys as pairs of inputs (k[2p], k[2p+1]) per key, values
 // as pairs of keys (v_2q[d], v_2q+1[d]) per output, so one 32-bit broadcast of a query's pair, or of two exp
-// values rounded to bf16 (as SDPA's bf16 path rounds its probabilities), meets 16 keys (outputs) per vector.
-// Otherwise fp32 FMAs. Scores, softmax and sums stay fp32.
+// values rounded to bf16 (as SDPA's bf16 path rounds its probabilities; under 64 tokens, two bf16 parts of each),
+// meets 16 keys (outputs) per vector. Otherwise fp32 FMAs. Scores, softmax and sums stay fp32.
 #define ATTENTION_D 64     // head size the kernel is written for (4 vectors)
 #define ATTENTION_ROWS 4   // query rows per register block
 

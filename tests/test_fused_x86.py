@@ -283,3 +283,28 @@ def test_fp32_stack_of_shapes_its_kernel_does_not_step_over_runs_the_modules(tmp
         assert "whole steps" in stack.unavailable and stack.texts(torch.zeros(3, 36), None) is None
     exact = enc.with_precision(dataclasses.replace(enc.plan, fused_stack_tokens=0, fused_fp32_kernel=None))
     np.testing.assert_allclose(enc.encode(["a short text"]), exact.encode(["a short text"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS + FP32_PARAMS)
+def test_fused_stack_with_heads_of_64_computes_what_the_modules_compute(kernel, tmp_path, monkeypatch):
+    # heads of 64 (the published model's): with AVX512 layer kernels the fused call's attention is the x86 block
+    # kernel's head function, with AVX2 ones its portable loop; each text's own length and position bias either way
+    from allmpnet import Encoder
+    from allmpnet.encode.precision import Capabilities, plan_precision
+    from allmpnet.model import MPNetConfig
+    from allmpnet.testing import build_random_model
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    cfg = MPNetConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                      max_position_embeddings=66)
+    model_dir = build_random_model(tmp_path / "m", cfg)
+    fp32 = kernel in FP32_KERNELS
+    caps = dataclasses.replace(Capabilities.detect("cpu"), fp32_fused_kernel=kernel)
+    enc = Encoder(model_dir, device="cpu", precision=plan_precision("fp32", "cpu", caps)) if fp32 else \
+        int8_encoder(model_dir, kernel)
+    stack, x, batch = stack_inputs(enc, TEXTS)
+    assert isinstance(stack, FusedX86Stack) and not stack.unavailable
+    assert stack.texts(x, batch.attention) is not None
+    # the same layers module by module in fp32: the model itself, or the copy's int8 layers
+    modules = enc.model.network.encoder if fp32 else copy.deepcopy(stack.stack).float()
+    with torch.inference_mode():
+        torch.testing.assert_close(stack(x, batch.attention), modules(x, batch.attention), atol=2e-5, rtol=1e-4)

@@ -62,16 +62,19 @@ def test_packed_layout_is_what_one_step_reads():
 
 
 def test_compensation_cancels_the_unsigned_offset():
-    # the kernel multiplies (q + 128) by w: adding -128 x sum(w) per group leaves sum(q w)
+    # the kernel multiplies (q + 128) by w and scales each group's sum: adding -128 x sum over groups of scale x
+    # sum(w), one float per output, leaves the scaled sums of q w (up to fp32 rounding of that float)
     torch.manual_seed(1)
     w = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    scale = torch.rand(8, 2) + 0.1
     q = torch.randint(-127, 128, (64,))
-    comp = compensation(w, 32)
-    assert comp.shape == (8, 2) and comp.dtype == torch.int32
-    for g in range(2):
-        part = slice(32 * g, 32 * g + 32)
-        shifted = ((q[part] + 128) * w[:, part].long()).sum(1) + comp[:, g]
-        assert torch.equal(shifted, (q[part] * w[:, part].long()).sum(1))
+    comp = compensation(w, scale, 32)
+    assert comp.shape == (8,) and comp.dtype == torch.float32
+    groups = [slice(0, 32), slice(32, 64)]
+    shifted = sum(scale[:, g].double() * ((q[p] + 128) * w[:, p].long()).sum(1) for g, p in enumerate(groups))
+    exact = sum(scale[:, g].double() * (q[p] * w[:, p].long()).sum(1) for g, p in enumerate(groups))
+    assert ((shifted + comp.double() - exact).abs() <= 1e-7 * shifted.abs()).all()
+    assert not torch.allclose(shifted, exact)  # the offset is there to cancel
 
 
 def test_rows_quantize_symmetrically_and_zero_rows_stay_zero():

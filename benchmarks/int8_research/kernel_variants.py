@@ -35,8 +35,9 @@ def build(name: str, substitutions: str, folder: Path) -> ctypes.CDLL:
         text = text.replace(old, new)
     source, library = folder / f"{name}.c", folder / f"{name}.so"
     source.write_text(text)
-    run = subprocess.run(["gcc", *int8_x86.COMPILE_FLAGS, str(source), "-o", str(library)], capture_output=True,
-                         text=True)
+    include = f"-I{int8_x86.SOURCE.parent}"  # the headers beside the source (simd_math.h)
+    run = subprocess.run(["gcc", *int8_x86.COMPILE_FLAGS, include, str(source), "-o", str(library)],
+                         capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(f"variant {name} does not build:\n{run.stderr[-2000:]}")
     loaded = ctypes.CDLL(str(library))

@@ -6,7 +6,8 @@ the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not 
   fp32 too: F.linear re-packs the weight on every call, which a query's few rows cannot amortise.
 - "int8-amx": our kernel (kernels.py), int8 weights widened to bf16 on the AMX tiles.
 - "int8-x86": our kernels for CPUs without AMX (int8_x86.py): W8A8 on VNNI with the calibrated outlier
-  treatment, int16 activations elsewhere; built from the fp32 master weights, not the cast copy's.
+  treatment, int16 activations elsewhere; built from the fp32 master weights, not the cast copy's, and their
+  streamed buffers then moved onto 2 MB pages in the order a query reads them (pages.py).
 - a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
 - with int8-x86 linears, and in fp32 on x86 CPUs, the layer stack itself is swapped for `FusedX86Stack`
   (encode/fused_x86.py): small batches run all layers in one C call (in fp32 on the model's own weights), and
@@ -27,8 +28,9 @@ from torch import nn
 
 from allmpnet.encode.calibration import Calibration
 from allmpnet.encode.fused_x86 import FusedX86Stack
-from allmpnet.encode.int8_x86 import recipe_layer
+from allmpnet.encode.int8_x86 import STREAMED_BUFFERS, X86Int8Linear, recipe_layer
 from allmpnet.encode.kernels import Int8Linear
+from allmpnet.encode.pages import move_to_huge_pages
 from allmpnet.encode.precision import PrecisionPlan
 from allmpnet.model.mpnet import Linear
 from allmpnet.model.sentence import SentenceModel
@@ -122,6 +124,8 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
             for t in list(model.parameters()) + list(model.buffers())}
     fast = copy.deepcopy(model, memo).eval()
     swap_linears(fast.network, linear_factory(plan, model, calibration))
+    # the int8 weights a query streams, on 2 MB pages in the order it reads them (encode/pages.py)
+    move_to_huge_pages([m for m in fast.network.modules() if isinstance(m, X86Int8Linear)], STREAMED_BUFFERS)
     if plan.fused_stack_tokens:
         fp32 = plan.fused_fp32_kernel is not None  # the fp32 model's weights as they are; else the int8 layers
         fast.network.encoder = FusedX86Stack(fast.network.encoder, plan.fused_stack_tokens,

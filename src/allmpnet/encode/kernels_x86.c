@@ -7,9 +7,10 @@
 //   packed [N/64][K/4][64][4] int8 (N padded to a multiple of 64): per block of 64 outputs and step of 4 inputs, 64 outputs x 4 inputs (the
 //          order AVX512-VNNI's vpdpbusd reads: 16 outputs x 4 inputs per vector);
 //   scales [N/64][K/group][64] fp32;
-//   compensation [N/64][K/group][64] int32: -128 x (sum of the group's int8 weights), for the int8-activation
-//          kernel only (its activations are stored as q + 128, an unsigned byte, since vpdpbusd multiplies
-//          unsigned by signed bytes: starting each group's sums from it leaves exactly sum q w).
+//   compensation [N/64 x 64] fp32: -128 x sum over groups of (scale x the group's sum of int8 weights), for the
+//          int8-activation kernel only (its activations are stored as q + 128, an unsigned byte, since vpdpbusd
+//          multiplies unsigned by signed bytes: a row's scaled group sums started there add up to those of q w;
+//          one float per output rather than an int32 per output and group, 3% of the bytes a query streams).
 //
 // Kernels, by how the activations are multiplied (`kernel` argument; the caller picks one the CPU has, and the
 // function refuses, rather than crashes, when the CPU lacks it):
@@ -140,7 +141,7 @@ typedef struct {
     const float *smooth;
     const int8_t *packed;
     const float *scales;
-    const int32_t *compensation;
+    const float *compensation;
     int64_t group;
     const float *bias;
     const void *residual;
@@ -314,8 +315,9 @@ static inline __attribute__((always_inline)) void finish_rows(const linear_args 
 
 // ---------------------------------------------------------------- micro-kernels: R rows x 64 outputs, all of K
 // x: the chunk's R activation rows (a chunk of fewer rows repeats its first row: computed, never stored);
-// panel: the block's packed weights; scales, compensation: the block's [G][64]; tile: fp32 sums, added to. The sums are named variables, one per register, through the ROWS macro:
-// GCC 12 spilled an array of them to the stack on every step (2.5x slower).
+// panel: the block's packed weights; scales: the block's [G][64]; tile: fp32 sums, added to when `accumulate`,
+// else written by the first group (the caller zeroes no tile). The sums are named variables, one per register,
+// through the ROWS macro: GCC 12 spilled an array of them to the stack on every step (2.5x slower).
 
 #define AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,avx2"
 #define AVX2 "avx2,fma"
@@ -344,8 +346,15 @@ __attribute__((target(AVX512))) static inline __m128 sum4_f32(__m512 c0, __m512 
                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
-__attribute__((target(AVX512))) static inline void add_scaled(float *tile, __m512 sums, const float *scale) {
-    _mm512_storeu_ps(tile, _mm512_fmadd_ps(sums, _mm512_loadu_ps(scale), _mm512_loadu_ps(tile)));
+// tile = before + sums x scale (before: the tile itself, or where its sums start)
+__attribute__((target(AVX512))) static inline void add_to(float *tile, __m512 sums, const float *scale,
+                                                          const float *before) {
+    _mm512_storeu_ps(tile, _mm512_fmadd_ps(sums, _mm512_loadu_ps(scale), _mm512_loadu_ps(before)));
+}
+// tile (+)= sums x scale: added where `add`, else stored (a tile's first group: no zeroed tile to read)
+__attribute__((target(AVX512))) static inline void add_scaled(float *tile, __m512 sums, const float *scale, int add) {
+    const __m512 before = add ? _mm512_loadu_ps(tile) : _mm512_setzero_ps();
+    _mm512_storeu_ps(tile, _mm512_fmadd_ps(sums, _mm512_loadu_ps(scale), before));
 }
 
 // 32 int8 weights (8 outputs x 4 inputs) -> 32 bf16, exact (|w| <= 127).
@@ -385,7 +394,7 @@ __attribute__((target(AVX512 ",avx512bf16"))) static inline __m512 widen_bf16(co
 
 // Chunks of MR rows of list[from..to) through micro-kernel MK (activations of type T at ACT), over inputs
 // [k0, k0 + span) of output block nb; chunk c's sums are added to tiles[c].
-#define MULTIPLY(MK, T, ACT, EXTRA, list, from, to, k0, span, tiles)                                              \
+#define MULTIPLY(MK, T, ACT, START, list, from, to, k0, span, tiles, accumulate)                                \
     for (int64_t c0 = (from); c0 < (to); c0 += MR) {                                                             \
         const int rows = (int)((to) - c0 < MR ? (to) - c0 : MR);                                                 \
         const T *x[MR];                                                                                          \
@@ -394,35 +403,53 @@ __attribute__((target(AVX512 ",avx512bf16"))) static inline __m512 widen_bf16(co
         const float *scales = a->scales + (nb * (K / a->group) + (k0) / a->group) * NB;                          \
         float(*tile)[NB] = (tiles)[(c0 - (from)) / MR];                                                          \
         if (rows > 4)                                                                                             \
-            PASTE(MK, 6)(x, span, panel, scales, EXTRA(nb, k0) a->group, tile);                                  \
+            PASTE(MK, 6)(x, span, panel, scales, START(nb) a->group, tile, accumulate);                     \
         else if (rows > 2)                                                                                        \
-            PASTE(MK, 4)(x, span, panel, scales, EXTRA(nb, k0) a->group, tile);                                  \
+            PASTE(MK, 4)(x, span, panel, scales, START(nb) a->group, tile, accumulate);                     \
         else                                                                                                      \
-            PASTE(MK, 2)(x, span, panel, scales, EXTRA(nb, k0) a->group, tile);                                  \
+            PASTE(MK, 2)(x, span, panel, scales, START(nb) a->group, tile, accumulate);                     \
     }
 
 #define FINISH(list, from, to, tiles)                                                                             \
     for (int64_t c0 = (from); c0 < (to); c0 += MR)                                                               \
         finish_rows(a, (list) + c0, (int)((to) - c0 < MR ? (to) - c0 : MR), nb, (tiles)[(c0 - (from)) / MR]);
 
+// The int8 kernel's micro-kernel starts each output's sums at its compensation (block nb's 64); the others at 0.
+#define FROM_COMPENSATION(nb) a->compensation + (nb) * NB,
+#define FROM_ZERO(nb)
+
 // Rows list[from..to) against output block nb one chunk at a time, each over all of K.
-#define CHUNK_BY_CHUNK(MK, T, ACT, EXTRA, list, from, to)                                                         \
+#define CHUNK_BY_CHUNK(MK, T, ACT, START, list, from, to)                                                         \
     for (int64_t c1 = (from); c1 < (to); c1 += MR) {                                                             \
         const int64_t c2 = c1 + MR < (to) ? c1 + MR : (to);                                                      \
-        memset(tiles[0], 0, sizeof tiles[0]);                                                                     \
         claim_rows(a, (list) + c1, (int)(c2 - c1), nb);                                                          \
-        MULTIPLY(MK, T, ACT, EXTRA, list, c1, c2, 0, K, tiles)                                                   \
+        MULTIPLY(MK, T, ACT, START, list, c1, c2, 0, K, tiles, 0)                                                \
         FINISH(list, c1, c2, tiles)                                                                               \
     }
 
-#define NO_EXTRA(nb, k0)
-#define A8_EXTRA(nb, k0) a->compensation + ((nb) * (K / a->group) + (k0) / a->group) * NB,
+
+// A few rows stream the weights from memory, each thread its share of the output blocks (the static schedule of
+// the multiplies below): the first `bytes` of its share (blocks of block_bytes) requested into L2 ahead of the
+// rows' preparation (or earlier: request_linear), rather than when the micro-kernel's own requests start. By the
+// calling team.
+static inline __attribute__((always_inline)) void request_share(const void *weights, int64_t block_bytes,
+                                                               int64_t blocks, int64_t bytes) {
+    int64_t first = -1, mine = 0;
+    _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {
+        first = first < 0 ? nb : first;
+        mine++;
+    }
+    if (bytes > mine * block_bytes) bytes = mine * block_bytes;  // this thread's blocks only
+    for (int64_t line = 0; line < bytes; line += 64)
+        _mm_prefetch((const char *)weights + first * block_bytes + line, PREFETCH_HINT);
+}
 
 // One function per kernel, run by every thread of a team (an OpenMP parallel region: the kernel's own, or the
 // fused encoder's): prepare the rows, list them (int8 rows first, then any routed to int16), multiply. Returns
-// the rows routed to int16; the multiply ends without a barrier (the caller waits before reading y). RMK, RT,
-// RACT, REXTRA: the micro-kernel and activations of the routed rows (the int8 kernel's int16 one; for the other
-// kernels no row is routed, and they repeat their own).
+// the rows routed to int16; the multiply ends without a barrier (the caller waits before reading y). START: where
+// the sums of the kernel's rows start (FROM_COMPENSATION for the int8 kernel, else FROM_ZERO). RMK, RT, RACT:
+// the micro-kernel and activations of the routed rows (the int8 kernel's int16 one, which takes no compensation;
+// for the other kernels no row is routed, and they repeat their own).
 //
 // Output blocks are shared between the threads. A batch of at most SMALL_CHUNKS chunks (a query) goes through
 // each block one group of inputs at a time, every chunk's sums in turn, so the block's weights are read from
@@ -430,9 +457,10 @@ __attribute__((target(AVX512 ",avx512bf16"))) static inline __m512 widen_bf16(co
 // while the later chunks re-read the block from cache: 40% slower on a query). Larger batches take blocks of MB
 // rows, whose prepared activations stay in L2, and within them chunk after chunk; the routed rows run right after
 // the first block's, while the weights are still in cache.
-#define DRIVER(NAME, TARGET, KIND, MK, T, EXTRA, RMK, RT, RACT, REXTRA)                                            \
+#define DRIVER(NAME, TARGET, KIND, MK, T, START, RMK, RT, RACT)                                                    \
     __attribute__((target(TARGET))) static int64_t NAME(const linear_args *a, float *buffer) {                  \
         const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;                                          \
+        if (M <= SMALL_CHUNKS * MR) request_share(a->packed, K * NB, blocks, PREFETCH);                           \
         _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++)                                       \
             a->routed[m] = prepare_row(a, KIND, m, buffer);                                                      \
         int64_t routed = 0;                                                                                        \
@@ -447,10 +475,10 @@ __attribute__((target(AVX512 ",avx512bf16"))) static inline __m512 widen_bf16(co
         const int64_t chunks = (primary + MR - 1) / MR;                                                            \
         if (chunks + (routed + MR - 1) / MR <= SMALL_CHUNKS) {                                                     \
             _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                 \
-                memset(tiles, 0, sizeof tiles);                                                                   \
                 for (int64_t k0 = 0; k0 < K; k0 += a->group) {                                                   \
-                    MULTIPLY(MK, T, a->act, EXTRA, a->order, 0, primary, k0, a->group, tiles)                    \
-                    MULTIPLY(RMK, RT, RACT, REXTRA, a->order, primary, M, k0, a->group, tiles + chunks)          \
+                    MULTIPLY(MK, T, a->act, START, a->order, 0, primary, k0, a->group, tiles, k0 > 0)            \
+                    MULTIPLY(RMK, RT, RACT, FROM_ZERO, a->order, primary, M, k0, a->group, tiles + chunks,       \
+                             k0 > 0)                                                                              \
                 }                                                                                                 \
                 FINISH(a->order, 0, primary, tiles)                                                               \
                 FINISH(a->order, primary, M, tiles + chunks)                                                      \
@@ -460,29 +488,29 @@ __attribute__((target(AVX512 ",avx512bf16"))) static inline __m512 widen_bf16(co
         for (int64_t mb = 0; mb < primary; mb += MB) {                                                            \
             const int64_t mb_end = mb + MB < primary ? mb + MB : primary;                                         \
             _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                 \
-                CHUNK_BY_CHUNK(MK, T, a->act, EXTRA, a->order, mb, mb_end)                                        \
+                CHUNK_BY_CHUNK(MK, T, a->act, START, a->order, mb, mb_end)                                        \
                 if (mb == 0) {                                                                                    \
-                    CHUNK_BY_CHUNK(RMK, RT, RACT, REXTRA, a->order, primary, M)                                  \
+                    CHUNK_BY_CHUNK(RMK, RT, RACT, FROM_ZERO, a->order, primary, M)                               \
                 }                                                                                                  \
             }                                                                                                      \
         }                                                                                                          \
         if (primary == 0) {                                                                                        \
             _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {                 \
-                CHUNK_BY_CHUNK(RMK, RT, RACT, REXTRA, a->order, primary, M)                                      \
+                CHUNK_BY_CHUNK(RMK, RT, RACT, FROM_ZERO, a->order, primary, M)                                   \
             }                                                                                                      \
         }                                                                                                          \
         return routed;                                                                                             \
     }
 
-DRIVER(run_vnni_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni_a8, uint8_t, A8_EXTRA, mk_vnni_a16, int16_t, a->act16,
-       NO_EXTRA)
-DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, NO_EXTRA, mk_vnni_a16, int16_t, a->act, NO_EXTRA)
-DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, NO_EXTRA, mk_avx512_a16, int16_t, a->act, NO_EXTRA)
-DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16, mk_avx512_bf16, uint16_t, NO_EXTRA,
-       mk_avx512_bf16, uint16_t, a->act, NO_EXTRA)
-DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, NO_EXTRA, mk_avx512_f32, float, a->act, NO_EXTRA)
-DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, NO_EXTRA, mk_avx2_a16, int16_t, a->act, NO_EXTRA)
-DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, NO_EXTRA, mk_avx2_f32, float, a->act, NO_EXTRA)
+DRIVER(run_vnni_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni_a8, uint8_t, FROM_COMPENSATION, mk_vnni_a16, int16_t,
+       a->act16)
+DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, FROM_ZERO, mk_vnni_a16, int16_t, a->act)
+DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, FROM_ZERO, mk_avx512_a16, int16_t, a->act)
+DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16, mk_avx512_bf16, uint16_t, FROM_ZERO, mk_avx512_bf16,
+       uint16_t, a->act)
+DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, FROM_ZERO, mk_avx512_f32, float, a->act)
+DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, FROM_ZERO, mk_avx2_a16, int16_t, a->act)
+DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, FROM_ZERO, mk_avx2_f32, float, a->act)
 
 // F32W: the model's own fp32 weights, (N, K) row-major (`packed` points at them; scales and groups unused): no
 // copy, exact fp32 up to the order of the sums; the fused stack's fp32 path, for a few rows, where a query is the
@@ -493,6 +521,7 @@ DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, NO_EXTRA, mk_avx2_f32, f
     __attribute__((target(TARGET))) static int64_t NAME(const linear_args *a, float *buffer) {                  \
         const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;                                          \
         const float *weight = (const float *)a->packed;                                                           \
+        request_share(weight, K * NB * 4, blocks, PREFETCH);                                                      \
         _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++) {                                     \
             prepare_row(a, ACT_F32, m, buffer);                                                                  \
             a->order[m] = (int32_t)m;                                                                            \
@@ -568,7 +597,7 @@ int64_t allmpnet_x86_scratch_bytes(int kernel, int64_t M, int64_t K, int threads
 }
 
 // 0 when the kernel takes this layer (see allmpnet_x86_linear's return values), else -1 or -2.
-static int64_t check_linear(int kernel, const int32_t *compensation, int64_t group, int64_t M, int64_t N,
+static int64_t check_linear(int kernel, const float *compensation, int64_t group, int64_t M, int64_t N,
                             int64_t K, float route) {
     if (!allmpnet_x86_kernel_supported(kernel)) return -2;
     const int a8 = kernel == KERNEL_VNNI_A8;
@@ -616,7 +645,7 @@ static void place_scratch(linear_args *a, int kernel, char *at) {
 // group % 4, or group > 512 for int16 activations: a group's int32 sums must stay below 2^31; the int8 kernel's
 // stay below 2^31 for K < 16k); -2 when this CPU lacks the kernel's instructions.
 int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *smooth, const int8_t *packed,
-                            const float *scales, const int32_t *compensation, int64_t group, const float *bias,
+                            const float *scales, const float *compensation, int64_t group, const float *bias,
                             const void *residual, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int gelu,
                             float route, void *scratch, int threads) {
     const int64_t refused = check_linear(kernel, compensation, group, M, N, K, route);
@@ -976,7 +1005,7 @@ typedef struct {  // one int8 linear layer: the arrays of allmpnet_x86_linear
     int32_t kernel, gelu;
     const int8_t *packed;
     const float *scales;
-    const int32_t *compensation;
+    const float *compensation;
     const float *bias, *smooth;
     int64_t group, N, K;
     float route;
@@ -994,6 +1023,17 @@ static void bind_linear(linear_args *a, const x86_linear_spec *s, const float *x
 };
     *a = bound;
     place_scratch(a, s->kernel, scratch);
+}
+
+// request_share for the layer's weights (int8 packed, or the fp32 ones of the F32W kernels), by the team,
+// REQUEST_AHEAD bytes: as the thread's part of the previous step ends, so they arrive over the barrier, the
+// attention or LayerNorm between, when the memory is otherwise idle. Measured on a query (2 Zen 4 cores, 4 KB
+// pages): 48 KB 7% faster than 16, and more better still up to a thread's whole share; on 2 MB pages
+// (encode/pages.py) 48 KB and the whole share alike. 128 KB: well inside any L2 (512 KB on Zen 2/3).
+#define REQUEST_AHEAD (8 * PREFETCH)
+static void request_linear(const x86_linear_spec *s) {
+    const int64_t size = s->kernel == KERNEL_AVX512_F32W || s->kernel == KERNEL_AVX2_F32W ? 4 : 1;
+    request_share(s->packed, s->K * NB * size, (s->N + NB - 1) / NB, REQUEST_AHEAD);
 }
 
 // Rows [0, M) of x: LayerNorm over C in place, by the team.
@@ -1041,6 +1081,19 @@ __attribute__((target(AVX2))) static void attention_by_team(const float *qkv, fl
                 _Pragma("omp simd") for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
             }
         }
+    }
+}
+
+// The same for heads of ATTENTION_D with AVX512: attend_head_fp32 per (text, head), half the time (an 11-token
+// query: 11 -> 6 us a layer, barrier included); work: this thread's
+// allmpnet_x86_attention_scratch_bytes(MAX_FUSED_TEXT, 1).
+static void heads_by_team(const float *qkv, float *out, int64_t C, int64_t H, int64_t texts, const int32_t *start,
+                          const int32_t *length, const float *const *bias, float *work) {
+    const float scale = 1.0f / __builtin_sqrtf((float)ATTENTION_D);
+    _Pragma("omp for schedule(static)") for (int64_t th = 0; th < texts * H; th++) {
+        const int64_t t = th / H, h = th % H, L = length[t];
+        attend_head_fp32(qkv + h * ATTENTION_D, 0, out + h * ATTENTION_D, bias[t] + h * L * L, scale, start[t], L, C,
+                         work);
     }
 }
 
@@ -1102,7 +1155,7 @@ __attribute__((target(AVX2))) static void pool_by_team(const float *x, int64_t C
 int64_t allmpnet_x86_encoder_scratch_bytes(int64_t M, int64_t C, int64_t I, int threads) {
     const int64_t widest = I > 3 * C ? I : 3 * C, K = I > C ? I : C;
     return aligned(M * widest * 4) + 2 * aligned(M * C * 4) + widest_linear_scratch_bytes(M, K)
-           + (int64_t)(threads < 1 ? 1 : threads) * K * 4;
+           + (int64_t)(threads < 1 ? 1 : threads) * (K * 4 + allmpnet_x86_attention_scratch_bytes(MAX_FUSED_TEXT, 1));
 }
 
 // x (M, C) fp32, in place: through `count` layers. The texts lie at rows start[t] .. start[t] + length[t] (each at
@@ -1145,10 +1198,17 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
     float *mixed = (float *)at, *attended = (float *)(at + aligned(M * C * 4));
     at += 2 * aligned(M * C * 4);
     const int64_t K = I > C ? I : C;
-    float *buffers = (float *)(at + widest_linear_scratch_bytes(M, K));
+    // per thread: its attention's work (64-byte aligned: a multiple of 64 bytes each), then a row of K floats
+    const int64_t work_floats = allmpnet_x86_attention_scratch_bytes(MAX_FUSED_TEXT, 1) / 4;
+    float *works = (float *)(at + widest_linear_scratch_bytes(M, K)), *buffers = works + threads * work_floats;
+    // the AVX512 attention where the caller's layer kernels are AVX512 ones (so it takes AVX512, and the CPU has it)
+    const int32_t first = count ? layers[0].qkv.kernel : 0;
+    const int heads_kernel = C / H == ATTENTION_D && first != KERNEL_AVX2_F32 && first != KERNEL_AVX2_A16
+                             && first != KERNEL_AVX2_F32W && allmpnet_x86_kernel_supported(KERNEL_AVX512_F32);
     int64_t bad = 0;
     _Pragma("omp parallel num_threads(threads)") {
         float *buffer = buffers + (int64_t)omp_get_thread_num() * K;
+        float *work = works + (int64_t)omp_get_thread_num() * work_floats;
         const int lead = omp_get_thread_num() == 0;
         linear_args a;  // each thread binds its own copy of the same arguments
         if (embedding) {
@@ -1161,20 +1221,27 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
             bind_linear(&a, &layer->qkv, x, NULL, qkv, M, at);
             n = linear_by_team(layer->qkv.kernel, &a, buffer);
             if (lead && routed) routed[4 * l] = n;
+            request_linear(&layer->o);  // each thread's share of the next projection, as its part of this one ends
             _Pragma("omp barrier")
-            attention_by_team(qkv, attended, C, H, texts, start, length, bias);
+            if (heads_kernel)
+                heads_by_team(qkv, attended, C, H, texts, start, length, bias, work);
+            else
+                attention_by_team(qkv, attended, C, H, texts, start, length, bias);
             bind_linear(&a, &layer->o, attended, x, mixed, M, at);
             n = linear_by_team(layer->o.kernel, &a, buffer);
             if (lead && routed) routed[4 * l + 1] = n;
+            request_linear(&layer->up);
             _Pragma("omp barrier")
             layer_norm_by_team(mixed, M, C, layer->norm1_weight, layer->norm1_bias, eps);
             bind_linear(&a, &layer->up, mixed, NULL, qkv, M, at);
             n = linear_by_team(layer->up.kernel, &a, buffer);
             if (lead && routed) routed[4 * l + 2] = n;
+            request_linear(&layer->down);
             _Pragma("omp barrier")
             bind_linear(&a, &layer->down, qkv, mixed, x, M, at);
             n = linear_by_team(layer->down.kernel, &a, buffer);
             if (lead && routed) routed[4 * l + 3] = n;
+            if (l + 1 < count) request_linear(&layer[1].qkv);
             _Pragma("omp barrier")
             layer_norm_by_team(x, M, C, layer->norm2_weight, layer->norm2_bias, eps);
         }
@@ -1186,7 +1253,7 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
 #else  // ALLMPNET_MICRO_KERNELS: the part included once per row count
 
 // A8 (VNNI): 4 vectors of 16 outputs per row, each lane one output.
-#define A8_START(m) __m512i c##m##0 = s0, c##m##1 = s1, c##m##2 = s2, c##m##3 = s3;
+#define A8_START(m) __m512i c##m##0 = zero, c##m##1 = zero, c##m##2 = zero, c##m##3 = zero;
 #define A8_STEP(m)                                                            \
     {                                                                         \
         const __m512i xa = _mm512_set1_epi32(*(const int32_t *)(r##m + k)); \
@@ -1195,20 +1262,23 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
         c##m##2 = _mm512_dpbusd_epi32(c##m##2, xa, w2);                       \
         c##m##3 = _mm512_dpbusd_epi32(c##m##3, xa, w3);                       \
     }
-#define A8_FLUSH(m)                                                                   \
-    add_scaled(tile[m], _mm512_cvtepi32_ps(c##m##0), scale);                          \
-    add_scaled(tile[m] + 16, _mm512_cvtepi32_ps(c##m##1), scale + 16);                \
-    add_scaled(tile[m] + 32, _mm512_cvtepi32_ps(c##m##2), scale + 32);                \
-    add_scaled(tile[m] + 48, _mm512_cvtepi32_ps(c##m##3), scale + 48);
+// a fresh tile starts at the compensation (start), which cancels the activations' +128 (see the top)
+#define A8_FLUSH(m)                                                                                       \
+    {                                                                                                     \
+        const float *before = add ? tile[m] : start;                                                      \
+        add_to(tile[m], _mm512_cvtepi32_ps(c##m##0), scale, before);                                      \
+        add_to(tile[m] + 16, _mm512_cvtepi32_ps(c##m##1), scale + 16, before + 16);                       \
+        add_to(tile[m] + 32, _mm512_cvtepi32_ps(c##m##2), scale + 32, before + 32);                       \
+        add_to(tile[m] + 48, _mm512_cvtepi32_ps(c##m##3), scale + 48, before + 48);                       \
+    }
 
 __attribute__((target(AVX512 ",avx512vnni"), noinline)) static void
-ROWS_NAME(mk_vnni_a8)(const uint8_t *const *x, int64_t K, const int8_t *panel, const float *scales, const int32_t *compensation,
-           int64_t group, float tile[][NB]) {
+ROWS_NAME(mk_vnni_a8)(const uint8_t *const *x, int64_t K, const int8_t *panel, const float *scales,
+                      const float *start, int64_t group, float tile[][NB], int accumulate) {
     ROWS(ROW_POINTER)
+    const __m512i zero = _mm512_setzero_si512();
     for (int64_t k0 = 0; k0 < K; k0 += group) {
-        const int32_t *start = compensation + k0 / group * NB;
-        const __m512i s0 = _mm512_loadu_si512(start), s1 = _mm512_loadu_si512(start + 16);
-        const __m512i s2 = _mm512_loadu_si512(start + 32), s3 = _mm512_loadu_si512(start + 48);
+        const int add = accumulate || k0 > 0;
         ROWS(A8_START)
         for (int64_t k = k0; k < k0 + group; k += 4) {
             const int8_t *w = panel + k * NB;
@@ -1234,15 +1304,17 @@ ROWS_NAME(mk_vnni_a8)(const uint8_t *const *x, int64_t K, const int8_t *panel, c
         c##m##3 = DOT(c##m##3, xa, w3);                                       \
     }
 #define P_FLUSH(m)                                                                           \
-    add_scaled(tile[m] + 32 * half, TO_F32(FOLD(c##m##0, c##m##1)), scale);                  \
-    add_scaled(tile[m] + 32 * half + 16, TO_F32(FOLD(c##m##2, c##m##3)), scale + 16);
+    add_scaled(tile[m] + 32 * half, TO_F32(FOLD(c##m##0, c##m##1)), scale, add);             \
+    add_scaled(tile[m] + 32 * half + 16, TO_F32(FOLD(c##m##2, c##m##3)), scale + 16, add);
 
 #define MK_PAIRS(NAME, TARGET, ACT_T)                                                                            \
-    __attribute__((target(TARGET), noinline)) static void NAME(const ACT_T *const *x, int64_t K, const int8_t *panel,             \
-                                                     const float *scales, int64_t group, float tile[][NB]) {     \
+    __attribute__((target(TARGET), noinline)) static void NAME(const ACT_T *const *x, int64_t K, const int8_t *panel, \
+                                                     const float *scales, int64_t group, float tile[][NB],       \
+                                                     int accumulate) {                                           \
         ROWS(ROW_POINTER)                                                                                         \
         for (int half = 0; half < 2; half++) {                                                                   \
             for (int64_t k0 = 0; k0 < K; k0 += group) {                                                          \
+                const int add = accumulate || k0 > 0;                                                            \
                 ROWS(P_START)                                                                                     \
                 for (int64_t k = k0; k < k0 + group; k += 4) {                                                   \
                     const int8_t *w = panel + k * NB + 128 * half;                                               \
@@ -1300,14 +1372,17 @@ MK_PAIRS(ROWS_NAME(mk_avx512_bf16), AVX512 ",avx512bf16", uint16_t)
         c##m##3 = _mm512_fmadd_ps(xa, w3, c##m##3);                               \
     }
 #define F_FLUSH(m) \
-    add_scaled(tile[m] + 16 * quarter, fold_pairs_f32(fold_pairs_f32(c##m##0, c##m##1), fold_pairs_f32(c##m##2, c##m##3)), scale);
+    add_scaled(tile[m] + 16 * quarter,                                                                               \
+               fold_pairs_f32(fold_pairs_f32(c##m##0, c##m##1), fold_pairs_f32(c##m##2, c##m##3)), scale, add);
 #define WIDEN_F32(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 
 __attribute__((target(AVX512), noinline)) static void
-ROWS_NAME(mk_avx512_f32)(const float *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+ROWS_NAME(mk_avx512_f32)(const float *const *x, int64_t K, const int8_t *panel, const float *scales,
+                        int64_t group, float tile[][NB], int accumulate) {
     ROWS(ROW_POINTER)
     for (int quarter = 0; quarter < 4; quarter++) {
         for (int64_t k0 = 0; k0 < K; k0 += group) {
+            const int add = accumulate || k0 > 0;
             ROWS(F_START)
             for (int64_t k = k0; k < k0 + group; k += 4) {
                 const int8_t *w = panel + k * NB + 64 * quarter;
@@ -1335,14 +1410,17 @@ ROWS_NAME(mk_avx512_f32)(const float *const *x, int64_t K, const int8_t *panel, 
     {                                                                                                      \
         const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##m##0, c##m##1), 0xD8);         \
         float *t = tile[m] + 8 * part;                                                                     \
-        _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(scale), _mm256_loadu_ps(t))); \
+        const __m256 before = add ? _mm256_loadu_ps(t) : _mm256_setzero_ps();                             \
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(scale), before));   \
     }
 
 __attribute__((target(AVX2), noinline)) static void
-ROWS_NAME(mk_avx2_a16)(const int16_t *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+ROWS_NAME(mk_avx2_a16)(const int16_t *const *x, int64_t K, const int8_t *panel, const float *scales,
+                        int64_t group, float tile[][NB], int accumulate) {
     ROWS(ROW_POINTER)
     for (int part = 0; part < 8; part++) {
         for (int64_t k0 = 0; k0 < K; k0 += group) {
+            const int add = accumulate || k0 > 0;
             ROWS(H_START)
             for (int64_t k = k0; k < k0 + group; k += 4) {
                 const int8_t *w = panel + k * NB + 32 * part;
@@ -1370,15 +1448,17 @@ ROWS_NAME(mk_avx2_a16)(const int16_t *const *x, int64_t K, const int8_t *panel, 
         const __m256 h = _mm256_hadd_ps(c##m##0, c##m##1), h2 = _mm256_hadd_ps(h, h);                     \
         const __m128 sums = _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1));    \
         float *t = tile[m] + 4 * part;                                                                     \
-        _mm_storeu_ps(t, _mm_fmadd_ps(sums, _mm_loadu_ps(scale), _mm_loadu_ps(t)));                        \
+        _mm_storeu_ps(t, _mm_fmadd_ps(sums, _mm_loadu_ps(scale), add ? _mm_loadu_ps(t) : _mm_setzero_ps())); \
     }
 #define WIDEN_F32X8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 
 __attribute__((target(AVX2), noinline)) static void
-ROWS_NAME(mk_avx2_f32)(const float *const *x, int64_t K, const int8_t *panel, const float *scales, int64_t group, float tile[][NB]) {
+ROWS_NAME(mk_avx2_f32)(const float *const *x, int64_t K, const int8_t *panel, const float *scales,
+                        int64_t group, float tile[][NB], int accumulate) {
     ROWS(ROW_POINTER)
     for (int part = 0; part < 16; part++) {
         for (int64_t k0 = 0; k0 < K; k0 += group) {
+            const int add = accumulate || k0 > 0;
             ROWS(G_START)
             for (int64_t k = k0; k < k0 + group; k += 4) {
                 const int8_t *w = panel + k * NB + 16 * part;

@@ -1,0 +1,89 @@
+"""A/B of single-query latency between source trees (or environments), in processes that take turns.
+
+Each variant is a worker process with its own PYTHONPATH (a checkout's `src`, e.g. from `git worktree add`) and
+optional environment variables; every round asks each worker, in alternating order, for a burst of queries, so
+the machine's drift (its memory bandwidth swings with other tenants) hits the variants alike. Two processes of the
+same code differ by 2-4% here (each places its memory differently), so compare fresh pairs more than once.
+
+    git worktree add /tmp/before HEAD~1
+    PYTHONPATH=src python benchmarks/int8_research/query_ab.py auto before=/tmp/before/src after=src
+    PYTHONPATH=src python benchmarks/int8_research/query_ab.py auto 4k=src huge=src,GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+QUERY = "How do I bake bread at home?"
+
+
+def worker(precision: str, model: str | None) -> None:
+    import torch
+
+    from allmpnet import Encoder
+    from allmpnet.weights import published_dir
+    torch.set_num_threads(2)
+    encoder = Encoder(model or str(published_dir()), precision=precision)
+    for _ in range(30):
+        encoder.encode([QUERY])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            start = time.perf_counter()
+            encoder.encode([QUERY])
+            times.append(1000 * (time.perf_counter() - start))
+        print(" ".join(f"{t:.4f}" for t in times), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("precision")
+    parser.add_argument("variants", nargs="+", help="NAME=PYTHONPATH[,VAR=VALUE...]")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--burst", type=int, default=15, help="queries per variant and round")
+    parser.add_argument("--model", help="model directory (default: the published weights)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.precision, args.model)
+    workers = {}
+    for variant in args.variants:
+        name, _, rest = variant.partition("=")
+        path, *extra = rest.split(",")
+        env = dict(os.environ, PYTHONPATH=path, **dict(e.split("=", 1) for e in extra))
+        command = [sys.executable, __file__, args.precision, variant, "--worker"]
+        if args.model:
+            command += ["--model", args.model]
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True, env=env)
+        if process.stdout.readline().strip() != "ready":
+            raise SystemExit(f"variant {name} did not start")
+        workers[name] = process
+    latencies = {name: [] for name in workers}
+    medians = {name: [] for name in workers}
+    for round_ in range(args.rounds):
+        order = list(workers.items())
+        for name, process in order if round_ % 2 == 0 else order[::-1]:
+            process.stdin.write(f"{args.burst}\n")
+            process.stdin.flush()
+            times = [float(t) for t in process.stdout.readline().split()]
+            latencies[name] += times
+            medians[name].append(statistics.median(times))
+    for process in workers.values():
+        process.stdin.close()
+    names = list(workers)
+    for name in names:
+        print(f"{name}: p50 {statistics.median(latencies[name]):.3f} ms, mean of round medians "
+              f"{statistics.mean(medians[name]):.3f} ms")
+    for name in names[1:]:
+        wins = sum(b < a for a, b in zip(medians[names[0]], medians[name]))
+        print(f"{name} faster than {names[0]} in {wins}/{args.rounds} rounds")
+
+
+if __name__ == "__main__":
+    main()

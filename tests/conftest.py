@@ -55,6 +55,15 @@ def seed_card() -> Path:
     return SEED_CARD
 
 
+def int8_plan(kernel: str, **changes):
+    """The "int8" plan of this CPU with its x86 int8 kernel pinned to `kernel` (and any other fields changed)."""
+    import dataclasses
+
+    from allmpnet.encode.precision import Capabilities, plan_precision
+    caps = dataclasses.replace(Capabilities.detect("cpu"), x86_kernels=frozenset({kernel}), amx_kernels="not used")
+    return dataclasses.replace(plan_precision("int8", "cpu", caps), **changes)
+
+
 def kill_9_while_writing(cli: list[str], root: Path) -> None:
     """Start `cli` (an `allmpnet index build`), and kill -9 it once its writer has opened a staging folder."""
     import signal

@@ -20,6 +20,7 @@ from allmpnet.encode.int8_x86 import KERNELS
 from allmpnet.encode.kernels import cpu_flags
 from allmpnet.model.packing import PackedBatch
 from allmpnet.model.pooling import Pooling
+from conftest import int8_plan
 
 CPU = frozenset(cpu_flags())
 KERNEL_PARAMS = [pytest.param(k, marks=pytest.mark.skipif(bool(KERNELS[k].flags - CPU), reason=f"this CPU lacks "
@@ -30,12 +31,8 @@ TEXTS = ["the cat sat on the mat", "a dog and a car", "this is a test sentence w
 
 
 def int8_encoder(model_dir, kernel: str):
-    import dataclasses
-
     from allmpnet import Encoder
-    from allmpnet.encode.precision import Capabilities, plan_precision
-    caps = dataclasses.replace(Capabilities.detect("cpu"), x86_kernels=frozenset({kernel}), amx_kernels="not used")
-    return Encoder(model_dir, device="cpu", precision=plan_precision("int8", "cpu", caps))
+    return Encoder(model_dir, device="cpu", precision=int8_plan(kernel))
 
 
 def runnable_kernel() -> str:

@@ -14,6 +14,7 @@ from allmpnet.encode import int8_x86
 from allmpnet.encode.int8_x86 import (AVX2, KERNELS, X86Int8Linear, compensation, group_size, kernel_unavailable,
                                       pack_groups, pack_weight, pick_kernel, quantize_rows, smoothing_factors)
 from allmpnet.encode.kernels import cpu_flags, quantize as quantize_weight
+from conftest import int8_plan
 
 CPU = frozenset(cpu_flags())
 
@@ -295,14 +296,6 @@ def test_library_signatures_are_declared():
 
 TEXTS = ["the cat sat on the mat", "a dog and a car", "this is a test sentence with a few more words in it", "sun",
          "what is the capital of france?"]
-
-
-def int8_plan(kernel: str, **changes):
-    import dataclasses
-
-    from allmpnet.encode.precision import Capabilities, plan_precision
-    caps = dataclasses.replace(Capabilities.detect("cpu"), x86_kernels=frozenset({kernel}), amx_kernels="not used")
-    return dataclasses.replace(plan_precision("int8", "cpu", caps), **changes)
 
 
 def cosines(a, b):

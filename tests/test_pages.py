@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from allmpnet.encode.pages import HUGE_PAGE, huge_page_region, move_to_huge_pages
+from conftest import int8_plan
 
 
 def mapping_flags(address: int) -> list[str]:
@@ -64,17 +65,13 @@ def test_buffers_move_in_order_keep_their_values_and_stay_registered():
 
 
 def test_the_int8_copy_reads_its_weights_from_one_region_in_layer_order(tiny_model_dir, tmp_path, monkeypatch):
-    import dataclasses
-
     from allmpnet import Encoder
-    from allmpnet.encode.int8_x86 import STREAMED_BUFFERS, X86Int8Linear, kernel_unavailable
-    from allmpnet.encode.precision import Capabilities, plan_precision
-    kernel = next((k for k in ("vnni-a8", "vnni-a16", "avx512-a16", "avx2-a16") if not kernel_unavailable(k)), None)
+    from allmpnet.encode.int8_x86 import STREAMED_BUFFERS, X86Int8Linear, pick_kernel
+    kernel = pick_kernel("int8") or pick_kernel("int16")  # "int8"'s own order of preference
     if kernel is None:
         pytest.skip("no x86 int8 kernel runs on this CPU")
     monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
-    caps = dataclasses.replace(Capabilities.detect("cpu"), x86_kernels=frozenset({kernel}), amx_kernels="not used")
-    enc = Encoder(tiny_model_dir, device="cpu", precision=plan_precision("int8", "cpu", caps))
+    enc = Encoder(tiny_model_dir, device="cpu", precision=int8_plan(kernel))
     layers = [m for m in enc.inference_model().network.modules() if isinstance(m, X86Int8Linear)]
     assert len(layers) == 4 * enc.model.network.cfg.num_hidden_layers
     starts = [getattr(m, n).data_ptr() for m in layers for n in STREAMED_BUFFERS]

@@ -36,10 +36,12 @@ def test_kernel_matches_sdpa(dtype, bf16_dots, blocks, tokens, heads):
 
 
 @needs_kernel
-@pytest.mark.parametrize("tokens", [13, 40, 63])
-def test_short_blocks_weight_the_values_as_precisely_as_fp32(tokens):
-    # blocks of side-by-side sentences: probabilities rounded to bf16 alone cost auto's worst STSBenchmark sentence
-    # 0.99637 -> 0.99562 min cosine to fp32 (their mean error against fp32 here: ~9% above the fp32 path's)
+# Under 64 tokens (side-by-side sentences) each probability is two bf16 parts: rounded to one, they cost auto's worst
+# STSBenchmark sentence 0.99637 -> 0.99562 min cosine to fp32 (their mean error here: ~9% above the fp32 path's).
+# From 64 tokens they are one part, from a shorter exp polynomial whose error must stay far below that rounding:
+# 1.11x the fp32 path's error, as with the full polynomial (a polynomial one term short: 1.28-1.35x).
+@pytest.mark.parametrize("tokens,bound", [(13, 1.01), (40, 1.01), (63, 1.01), (64, 1.2), (100, 1.2), (256, 1.2)])
+def test_bf16_products_weight_the_values_about_as_precisely_as_fp32(tokens, bound):
     generator = torch.Generator().manual_seed(tokens)
     qkv = (2 * torch.randn(4 * tokens, 3 * 2 * HEAD_DIM, generator=generator)).bfloat16()
     bias = torch.randn(2, tokens, tokens, generator=generator)
@@ -49,7 +51,7 @@ def test_short_blocks_weight_the_values_as_precisely_as_fp32(tokens):
         out = torch.zeros(4 * tokens, 2 * HEAD_DIM, dtype=torch.bfloat16)
         block_attention(qkv, out, bias, 0, 4, tokens, 2, bf16_dots)
         errors.append((out.float() - expected).abs().mean().item())
-    assert errors[0] <= 1.01 * errors[1]
+    assert errors[0] <= bound * errors[1]
 
 
 @needs_kernel

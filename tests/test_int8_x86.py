@@ -222,12 +222,15 @@ def test_int8_weights_stay_close_to_the_float_layer(name):
 @needs("vnni-a8")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [12, 40])  # a query's path (each output block group by group), a batch's
-def test_spiky_rows_keep_their_outliers_aside_or_run_in_int16(dtype, rows):
-    layer, g = make_layer("vnni-a8", 96, 1024, "none", smooth=True)
+@pytest.mark.parametrize("K,group", [(1024, 64), (1000, 40)])  # the kernel scans 16 inputs at a time: 1000 leaves 8
+def test_spiky_rows_keep_their_outliers_aside_or_run_in_int16(dtype, rows, K, group):
+    layer, g = make_layer("vnni-a8", 96, K, "none", smooth=True, group=group)
     layer.route = 10.0
-    v = torch.randn(rows, 1024, generator=g)  # what the kernel quantizes: x / smooth
-    split_rows = [0, 7, rows - 1]  # one huge value: max / rms far above 10 (as the <s> token's activations)
+    v = torch.randn(rows, K, generator=g)  # what the kernel quantizes: x / smooth
+    split_rows = [0, 7, rows - 1]  # huge values: max / rms far above 10 (as the <s> token's activations)
     v[split_rows, 3] = 200.0
+    v[7, [5, 15, 700]] = torch.tensor([-180.0, 190.0, 210.0])  # three more in the first 16 inputs and far on
+    v[rows - 1, K - 1] = -220.0  # in the last inputs (past the whole vectors of 16 where K = 1000)
     routed_rows = [5, 8]  # a huge value and ten more above 0.6 x 10 x rms: over MAX_SPLIT, so int16
     v[routed_rows, 100] = 1000.0
     v[5, 200:210] = 250.0
@@ -235,15 +238,15 @@ def test_spiky_rows_keep_their_outliers_aside_or_run_in_int16(dtype, rows):
     x = v / layer.inverse_smooth
     kept, split, routed = int8_x86.spiky_rows(v, layer.route)
     assert split.nonzero().flatten().tolist() == split_rows and routed.nonzero().flatten().tolist() == routed_rows
-    assert (kept[split_rows].abs() > 0).sum(1).tolist() == [1, 1, 1]
+    assert (kept[split_rows].abs() > 0).sum(1).tolist() == [1, 4, 2]
     got = layer(x.to(dtype))
     assert layer.routed_rows == len(routed_rows) and layer.rows == rows
     expected = layer.reference(x.to(dtype), form="int8")
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-3 if dtype == torch.float32 else 0.05,
                                rtol=2e-3 if dtype == torch.float32 else 0.02)
     # split and routed rows come out near their exact values; plain int8 (no route) leaves them far off
-    plain = X86Int8Linear(torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)) * 0.1, layer.bias,
-                          group=64, smooth=1 / layer.inverse_smooth, small="vnni-a8", large="vnni-a8")
+    plain = X86Int8Linear(torch.randn(96, K, generator=torch.Generator().manual_seed(0)) * 0.1, layer.bias,
+                          group=group, smooth=1 / layer.inverse_smooth, small="vnni-a8", large="vnni-a8")
     exact = layer.reference(x.to(dtype), form="fp32").float()
     plain_got = plain(x.to(dtype)).float()
     for spiky in (split_rows, routed_rows):

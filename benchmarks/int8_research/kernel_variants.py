@@ -1,11 +1,16 @@
 """A/B of source variants of our x86 kernels in one process: each variant is kernels_x86.c with text replaced,
 compiled beside the others, and every round calls each in turn on the same layers (30 distinct 768 -> 3072
 projections, so a few rows stream the weights from memory as in the model). The machine's drift then hits every
-variant alike. Prints the weight-streaming rate (GB/s) and GOP/s per row count.
+variant alike. Prints the weight-streaming rate (GB/s) and GOP/s per row count. `attention` in place of the kernel
+times allmpnet_x86_attention instead, on bf16 blocks (--blocks, e.g. 16x256) with bf16 pair products: median and
+fastest sample per variant (a sample: the mean of 3 calls in a row; a lone call, right after another library's,
+ran ~2x slower), how often each beat the first variant, and its largest difference from the first one's output.
 
     PYTHONPATH=src python benchmarks/int8_research/kernel_variants.py vnni-a8 base: \\
         "near:#define PREFETCH 16384=>#define PREFETCH 2048 && #define PREFETCH_HINT _MM_HINT_T1=>#define PREFETCH_HINT _MM_HINT_T0" \\
         --rows 2,9,16,512,2048 [--form plain|gelu|residual]
+    PYTHONPATH=src python benchmarks/int8_research/kernel_variants.py attention base: \\
+        "exp6:: exponentiate_bf16(scores + r * padded, weights + r * padded, T, padded, top[r])=>: exponentiate(scores + r * padded, weights + r * padded, NULL, T, padded, top[r])"
 
 A variant is NAME:OLD=>NEW[ && OLD=>NEW ...] (NAME: alone is the source as it is).
 """
@@ -42,17 +47,58 @@ def build(name: str, substitutions: str, folder: Path) -> ctypes.CDLL:
         raise SystemExit(f"variant {name} does not build:\n{run.stderr[-2000:]}")
     loaded = ctypes.CDLL(str(library))
     reference = int8_x86._library()[0]
-    loaded.allmpnet_x86_linear.argtypes = reference.allmpnet_x86_linear.argtypes
-    loaded.allmpnet_x86_linear.restype = ctypes.c_int64
+    for function in ("allmpnet_x86_linear", "allmpnet_x86_attention"):
+        getattr(loaded, function).argtypes = getattr(reference, function).argtypes
+        getattr(loaded, function).restype = ctypes.c_int64
     return loaded
+
+
+def compare_attention(libraries: dict[str, ctypes.CDLL], shapes: str, rounds: int = 60) -> None:
+    """Each variant's attention on the same bf16 blocks of 12 heads of 64, in turns."""
+    heads, C = 12, 768
+    threads = torch.get_num_threads()
+    for shape in shapes.split(","):
+        blocks, T = (int(n) for n in shape.split("x"))
+        torch.manual_seed(0)
+        qkv = (2 * torch.randn(blocks * T, 3 * C)).bfloat16()
+        bias = torch.randn(heads, T, T) * 0.5
+        outs = {name: torch.empty(blocks * T, C, dtype=torch.bfloat16) for name in libraries}
+        scratch = torch.empty(int8_x86._library()[0].allmpnet_x86_attention_scratch_bytes(T, threads),
+                              dtype=torch.uint8)
+
+        def run(name: str, calls: int = 3) -> float:
+            start = time.perf_counter()
+            for _ in range(calls):
+                code = libraries[name].allmpnet_x86_attention(qkv.data_ptr(), 1, outs[name].data_ptr(),
+                                                              bias.data_ptr(), 0.125, 0, blocks, T, heads, 1,
+                                                              scratch.data_ptr(), threads)
+                if code:
+                    raise SystemExit(f"variant {name}: allmpnet_x86_attention returned {code}")
+            return (time.perf_counter() - start) / calls
+
+        times = {name: [] for name in libraries}
+        for name in libraries:
+            run(name)
+        for round_ in range(rounds):
+            for name in (list(libraries) if round_ % 2 == 0 else list(libraries)[::-1]):
+                times[name].append(run(name))
+        first = next(iter(libraries))
+        print(f"# attention, {blocks} x {T} tokens, 12 heads, bf16, {threads} threads")
+        for name, t in times.items():
+            wins = sum(b < a for a, b in zip(times[first], t))
+            difference = (outs[name].float() - outs[first].float()).abs().max().item()
+            print(f"{name}: median {1e3 * statistics.median(t):.2f} ms, fastest {1e3 * min(t):.2f} ms, faster than "
+                  f"{first} in {wins}/{rounds}, max |difference| {difference:.2e}")
+        sys.stdout.flush()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kernel", choices=sorted(KERNELS))
+    parser.add_argument("kernel", choices=sorted(KERNELS) + ["attention"])
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--rows", default="2,9,16,512,2048")
     parser.add_argument("--form", choices=["plain", "gelu", "residual"], default="plain")
+    parser.add_argument("--blocks", default="16x256,128x32", help="attention: blocks x tokens, comma-separated")
     args = parser.parse_args()
     N, K, count = 3072, 768, 30
     with tempfile.TemporaryDirectory() as folder:
@@ -60,6 +106,8 @@ def main() -> None:
         for variant in args.variants:
             name, _, substitutions = variant.partition(":")
             libraries[name] = build(name, substitutions, Path(folder))
+        if args.kernel == "attention":
+            return compare_attention(libraries, args.blocks)
         torch.manual_seed(0)
         layers = [X86Int8Linear(torch.randn(N, K) * 0.05, torch.zeros(N), small=args.kernel, large=args.kernel)
                   for _ in range(count)]

@@ -167,6 +167,33 @@ static inline __attribute__((always_inline)) void quantize_i16(const float *v, i
     for (int64_t k = 0; k < K; k++) out[k] = (int16_t)__builtin_rintf(v[k] * inverse);
 }
 
+// The largest |v[k]|, as an integer max over the bits (same order for non-negative floats): GCC vectorises this
+// reduction, not the float one.
+static inline __attribute__((always_inline)) float largest_magnitude(const float *v, int64_t K) {
+    uint32_t top_bits = 0;
+    for (int64_t k = 0; k < K; k++) {
+        uint32_t bits;
+        memcpy(&bits, v + k, 4);
+        bits &= 0x7fffffffu;
+        top_bits = bits > top_bits ? bits : top_bits;
+    }
+    float largest;
+    memcpy(&largest, &top_bits, 4);
+    return largest;
+}
+
+// Entries of v[from..to) whose square exceeds bar -> (index, value) from slot j on, zeroed in v; returns the next slot.
+static inline __attribute__((always_inline)) int keep_aside(float *v, int64_t from, int64_t to, float bar,
+                                                            int32_t *index, float *value, int j) {
+    for (int64_t k = from; k < to; k++)
+        if (v[k] * v[k] > bar) {
+            index[j] = (int32_t)k;
+            value[j++] = v[k];
+            v[k] = 0.0f;
+        }
+    return j;
+}
+
 // Row m of x (times smooth) -> the kernel's activation form; returns 1 when the row was routed to int16. Plain
 // loops: each ISA's caller vectorises them.
 static inline __attribute__((always_inline)) int prepare_row(const linear_args *a, int kind, int64_t m,
@@ -182,17 +209,7 @@ static inline __attribute__((always_inline)) int prepare_row(const linear_args *
     }
     if (smooth)
         for (int64_t k = 0; k < K; k++) buffer[k] *= smooth[k];
-    // the largest |v| as an integer max over the bits (same order for non-negative floats): GCC vectorises this
-    // reduction, not the float one
-    uint32_t top_bits = 0;
-    for (int64_t k = 0; k < K; k++) {
-        uint32_t bits;
-        memcpy(&bits, buffer + k, 4);
-        bits &= 0x7fffffffu;
-        top_bits = bits > top_bits ? bits : top_bits;
-    }
-    float largest;
-    memcpy(&largest, &top_bits, 4);
+    float largest = largest_magnitude(buffer, K);
     if (kind == ACT_F32) {
         memcpy((float *)a->act + m * K, buffer, K * 4);
     } else if (kind == ACT_BF16) {
@@ -214,19 +231,17 @@ static inline __attribute__((always_inline)) int prepare_row(const linear_args *
                 }
                 int32_t *index = a->split_index + m * MAX_SPLIT;
                 float *value = a->split_value + m * MAX_SPLIT;
-                top_bits = 0;
-                for (int64_t k = 0, j = 0; k < K; k++) {
-                    if (buffer[k] * buffer[k] > bar) {
-                        index[j] = (int32_t)k;
-                        value[j++] = buffer[k];
-                        buffer[k] = 0.0f;
-                    }
-                    uint32_t bits;
-                    memcpy(&bits, buffer + k, 4);
-                    bits &= 0x7fffffffu;
-                    top_bits = bits > top_bits ? bits : top_bits;
+                // whole vectors of 16 tested at once (a vectorised OR), element by element only where one hit: a
+                // loop recording the entries one at a time stays scalar, and on sentences took 3% of all the time
+                int j = 0;
+                int64_t k0 = 0;
+                for (; k0 + 16 <= K; k0 += 16) {
+                    int hit = 0;
+                    for (int i = 0; i < 16; i++) hit |= buffer[k0 + i] * buffer[k0 + i] > bar;
+                    if (hit) j = keep_aside(buffer, k0, k0 + 16, bar, index, value, j);
                 }
-                memcpy(&largest, &top_bits, 4);
+                keep_aside(buffer, k0, K, bar, index, value, j);
+                largest = largest_magnitude(buffer, K);
                 a->split_count[m] = count;
             }
         }
@@ -833,6 +848,21 @@ static inline __attribute__((always_inline, target(AVX512))) float exponentiate(
     return 1.0f / _mm512_reduce_add_ps(total);
 }
 
+// exponentiate's one-part bf16 weights (blocks of 64 tokens and more): a shorter exp polynomial and this CPU's own
+// rounding instruction (16 x 256-token blocks: -8% of the attention's time)
+static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) float exponentiate_bf16(
+    const float *row, uint16_t *weights, int64_t T, int64_t padded, __m512 top) {
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(keys_before(T, j),
+                                             exp_nonpositive16_for_bf16(_mm512_sub_ps(_mm512_load_ps(row + j), m)));
+        _mm256_store_si256((__m256i *)(weights + j), (__m256i)_mm512_cvtneps_pbh(e));
+        total = _mm512_add_ps(total, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(total);
+}
+
 // one head of one block; qkv, out at the head's first column, row0 the block's first row
 __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
     const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
@@ -874,8 +904,9 @@ __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
         SCORE_ROWS(score_tile_bf16, q);
         float inverse[ATTENTION_ROWS];
         for (int r = 0; r < ATTENTION_ROWS; r++)
-            inverse[r] = exponentiate(scores + r * padded, weights + r * padded, rest ? rest + r * padded : NULL, T,
-                                      padded, top[r]);
+            inverse[r] = rest ? exponentiate(scores + r * padded, weights + r * padded, rest + r * padded, T, padded,
+                                             top[r])
+                              : exponentiate_bf16(scores + r * padded, weights + r * padded, T, padded, top[r]);
         __m512 o[ATTENTION_ROWS][4];
         for (int r = 0; r < ATTENTION_ROWS; r++)
             for (int v = 0; v < 4; v++) o[r][v] = _mm512_setzero_ps();

@@ -1,13 +1,18 @@
-"""A/B of single-query latency between source trees (or environments), in processes that take turns.
+"""A/B of encode latency between source trees (or environments), in processes that take turns.
+
+Workloads (`--workload`): one query (the default), or a batch of SciFact passages cut at 256 word pieces, or of
+STSBenchmark sentences (from ../shared/data).
 
 Each variant is a worker process with its own PYTHONPATH (a checkout's `src`, e.g. from `git worktree add`) and
-optional environment variables; every round asks each worker, in alternating order, for a burst of queries, so
+optional environment variables; every round asks each worker, in alternating order, for a burst of calls, so
 the machine's drift (its memory bandwidth swings with other tenants) hits the variants alike. Two processes of the
 same code differ by 2-4% here (each places its memory differently), so compare fresh pairs more than once.
 
     git worktree add /tmp/before HEAD~1
-    PYTHONPATH=src python benchmarks/int8_research/query_ab.py auto before=/tmp/before/src after=src
-    PYTHONPATH=src python benchmarks/int8_research/query_ab.py auto 4k=src huge=src,GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+    PYTHONPATH=src python benchmarks/int8_research/encode_ab.py auto before=/tmp/before/src after=src
+    PYTHONPATH=src python benchmarks/int8_research/encode_ab.py auto 4k=src huge=src,GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+    PYTHONPATH=src python benchmarks/int8_research/encode_ab.py auto --workload passages --burst 2 --rounds 14 \
+        before=/tmp/before/src after=src
 """
 from __future__ import annotations
 
@@ -17,25 +22,37 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-QUERY = "How do I bake bread at home?"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from encode_speed import DATA, PASSAGE_TOKENS, QUERY, scifact_passages, sts_pairs  # noqa: E402
 
 
-def worker(precision: str, model: str | None) -> None:
+def workload_texts(workload: str, size: int) -> tuple[list[str], int | None]:
+    """The texts one call encodes, and the max_seq_length to encode them at (None: the model's)."""
+    if workload == "query":
+        return [QUERY], None
+    if workload == "passages":
+        return scifact_passages(DATA, size), PASSAGE_TOKENS
+    return sts_pairs(DATA)[0][:size], None
+
+
+def worker(precision: str, model: str | None, workload: str, size: int) -> None:
     import torch
 
     from allmpnet import Encoder
     from allmpnet.weights import published_dir
     torch.set_num_threads(2)
-    encoder = Encoder(model or str(published_dir()), precision=precision)
-    for _ in range(30):
-        encoder.encode([QUERY])
+    texts, max_length = workload_texts(workload, size)
+    encoder = Encoder(model or str(published_dir()), precision=precision, max_seq_length=max_length)
+    for _ in range(30 if workload == "query" else 2):
+        encoder.encode(texts)
     print("ready", flush=True)
     for line in sys.stdin:
         times = []
         for _ in range(int(line)):
             start = time.perf_counter()
-            encoder.encode([QUERY])
+            encoder.encode(texts)
             times.append(1000 * (time.perf_counter() - start))
         print(" ".join(f"{t:.4f}" for t in times), flush=True)
 
@@ -45,18 +62,21 @@ def main() -> None:
     parser.add_argument("precision")
     parser.add_argument("variants", nargs="+", help="NAME=PYTHONPATH[,VAR=VALUE...]")
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--burst", type=int, default=15, help="queries per variant and round")
+    parser.add_argument("--burst", type=int, default=15, help="calls per variant and round")
     parser.add_argument("--model", help="model directory (default: the published weights)")
+    parser.add_argument("--workload", choices=("query", "passages", "sentences"), default="query")
+    parser.add_argument("--size", type=int, default=32, help="texts per call (passages, sentences)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.precision, args.model)
+        return worker(args.precision, args.model, args.workload, args.size)
     workers = {}
     for variant in args.variants:
         name, _, rest = variant.partition("=")
         path, *extra = rest.split(",")
         env = dict(os.environ, PYTHONPATH=path, **dict(e.split("=", 1) for e in extra))
-        command = [sys.executable, __file__, args.precision, variant, "--worker"]
+        command = [sys.executable, __file__, args.precision, variant, "--worker", "--workload", args.workload,
+                   "--size", str(args.size)]
         if args.model:
             command += ["--model", args.model]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

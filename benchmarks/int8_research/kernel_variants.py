@@ -10,7 +10,7 @@ ran ~2x slower), how often each beat the first variant, and its largest differen
         "near:#define PREFETCH 16384=>#define PREFETCH 2048 && #define PREFETCH_HINT _MM_HINT_T1=>#define PREFETCH_HINT _MM_HINT_T0" \\
         --rows 2,9,16,512,2048 [--form plain|gelu|residual]
     PYTHONPATH=src python benchmarks/int8_research/kernel_variants.py attention base: \\
-        "exp6:: exponentiate_bf16(scores + r * padded, weights + r * padded, T, padded, top[r])=>: exponentiate(scores + r * padded, weights + r * padded, NULL, T, padded, top[r])"
+        "exp6:exp_nonpositive16_for_bf16(=>exp_nonpositive16( && (__m256i)_mm512_cvtneps_pbh(e)=>bf16_round16(e)"
 
 A variant is NAME:OLD=>NEW[ && OLD=>NEW ...] (NAME: alone is the source as it is).
 """

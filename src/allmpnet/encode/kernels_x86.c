@@ -825,8 +825,9 @@ static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) void 
         }                                                                                                       \
     } while (0)
 
-// exp(score - row max) over the padded row (zero past T): in place, or rounded to bf16 into weights, and with
-// `rest` what that rounding left out, also in bf16 (weights + rest: ~16 bits); returns 1 / their sum
+// exp(score - row max) over the padded row (zero past T): in place, or (weights, rest) in two bf16 parts, the
+// rounded value and what that rounding left out (~16 bits together; exponentiate_bf16 gives one part); returns 1 /
+// their sum
 static inline __attribute__((always_inline, target(AVX512))) float exponentiate(
     float *row, uint16_t *weights, uint16_t *rest, int64_t T, int64_t padded, __m512 top) {
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
@@ -836,10 +837,7 @@ static inline __attribute__((always_inline, target(AVX512))) float exponentiate(
         if (weights) {
             const __m256i high = bf16_round16(e);
             _mm256_store_si256((__m256i *)(weights + j), high);
-            if (rest) {
-                const __m512 kept = bf16_to_fp32(high);
-                _mm256_store_si256((__m256i *)(rest + j), bf16_round16(_mm512_sub_ps(e, kept)));
-            }
+            _mm256_store_si256((__m256i *)(rest + j), bf16_round16(_mm512_sub_ps(e, bf16_to_fp32(high))));
         } else {
             _mm512_store_ps(row + j, e);
         }

@@ -25,7 +25,7 @@ from conftest import int8_plan
 CPU = frozenset(cpu_flags())
 KERNEL_PARAMS = [pytest.param(k, marks=pytest.mark.skipif(bool(KERNELS[k].flags - CPU), reason=f"this CPU lacks "
                                                            f"{', '.join(sorted(KERNELS[k].flags - CPU))} for {k}"))
-                 for k in ("vnni-a8", "vnni-a16", "avx512-a16", "avx2-a16")]
+                 for k in ("vnni-a8", "vnni256-a8", "avxvnni-a8", "vnni-a16", "avx512-a16", "avx2-a16")]
 TEXTS = ["the cat sat on the mat", "a dog and a car", "this is a test sentence with a few more words in it", "sun"]
 #          45 tokens together with the tiny model's tokenizer: one fused call
 
@@ -63,14 +63,15 @@ def test_fused_stack_computes_what_the_modules_compute(tiny_model_dir, kernel, r
     # first q|k|v projection the int8 kernel keeps that row's one huge entry aside; at route 1 nearly every row
     # has more than MAX_SPLIT entries above 0.6 RMS and runs with int16 activations
     x[0, 3] = 60.0
-    stack.stack.layer[0].attention.attn.qkv.route = route if kernel == "vnni-a8" else 0.0
+    w8a8 = KERNELS[kernel].activations == "int8"
+    stack.stack.layer[0].attention.attn.qkv.route = route if w8a8 else 0.0
     modules = copy.deepcopy(stack.stack).float()  # the same int8 layers, module by module, fp32 between them
     with torch.inference_mode():
         assert stack.texts(x, batch.attention) is not None
         expected = modules(x, batch.attention)
         got = stack(x, batch.attention)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    assert (stack.routed[0, 0] >= 1) == (kernel == "vnni-a8" and route == 1.0)
+    assert (stack.routed[0, 0] >= 1) == (w8a8 and route == 1.0)
 
 
 @pytest.mark.parametrize("kernel", KERNEL_PARAMS)

@@ -219,12 +219,15 @@ def test_int8_weights_stay_close_to_the_float_layer(name):
     assert cosine.min() > (0.995 if KERNELS[name].activations == "int8" else 0.9995)
 
 
-@needs("vnni-a8")
+INT8_KERNELS = [pytest.param(name, marks=needs(name)) for name in KERNELS if KERNELS[name].activations == "int8"]
+
+
+@pytest.mark.parametrize("name", INT8_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [12, 40])  # a query's path (each output block group by group), a batch's
 @pytest.mark.parametrize("K,group", [(1024, 64), (1000, 40)])  # the kernel scans 16 inputs at a time: 1000 leaves 8
-def test_spiky_rows_keep_their_outliers_aside_or_run_in_int16(dtype, rows, K, group):
-    layer, g = make_layer("vnni-a8", 96, K, "none", smooth=True, group=group)
+def test_spiky_rows_keep_their_outliers_aside_or_run_in_int16(name, dtype, rows, K, group):
+    layer, g = make_layer(name, 96, K, "none", smooth=True, group=group)
     layer.route = 10.0
     v = torch.randn(rows, K, generator=g)  # what the kernel quantizes: x / smooth
     split_rows = [0, 7, rows - 1]  # huge values: max / rms far above 10 (as the <s> token's activations)
@@ -246,11 +249,31 @@ def test_spiky_rows_keep_their_outliers_aside_or_run_in_int16(dtype, rows, K, gr
                                rtol=2e-3 if dtype == torch.float32 else 0.02)
     # split and routed rows come out near their exact values; plain int8 (no route) leaves them far off
     plain = X86Int8Linear(torch.randn(96, K, generator=torch.Generator().manual_seed(0)) * 0.1, layer.bias,
-                          group=group, smooth=1 / layer.inverse_smooth, small="vnni-a8", large="vnni-a8")
+                          group=group, smooth=1 / layer.inverse_smooth, small=name, large=name)
     exact = layer.reference(x.to(dtype), form="fp32").float()
     plain_got = plain(x.to(dtype)).float()
     for spiky in (split_rows, routed_rows):
         assert (got.float() - exact)[spiky].abs().max() * 4 < (plain_got - exact)[spiky].abs().max()
+
+
+@needs("vnni-a8")
+@needs("vnni256-a8")
+@pytest.mark.parametrize("rows", [1, 9, 40, 250])  # every row count of the micro-kernels; the query and batch paths
+def test_the_256_bit_int8_kernel_gives_the_512_bit_ones_outputs_to_the_bit(rows):
+    # vnni256-a8 runs avxvnni-a8's code (AVX-VNNI CPUs: no AVX-512) in the encoding this CPU has; the int32 sums
+    # are exact and each output's groups are added in the same order, so the outputs must be vnni-a8's exactly
+    g = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(200, 768, generator=g) * 0.05, torch.randn(200, generator=g)
+    x = torch.randn(rows, 768, generator=g)
+    x[0, 3] = 60.0  # a spiky row: its largest entry kept aside
+    if rows > 1:  # a huge entry and ten more above 0.6 x 10 x its RMS: over MAX_SPLIT, so the row runs in int16
+        x[-1, 100], x[-1, 200:210] = 1000.0, 400.0
+    out = {}
+    for name in ("vnni-a8", "vnni256-a8"):
+        layer = X86Int8Linear(weight, bias, "gelu", small=name, large=name, route=10.0)
+        out[name] = layer(x, torch.randn(rows, 200, generator=torch.Generator().manual_seed(2)))
+        assert layer.routed_rows == (rows > 1)
+    assert torch.equal(out["vnni-a8"], out["vnni256-a8"])
 
 
 def test_rows_switch_between_the_small_and_the_large_kernel():
@@ -282,6 +305,7 @@ def test_wrong_inputs_raise_before_the_kernel_runs():
 
 def test_a_kernel_the_cpu_lacks_is_named_with_what_it_lacks():
     assert "lacks avx512_vnni" in kernel_unavailable("vnni-a8", AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+    assert "lacks avx_vnni" in kernel_unavailable("avxvnni-a8", AVX2 | {"avx512f", "avx512_vnni"})
     assert "lacks" in kernel_unavailable("avx2-a16", frozenset({"sse4_2"}))
     assert pick_kernel("int8", AVX2) is None and pick_kernel("int8", frozenset()) is None
     assert "unknown kernel" in kernel_unavailable("vnni-a4")
@@ -305,8 +329,8 @@ def cosines(a, b):
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-@pytest.mark.parametrize("kernel", [pytest.param(k, marks=needs(k)) for k in ("vnni-a8", "vnni-a16", "avx512-a16",
-                                                                               "avx2-a16")])
+@pytest.mark.parametrize("kernel", [pytest.param(k, marks=needs(k)) for k in ("vnni-a8", "avxvnni-a8", "vnni256-a8",
+                                                                               "vnni-a16", "avx512-a16", "avx2-a16")])
 def test_each_int8_kernel_encodes_close_to_fp32(tiny_model_dir, kernel, tmp_path, monkeypatch):
     from allmpnet import Encoder
     monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))  # a fresh calibration cache
@@ -316,10 +340,11 @@ def test_each_int8_kernel_encodes_close_to_fp32(tiny_model_dir, kernel, tmp_path
     assert len(layers) == 4 * enc.model.network.cfg.num_hidden_layers
     assert {(m.small, m.large) for m in layers} == {(kernel, kernel)}
     smoothed = {m.inverse_smooth is not None for m in layers}
-    assert smoothed == ({True, False} if kernel == "vnni-a8" else {False})  # FFN down is never smoothed
+    w8a8 = KERNELS[kernel].activations == "int8"
+    assert smoothed == ({True, False} if w8a8 else {False})  # FFN down is never smoothed
     assert cosines(got, enc.with_precision("fp32").encode(TEXTS)).min() > 0.99
     # W8A8 only: the calibration (input ranges of every layer) was made and cached for these weights
-    assert len(list((tmp_path / "calibration").glob("*.pt"))) == (kernel == "vnni-a8")
+    assert len(list((tmp_path / "calibration").glob("*.pt"))) == w8a8
 
 
 @pytest.mark.skipif(not pick_kernel("weight-only"), reason="no int8 kernel runs on this CPU")

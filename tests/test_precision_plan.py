@@ -20,6 +20,10 @@ SKYLAKE = Capabilities("cpu", frozenset({"avx2", "avx512f"}), ONEDNN, amx_kernel
 AVX2 = Capabilities("cpu", frozenset({"avx2", "fma"}), amx_kernels="this CPU has no AMX bf16 units",
                     x86_kernels=frozenset({"avx2-a16", "avx2-f32"}))
 AVX2_NO_KERNELS = dataclasses.replace(AVX2, x86_kernels=frozenset())
+# AVX2 with AVX-VNNI (Alder Lake, Sierra Forest): W8A8 on 256-bit vpdpbusd, fp32 between the layers
+ALDER_LAKE = Capabilities("cpu", frozenset({"avx2", "fma", "avx_vnni"}), ONEDNN,
+                          amx_kernels="this CPU has no AMX bf16 units",
+                          x86_kernels=frozenset({"avxvnni-a8", "avx2-a16", "avx2-f32"}))
 GPU_BF16 = Capabilities("cuda", cuda_bf16=True)
 GPU_OLD = Capabilities("cuda", cuda_bf16=False)
 
@@ -30,6 +34,7 @@ GPU_OLD = Capabilities("cuda", cuda_bf16=False)
     (ZEN4_NO_KERNELS, "cpu", "bf16", "onednn", None, None),
     (SKYLAKE, "cpu", "int8", "int8-x86", None, "avx512-a16"),
     (AVX2, "cpu", "int8", "int8-x86", None, "avx2-a16"),
+    (ALDER_LAKE, "cpu", "int8", "int8-x86", None, "avxvnni-a8"),
     (AVX2_NO_KERNELS, "cpu", "fp32", "torch", None, None),
     (dataclasses.replace(AVX2_NO_KERNELS, onednn_dtypes=frozenset({"fp32"})), "cpu", "fp32", "onednn", None, None),
     (GPU_BF16, "cuda", "bf16", "torch", None, None),
@@ -47,6 +52,8 @@ def test_auto_picks_by_hardware(caps, device, name, linear, small, kernel):
 
 def test_int8_x86_activations_are_bf16_only_where_native():
     assert plan_precision("int8", "cpu", ZEN4).dtype == torch.bfloat16
+    assert plan_precision("int8", "cpu", ALDER_LAKE).dtype == torch.float32
+    assert "AVX-VNNI" in plan_precision("auto", "cpu", ALDER_LAKE).reason
     assert plan_precision("int8", "cpu", AVX2).dtype == torch.float32  # emulated bf16 would cost more than it saves
     assert plan_precision("int8", "cpu", ZEN4).guard_fallback is None  # asked for by name: run as asked
 

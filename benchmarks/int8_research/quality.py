@@ -139,12 +139,15 @@ class Recipe:
     name: str
     form: Callable[[int, str], str]
     alpha: float | Callable[[int, str], float] | None = None  # SmoothQuant migration strength for a8 layers
-    group: int = 128  # inputs per weight scale; a value >= K means one scale per output channel
+    group: int | Callable[[str, int], int] = 128  # inputs per weight scale, or (proj, K) -> that; >= K: per channel
     smooth_all: bool = False  # smooth the a16 layers too (one int8 copy for both small and large batches)
     route_ratio: float = 0.0  # "a8r": rows whose max |x| / rms(x) exceeds this run with int16 activations
 
     def alpha_for(self, i: int, proj: str) -> float | None:
         return self.alpha(i, proj) if callable(self.alpha) else self.alpha
+
+    def group_for(self, proj: str, K: int) -> int:
+        return min(self.group(proj, K) if callable(self.group) else self.group, K)
 
 
 def uniform(form: str) -> Callable[[int, str], str]:
@@ -181,11 +184,12 @@ def build_fast(enc: Encoder, recipe: Recipe, cal: Calibration) -> SentenceModel:
             smooth = smoothing_factors(cal.absmax[(i, proj)], weight, alpha)
         if form == "a8r":  # int8 activations, spiky rows (tokens) routed to int16 inside the kernel call
             smooth = None if alpha is None else smoothing_factors(cal.absmax[(i, proj)], weight, alpha)
-            return X86Int8Linear(weight, bias, activation, group=min(recipe.group, weight.shape[1]), smooth=smooth,
-                                 small="vnni-a16", large="vnni-a8", max_small_rows=0, route=recipe.route_ratio)
+            return X86Int8Linear(weight, bias, activation, group=recipe.group_for(proj, weight.shape[1]),
+                                 smooth=smooth, small="vnni-a16", large="vnni-a8", max_small_rows=0,
+                                 route=recipe.route_ratio)
         kernel = {"a8": "vnni-a8", "a16": "vnni-a16"}[form]
-        return X86Int8Linear(weight, bias, activation, group=min(recipe.group, weight.shape[1]), smooth=smooth,
-                             small=kernel, large=kernel, max_small_rows=0)
+        return X86Int8Linear(weight, bias, activation, group=recipe.group_for(proj, weight.shape[1]),
+                             smooth=smooth, small=kernel, large=kernel, max_small_rows=0)
     with torch.no_grad():
         swap_linears(fast.network, make_linear)
     return fast.eval()
@@ -271,6 +275,11 @@ def experiments(name: str) -> list[Recipe]:
                 Recipe("W8A8 all, alpha 0.8 on qkv/o/up, down unsmoothed", ALL_A8, alpha=alpha),
                 Recipe("weight-only int8 (int16 act.), group 128", uniform("a16")),
                 Recipe("oneDNN bf16 (our bf16 path)", uniform("bf16"))]
+    if name == "groups":  # fewer weight scales where the inputs are 768 (fewer flushes of the sums per row)
+        alpha = (lambda i, p: None if p == "down" else 0.8)
+        return [Recipe(f"final recipe, group {g768} on qkv/o/up, {g3072} on down", uniform("a8r"), alpha=alpha,
+                       route_ratio=20, group=lambda p, K, a=g768, b=g3072: a if K == 768 else b)
+                for g768, g3072 in ((128, 128), (384, 128), (384, 256))]
     raise ValueError(f"unknown experiment {name!r}")
 
 
@@ -289,7 +298,7 @@ def main() -> None:
     pairs = len(gold) if args.sentences <= 0 else min(len(gold), max(1, args.sentences // 2))
     data = {"sts": first[:pairs] + second[:pairs], "sts_gold": gold[:pairs], "sci": sci}
     data["sts_ref"] = reference_vectors("sts", data["sts"], 512)
-    data["sci_ref"] = reference_vectors("scifact", scifact_passages(), 256)[:len(sci)] if sci else None
+    data["sci_ref"] = reference_vectors("scifact", sci, 256) if sci else None  # the first n: all take ~30 min
     enc = Encoder(str(MODEL), device="cpu", precision="fp32")
     recipes = [recipe for exp in args.experiments.split(",") for recipe in experiments(exp)]
     # the histogram observers only serve the PT2E-like static recipe (and are slow)

@@ -1,11 +1,12 @@
-"""int8-weight linear layers for x86 CPUs without AMX (`kernels_x86.c`): AVX512-VNNI, AVX512-BF16, AVX512 and
-AVX2.
+"""int8-weight linear layers for x86 CPUs without AMX (`kernels_x86.c`): AVX512-VNNI, AVX-VNNI, AVX512-BF16, AVX512
+and AVX2.
 
 A layer keeps one int8 copy of its weight (a scale per output channel and group of 128 inputs, the AMX kernel's
 choice: one scale per channel lets a few large weights coarsen whole rows) and multiplies it by the activations
 in one of these forms, picked per call by the number of rows:
 
-- "int8": activations quantized per row (token) to int8, VNNI's vpdpbusd (W8A8; twice the bf16 rate). Only
+- "int8": activations quantized per row (token) to int8, VNNI's vpdpbusd (W8A8; twice the bf16 rate), on 512-bit
+  vectors (AVX512-VNNI) or 256-bit ones (AVX-VNNI: AVX2 CPUs such as Alder Lake and Sierra Forest). Only
   with an outlier treatment does it keep this model's quality: SmoothQuant-style `smooth` factors, and int8
   activations only in the layers that tolerate them (docs/int8-research.md).
 - "int16": activations quantized per row to int16, 1/32767 of the row's largest value: finer than bf16, so
@@ -45,6 +46,7 @@ MAX_GROUP = 512  # int16 activations: a group's int32 sums stay exact up to here
 
 AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
 AVX2 = frozenset({"avx2", "fma"})
+AVX_VNNI = "avx_vnni"  # /proc/cpuinfo's name for AVX-VNNI (VEX-encoded vpdpbusd on 256 bits)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class Kernel:
 
 KERNELS = {
     "vnni-a8": Kernel(7, AVX512 | {"avx512_vnni"}, "int8"),
+    "avxvnni-a8": Kernel(10, AVX2 | {AVX_VNNI}, "int8"),
+    # avxvnni-a8's code in AVX512-VNNI's encoding of the same instruction, so that CPUs with AVX-512 but not
+    # AVX-VNNI (Zen 4, where the tests ran) run and test that code; its outputs equal vnni-a8's to the bit
+    "vnni256-a8": Kernel(11, AVX512 | {"avx512_vnni"}, "int8"),
     "vnni-a16": Kernel(6, AVX512 | {"avx512_vnni"}, "int16"),
     "avx512-bf16": Kernel(5, AVX512 | {"avx512_bf16"}, "bf16"),
     "avx512-a16": Kernel(4, AVX512, "int16"),
@@ -66,7 +72,7 @@ KERNELS = {
 # per activation form, the kernels in the order they are preferred where several run (measured on Zen 4:
 # docs/int8-research.md)
 PREFERENCE = {
-    "int8": ["vnni-a8"],
+    "int8": ["vnni-a8", "avxvnni-a8", "vnni256-a8"],
     "int16": ["vnni-a16", "avx512-a16", "avx2-a16"],
     "bf16": ["avx512-bf16"],
     "fp32": ["avx512-f32", "avx2-f32"],

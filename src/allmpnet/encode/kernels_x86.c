@@ -63,7 +63,22 @@ enum {
     KERNEL_VNNI_A8 = 7,
     KERNEL_AVX512_F32W = 8,  // fp32 weights, (N, K) as the model stores them (see F32W below)
     KERNEL_AVX2_F32W = 9,
+    KERNEL_AVXVNNI_A8 = 10,  // A8 on 256-bit vectors: AVX-VNNI's VEX vpdpbusd (AVX2 CPUs: Alder Lake, Sierra Forest)
+    KERNEL_VNNI256_A8 = 11,  // the same code with AVX512-VNNI's EVEX form on 256 bits (tests and research)
+    KERNEL_LAST = KERNEL_VNNI256_A8,
 };
+
+// GCC 11+ and clang 12+ know AVX-VNNI (its header's include guard); older compilers build the rest without it
+#if defined(_AVXVNNIINTRIN_H_INCLUDED) || defined(__AVXVNNIINTRIN_H)
+#define HAVE_AVXVNNI 1
+#else
+#define HAVE_AVXVNNI 0
+#endif
+
+// The kernels with int8 activations (vpdpbusd): their rows may be spiky, and their sums start at the compensation.
+static inline int int8_activations(int kernel) {
+    return kernel == KERNEL_VNNI_A8 || kernel == KERNEL_AVXVNNI_A8 || kernel == KERNEL_VNNI256_A8;
+}
 
 enum { ACT_F32, ACT_BF16, ACT_I16, ACT_U8 };
 
@@ -87,7 +102,11 @@ int allmpnet_x86_kernel_supported(int kernel) {
         case KERNEL_AVX2_F32: case KERNEL_AVX2_A16: case KERNEL_AVX2_F32W: return avx2;
         case KERNEL_AVX512_F32: case KERNEL_AVX512_A16: case KERNEL_AVX512_F32W: return avx512;
         case KERNEL_AVX512_BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
-        case KERNEL_VNNI_A16: case KERNEL_VNNI_A8: return avx512 && __builtin_cpu_supports("avx512vnni");
+        case KERNEL_VNNI_A16: case KERNEL_VNNI_A8: case KERNEL_VNNI256_A8:
+            return avx512 && __builtin_cpu_supports("avx512vnni");
+#if HAVE_AVXVNNI  // older compilers reject the name
+        case KERNEL_AVXVNNI_A8: return avx2 && __builtin_cpu_supports("avxvnni");
+#endif
         default: return 0;
     }
 }
@@ -519,6 +538,13 @@ static inline __attribute__((always_inline)) void request_share(const void *weig
 
 DRIVER(run_vnni_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni_a8, uint8_t, FROM_COMPENSATION, mk_vnni_a16, int16_t,
        a->act16)
+// 256-bit A8: spiky rows routed to int16 take AVX2's int16 kernel (the CPUs with AVX-VNNI alone have no other)
+DRIVER(run_vnni256_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni256_a8, uint8_t, FROM_COMPENSATION, mk_avx2_a16, int16_t,
+       a->act16)
+#if HAVE_AVXVNNI
+DRIVER(run_avxvnni_a8, AVX2 ",avxvnni", ACT_U8, mk_avxvnni_a8, uint8_t, FROM_COMPENSATION, mk_avx2_a16, int16_t,
+       a->act16)
+#endif
 DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, FROM_ZERO, mk_vnni_a16, int16_t, a->act)
 DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, FROM_ZERO, mk_avx512_a16, int16_t, a->act)
 DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16, mk_avx512_bf16, uint16_t, FROM_ZERO, mk_avx512_bf16,
@@ -575,6 +601,10 @@ static int64_t linear_by_team(int kernel, const linear_args *a, float *buffer) {
         case KERNEL_AVX512_F32W: return run_avx512_f32w(a, buffer);
         case KERNEL_AVX2_F32W: return run_avx2_f32w(a, buffer);
         case KERNEL_VNNI_A8: return run_vnni_a8(a, buffer);
+        case KERNEL_VNNI256_A8: return run_vnni256_a8(a, buffer);
+#if HAVE_AVXVNNI
+        case KERNEL_AVXVNNI_A8: return run_avxvnni_a8(a, buffer);
+#endif
         case KERNEL_VNNI_A16: return run_vnni_a16(a, buffer);
         case KERNEL_AVX512_A16: return run_avx512_a16(a, buffer);
         case KERNEL_AVX512_BF16: return run_avx512_bf16(a, buffer);
@@ -592,14 +622,14 @@ static int64_t aligned(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 // ones for routed rows and the entries split rows keep aside), row scales, row order and routing flags.
 static int64_t linear_scratch_bytes(int kernel, int64_t M, int64_t K) {
     const int64_t spiky =
-        kernel == KERNEL_VNNI_A8 ? aligned(M * K * 2) + aligned(M * 4) + 2 * aligned(M * MAX_SPLIT * 4) : 0;
+        int8_activations(kernel) ? aligned(M * K * 2) + aligned(M * 4) + 2 * aligned(M * MAX_SPLIT * 4) : 0;
     return aligned(M * K * act_size[activation_kind(kernel)]) + spiky + 3 * aligned(M * 4);
 }
 
 // The most linear_scratch_bytes any kernel takes.
 static int64_t widest_linear_scratch_bytes(int64_t M, int64_t K) {
     int64_t most = 0;
-    for (int kernel = KERNEL_AVX2_F32; kernel <= KERNEL_AVX2_F32W; kernel++) {
+    for (int kernel = KERNEL_AVX2_F32; kernel <= KERNEL_LAST; kernel++) {
         const int64_t bytes = linear_scratch_bytes(kernel, M, K);
         most = bytes > most ? bytes : most;
     }
@@ -615,7 +645,7 @@ int64_t allmpnet_x86_scratch_bytes(int kernel, int64_t M, int64_t K, int threads
 static int64_t check_linear(int kernel, const float *compensation, int64_t group, int64_t M, int64_t N,
                             int64_t K, float route) {
     if (!allmpnet_x86_kernel_supported(kernel)) return -2;
-    const int a8 = kernel == KERNEL_VNNI_A8;
+    const int a8 = int8_activations(kernel);
     if (N <= 0 || K <= 0 || group <= 0 || group % 4 || K % group || M < 0
         || ((activation_kind(kernel) == ACT_I16 || (a8 && route > 0.0f)) && group > 512) || (a8 && !compensation))
         return -1;
@@ -632,7 +662,7 @@ static void place_scratch(linear_args *a, int kernel, char *at) {
     a->act16 = NULL;
     a->split_count = a->split_index = NULL;
     a->split_value = NULL;
-    if (kernel == KERNEL_VNNI_A8) {
+    if (int8_activations(kernel)) {
         a->act16 = (int16_t *)at;
         at += aligned(a->M * a->K * 2);
         a->split_count = (int32_t *)at;
@@ -668,7 +698,7 @@ int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *
     if (M == 0) return 0;
     if (threads < 1) threads = 1;
     linear_args a = {x, x_bf16, smooth, packed, scales, compensation, group, bias, residual, y, y_bf16, M, N, K,
-                     gelu, kernel == KERNEL_VNNI_A8 ? route : 0.0f};
+                     gelu, int8_activations(kernel) ? route : 0.0f};
     place_scratch(&a, kernel, (char *)scratch);
     float *buffers = (float *)((char *)scratch + linear_scratch_bytes(kernel, M, K));
     int64_t routed = 0;
@@ -1048,7 +1078,7 @@ typedef struct {
 static void bind_linear(linear_args *a, const x86_linear_spec *s, const float *x, const float *residual, float *y,
                         int64_t M, char *scratch) {
     const linear_args bound = {x, 0, s->smooth, s->packed, s->scales, s->compensation, s->group, s->bias, residual,
-                               y, 0, M, s->N, s->K, s->gelu, s->kernel == KERNEL_VNNI_A8 ? s->route : 0.0f,
+                               y, 0, M, s->N, s->K, s->gelu, int8_activations(s->kernel) ? s->route : 0.0f,
 };
     *a = bound;
     place_scratch(a, s->kernel, scratch);
@@ -1233,7 +1263,8 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
     // the AVX512 attention where the caller's layer kernels are AVX512 ones (so it takes AVX512, and the CPU has it)
     const int32_t first = count ? layers[0].qkv.kernel : 0;
     const int heads_kernel = C / H == ATTENTION_D && first != KERNEL_AVX2_F32 && first != KERNEL_AVX2_A16
-                             && first != KERNEL_AVX2_F32W && allmpnet_x86_kernel_supported(KERNEL_AVX512_F32);
+                             && first != KERNEL_AVX2_F32W && first != KERNEL_AVXVNNI_A8
+                             && allmpnet_x86_kernel_supported(KERNEL_AVX512_F32);
     int64_t bad = 0;
     _Pragma("omp parallel num_threads(threads)") {
         float *buffer = buffers + (int64_t)omp_get_thread_num() * K;
@@ -1463,6 +1494,55 @@ ROWS_NAME(mk_avx2_a16)(const int16_t *const *x, int64_t K, const int8_t *panel, 
         }
     }
 }
+
+// A8 on 256-bit vectors: per pass 16 outputs as 2 vectors of 8 (each lane one output, as A8), so 6 rows' sums fit
+// AVX2's 16 registers; the same flush as A8 (sums x scale + where they start), so the outputs are A8's to the bit.
+#define Y_START(m) __m256i c##m##0 = _mm256_setzero_si256(), c##m##1 = c##m##0;
+#define Y_STEP(m)                                                               \
+    {                                                                           \
+        const __m256i xa = _mm256_set1_epi32(*(const int32_t *)(r##m + k));    \
+        c##m##0 = DPBUSD256(c##m##0, xa, w0);                                   \
+        c##m##1 = DPBUSD256(c##m##1, xa, w1);                                   \
+    }
+#define Y_FLUSH(m)                                                                                             \
+    {                                                                                                          \
+        float *t = tile[m] + 16 * part;                                                                        \
+        const float *before = add ? t : start + 16 * part;                                                     \
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c##m##0), _mm256_loadu_ps(scale),             \
+                                            _mm256_loadu_ps(before)));                                         \
+        _mm256_storeu_ps(t + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c##m##1), _mm256_loadu_ps(scale + 8),      \
+                                                _mm256_loadu_ps(before + 8)));                                 \
+    }
+#define MK_A8_256(NAME, TARGET)                                                                                   \
+    __attribute__((target(TARGET), noinline)) static void NAME(const uint8_t *const *x, int64_t K,             \
+                                                               const int8_t *panel, const float *scales,          \
+                                                               const float *start, int64_t group,                 \
+                                                               float tile[][NB], int accumulate) {                \
+        ROWS(ROW_POINTER)                                                                                         \
+        for (int part = 0; part < 4; part++) {                                                                    \
+            for (int64_t k0 = 0; k0 < K; k0 += group) {                                                           \
+                const int add = accumulate || k0 > 0;                                                             \
+                ROWS(Y_START)                                                                                     \
+                for (int64_t k = k0; k < k0 + group; k += 4) {                                                    \
+                    const int8_t *w = panel + k * NB + 64 * part;                                                 \
+                    _mm_prefetch((const char *)w + PREFETCH, PREFETCH_HINT);                                      \
+                    const __m256i w0 = _mm256_loadu_si256((const __m256i *)w);                                    \
+                    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32));                             \
+                    ROWS(Y_STEP)                                                                                  \
+                }                                                                                                 \
+                const float *scale = scales + k0 / group * NB + 16 * part;                                        \
+                ROWS(Y_FLUSH)                                                                                     \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+#define DPBUSD256 _mm256_dpbusd_epi32
+MK_A8_256(ROWS_NAME(mk_vnni256_a8), AVX512 ",avx512vnni")
+#undef DPBUSD256
+#if HAVE_AVXVNNI
+#define DPBUSD256 _mm256_dpbusd_avx_epi32
+MK_A8_256(ROWS_NAME(mk_avxvnni_a8), AVX2 ",avxvnni")
+#undef DPBUSD256
+#endif
 
 #define G_START(m) __m256 c##m##0 = _mm256_setzero_ps(), c##m##1 = c##m##0;
 #define G_STEP(m)                                                                    \

@@ -227,8 +227,9 @@ def _choose(caps: Capabilities) -> tuple[str, str]:
     if not caps.amx_kernels:
         return "bf16+int8", "AMX: bf16, int8 weights for small batches"
     kernel = x86_int8_kernel(caps)
-    if kernel == "vnni-a8":
-        return "int8", "AVX512-VNNI: W8A8 runs at twice bf16's rate"
+    if kernel is not None and X86_KERNELS[kernel].activations == "int8":
+        vnni = "AVX-VNNI" if kernel == "avxvnni-a8" else "AVX512-VNNI"
+        return "int8", f"{vnni}: W8A8, int8 products at twice the rate of bf16 or int16 ones"
     if caps.native_bf16:
         return "bf16", "native bf16 (" + ("AMX" if "amx_bf16" in caps.cpu_flags else "AVX512-BF16") + ")"
     if kernel is not None:

@@ -20,10 +20,8 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL, RESULTS, cpu_model, min_cosine, scifact_passages, sts_rows  # noqa: E402
+from common import MODEL, RESULTS, cpu_model, min_cosine, scifact_passages, sts_rows, sts_spearman  # noqa: E402
 
 from allmpnet import Encoder  # noqa: E402
 from allmpnet.encode.fused_x86 import pick_fp32_kernel  # noqa: E402
@@ -46,7 +44,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "avx_vnni.md")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    first, second, gold = sts_rows()
+    first, second, _ = sts_rows()
     pairs = args.sentences // 2
     sentences = first[:pairs] + second[:pairs]
     passages = scifact_passages(args.passages)
@@ -87,7 +85,7 @@ def main() -> None:
         rate = {w: tokens[w] / statistics.median(seconds[name][w]) for w in "ab"}
         fp32 = {w: tokens[w] / statistics.median(seconds["ours fp32"][w]) for w in "ab"}
         a = vectors[name]["a"]
-        spearman = _spearman(a[:pairs], a[pairs:], gold[:pairs])
+        spearman = sts_spearman(a, pairs)
         lines.append(f"| {name} | {rate['a']:,.0f} | {rate['b']:,.0f} | {rate['a'] / fp32['a']:.2f}x / "
                      f"{rate['b'] / fp32['b']:.2f}x | {1000 * statistics.median(query[name]):.1f} ms | "
                      f"{min_cosine(a, base['a']):.5f} | {min_cosine(vectors[name]['b'], base['b']):.5f} | "
@@ -97,10 +95,6 @@ def main() -> None:
     with open(args.out, "a") as f:
         f.write("\n".join(lines) + "\n")
 
-
-def _spearman(first: np.ndarray, second: np.ndarray, gold: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-    return 100 * spearmanr((first * second).sum(1), gold).statistic
 
 
 if __name__ == "__main__":

@@ -80,12 +80,14 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(1).min())
 
 
-def sts_spearman(vectors: np.ndarray) -> float:
-    """Spearman x 100 of the pairs' cosine against the gold score; vectors are sts_sentences()' order."""
+def sts_spearman(vectors: np.ndarray, pairs: int | None = None) -> float:
+    """Spearman x 100 of the pairs' cosine against the gold score; vectors are sts_sentences()' order, or of the
+    first `pairs` pairs (their first sentences, then their second ones)."""
     from scipy.stats import spearmanr
     _, _, gold = sts_rows()
-    n = len(gold)
-    a, b = vectors[:n], vectors[n:]
+    n = len(gold) if pairs is None else pairs
+    gold = gold[:n]
+    a, b = vectors[:n], vectors[n:2 * n]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return 100 * float(spearmanr(cos, gold).statistic)
 

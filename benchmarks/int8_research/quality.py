@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (MODEL, RESULTS, cpu_model, min_cosine, reference_vectors, scifact_passages,  # noqa: E402
-                    sts_rows)
+                    sts_rows, sts_spearman)
 
 from allmpnet import Encoder  # noqa: E402
 from allmpnet.encode.inference import PackedLinear, swap_linears  # noqa: E402
@@ -204,23 +204,13 @@ def encode_with(enc: Encoder, fast: nn.Module | None, texts: list[str], max_len:
     return other.encode(texts, show_progress_bar=False)
 
 
-def sts_spearman(vectors: np.ndarray, gold: np.ndarray) -> float:
-    """Spearman x 100 of the pairs' cosine against the gold score; vectors are the pairs' first sentences, then
-    their second ones (as common.sts_spearman, for the first len(gold) pairs)."""
-    from scipy.stats import spearmanr
-    n = len(gold)
-    a, b = vectors[:n], vectors[n:]
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return 100 * float(spearmanr(cos, gold).statistic)
-
-
 def evaluate(enc: Encoder, fast: nn.Module | None, data: dict) -> dict:
     start = time.perf_counter()
     sts = encode_with(enc, fast, data["sts"], 512)
     sci_min = min_cosine(encode_with(enc, fast, data["sci"], 256), data["sci_ref"]) if data["sci"] else float("nan")
     return {"sts_min": min_cosine(sts, data["sts_ref"]), "sts_mean": float(np.mean(
         (sts / np.linalg.norm(sts, axis=1, keepdims=True) * data["sts_ref"]).sum(1))),
-        "spearman": sts_spearman(sts, data["sts_gold"]), "sci_min": sci_min,
+        "spearman": sts_spearman(sts, len(data["sts_gold"])), "sci_min": sci_min,
         "seconds": time.perf_counter() - start}
 
 

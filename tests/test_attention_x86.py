@@ -74,16 +74,18 @@ def test_kernel_refuses_what_it_was_not_written_for():
     assert "lacks avx512bw, avx512dq, avx512f" in attention_unavailable(frozenset({"avx2", "fma"}))
 
 
-def test_plan_uses_it_for_bf16_and_int8_activations_without_amx():
+def test_plan_uses_it_for_bf16_activations_without_amx():
     zen4 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), frozenset({"fp32", "bf16"}),
                         amx_kernels="no AMX", x86_kernels=frozenset({"vnni-a8"}), x86_attention=True)
     assert plan_precision("auto", "cpu", zen4).block_attention_kernel  # int8 with bf16 activations
     assert plan_precision("bf16", "cpu", zen4).block_attention_kernel
     assert "our x86 kernel for blocks" in plan_precision("bf16", "cpu", zen4).describe()
     assert not plan_precision("fp32", "cpu", zen4).block_attention_kernel  # the exact path keeps SDPA
-    cascade_lake = dataclasses.replace(zen4, cpu_flags=zen4.cpu_flags - {"avx512_bf16"})  # int8, fp32 activations
-    assert plan_precision("auto", "cpu", cascade_lake).dtype == torch.float32
+    cascade_lake = dataclasses.replace(zen4, cpu_flags=zen4.cpu_flags - {"avx512_bf16"})  # no native bf16
+    assert plan_precision("auto", "cpu", cascade_lake).dtype == torch.bfloat16  # stored in bf16 for our kernels
     assert plan_precision("auto", "cpu", cascade_lake).block_attention_kernel
+    without_kernel = dataclasses.replace(cascade_lake, x86_attention=False)
+    assert not plan_precision("bf16", "cpu", without_kernel).block_attention_kernel
     assert not plan_precision("bf16", "cpu", dataclasses.replace(zen4, x86_attention=False)).block_attention_kernel
     amx = dataclasses.replace(zen4, cpu_flags=zen4.cpu_flags | {"amx_tile", "amx_bf16"}, amx_kernels="")
     assert not plan_precision("bf16", "cpu", amx).block_attention_kernel

@@ -50,8 +50,11 @@ def test_auto_picks_by_hardware(caps, device, name, linear, small, kernel):
     assert plan.guard_fallback == (None if kernel is None else "bf16" if caps.native_bf16 else "fp32")
 
 
-def test_int8_x86_activations_are_bf16_only_where_native():
+def test_int8_x86_activations_are_bf16_where_native_or_read_by_our_attention():
     assert plan_precision("int8", "cpu", ZEN4).dtype == torch.bfloat16
+    # AVX512 without native bf16 (Skylake-SP, Cascade Lake): stored in bf16, widened by our kernels
+    assert plan_precision("int8", "cpu", dataclasses.replace(SKYLAKE, x86_attention=True)).dtype == torch.bfloat16
+    assert plan_precision("int8", "cpu", SKYLAKE).dtype == torch.float32  # no attention kernel: torch's in fp32
     assert plan_precision("int8", "cpu", ALDER_LAKE).dtype == torch.float32
     assert "AVX-VNNI" in plan_precision("auto", "cpu", ALDER_LAKE).reason
     assert plan_precision("int8", "cpu", AVX2).dtype == torch.float32  # emulated bf16 would cost more than it saves

@@ -251,8 +251,11 @@ def _unavailable(name: str, caps: Capabilities) -> str:
 def _build(name: str, caps: Capabilities, requested: str, reason: str) -> PrecisionPlan:
     cpu = caps.device_type == "cpu"
     amx = cpu and not caps.amx_kernels
-    if name == "int8" and not amx:  # activations in bf16 only where the CPU computes it natively
-        compute = "bf16" if caps.native_bf16 else "fp32"
+    if name == "int8" and not amx:
+        # activations stored in bf16 where the CPU computes it natively, or where our attention kernel (AVX512)
+        # reads it, widening to fp32 (Zen 4 held to AVX512_CORE_VNNI: passages -18%, sentences -8% against fp32
+        # activations); with AVX2 alone torch's attention would compute in emulated bf16
+        compute = "bf16" if caps.native_bf16 or caps.x86_attention else "fp32"
     else:
         compute = name if name in ("fp32", "fp16") else "bf16"
     dtype = COMPUTE_DTYPES[compute]
@@ -276,11 +279,8 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         name=name, dtype=dtype, linear=large, small_linear=small, small_batch_tokens=small_tokens,
         attention="grouped" if cpu else "padded",
         short_attention_kernel=amx and dtype == torch.bfloat16,
-        # without AMX, wherever the activations are not the exact path's: bf16 (SDPA's bf16 is slow there) and the
-        # fp32 ones of int8 on AVX512 CPUs without native bf16 (4-9% faster than SDPA on Zen 4 held to
-        # AVX512_CORE_VNNI); the exact fp32 path keeps SDPA
-        block_attention_kernel=(cpu and not amx and caps.x86_attention
-                                and (dtype == torch.bfloat16 or name == "int8")),
+        # bf16 activations without AMX: SDPA's bf16 is slow there (fp32 keeps SDPA: exact, and ours gains less)
+        block_attention_kernel=cpu and not amx and dtype == torch.bfloat16 and caps.x86_attention,
         bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel,
         fused_stack_tokens=FUSED_STACK_TOKENS if fused else 0, fused_fp32_kernel=fp32_fused,
         guard_fallback=fallback, requested=requested, reason=reason)

@@ -184,10 +184,9 @@ def plan_precision(request: str, device: torch.device | str, capabilities: Capab
     "auto" picks the fastest path this hardware has whose quality passes the project's contract (min cosine to
     fp32 >= 0.99, STSBenchmark within 0.1): on CPUs with AMX bf16 + int8 weights for small batches; with
     AVX512-VNNI or AVX-VNNI W8A8 int8 (our kernels); with native bf16 bf16; with AVX2 int8 weights and int16
-    activations;
-    on GPUs bf16 (fp16 where bf16 is not native); else fp32. Its int8-x86 plans carry `guard_fallback`: the
-    encoder checks them against fp32 on first use and falls back below the contract. A request the hardware
-    cannot run raises ValueError saying why; "auto" never does.
+    activations; on GPUs bf16 (fp16 where bf16 is not native); else fp32. Its int8-x86 plans carry
+    `guard_fallback`: the encoder checks them against fp32 on first use and falls back below the contract. A
+    request the hardware cannot run raises ValueError saying why; "auto" never does.
     """
     device = torch.device(device)
     caps = capabilities or Capabilities.detect(device)

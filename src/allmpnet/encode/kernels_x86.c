@@ -80,6 +80,12 @@ static inline int int8_activations(int kernel) {
     return kernel == KERNEL_VNNI_A8 || kernel == KERNEL_AVXVNNI_A8 || kernel == KERNEL_VNNI256_A8;
 }
 
+// The kernels written for AVX2 CPUs (no AVX-512 instruction): the fused stack pairs them with AVX2's attention.
+static inline int avx2_kernel(int kernel) {
+    return kernel == KERNEL_AVX2_F32 || kernel == KERNEL_AVX2_A16 || kernel == KERNEL_AVX2_F32W
+           || kernel == KERNEL_AVXVNNI_A8;
+}
+
 enum { ACT_F32, ACT_BF16, ACT_I16, ACT_U8 };
 
 static int activation_kind(int kernel) {
@@ -1262,8 +1268,7 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
     float *works = (float *)(at + widest_linear_scratch_bytes(M, K)), *buffers = works + threads * work_floats;
     // the AVX512 attention where the caller's layer kernels are AVX512 ones (so it takes AVX512, and the CPU has it)
     const int32_t first = count ? layers[0].qkv.kernel : 0;
-    const int heads_kernel = C / H == ATTENTION_D && first != KERNEL_AVX2_F32 && first != KERNEL_AVX2_A16
-                             && first != KERNEL_AVX2_F32W && first != KERNEL_AVXVNNI_A8
+    const int heads_kernel = C / H == ATTENTION_D && !avx2_kernel(first)
                              && allmpnet_x86_kernel_supported(KERNEL_AVX512_F32);
     int64_t bad = 0;
     _Pragma("omp parallel num_threads(threads)") {

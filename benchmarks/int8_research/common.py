@@ -80,6 +80,12 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(1).min())
 
 
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).mean())
+
+
 def sts_spearman(vectors: np.ndarray, pairs: int | None = None) -> float:
     """Spearman x 100 of the pairs' cosine against the gold score; vectors are sts_sentences()' order, or of the
     first `pairs` pairs (their first sentences, then their second ones)."""

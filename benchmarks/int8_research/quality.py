@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MODEL, RESULTS, cpu_model, min_cosine, reference_vectors, scifact_passages,  # noqa: E402
-                    sts_rows, sts_spearman)
+from common import (MODEL, RESULTS, cpu_model, mean_cosine, min_cosine, reference_vectors,  # noqa: E402
+                    scifact_passages, sts_rows, sts_spearman)
 
 from allmpnet import Encoder  # noqa: E402
 from allmpnet.encode.inference import PackedLinear, swap_linears  # noqa: E402
@@ -208,8 +208,7 @@ def evaluate(enc: Encoder, fast: nn.Module | None, data: dict) -> dict:
     start = time.perf_counter()
     sts = encode_with(enc, fast, data["sts"], 512)
     sci_min = min_cosine(encode_with(enc, fast, data["sci"], 256), data["sci_ref"]) if data["sci"] else float("nan")
-    return {"sts_min": min_cosine(sts, data["sts_ref"]), "sts_mean": float(np.mean(
-        (sts / np.linalg.norm(sts, axis=1, keepdims=True) * data["sts_ref"]).sum(1))),
+    return {"sts_min": min_cosine(sts, data["sts_ref"]), "sts_mean": mean_cosine(sts, data["sts_ref"]),
         "spearman": sts_spearman(sts, len(data["sts_gold"])), "sci_min": sci_min,
         "seconds": time.perf_counter() - start}
 

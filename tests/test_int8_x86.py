@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from allmpnet.encode import int8_x86
-from allmpnet.encode.int8_x86 import (AVX2, KERNELS, X86Int8Linear, compensation, group_size, kernel_unavailable,
-                                      pack_groups, pack_weight, pick_kernel, quantize_rows, smoothing_factors)
+from allmpnet.encode.int8_x86 import (AVX2, KERNEL_GROUP_STEP, KERNELS, X86Int8Linear, compensation, group_size,
+                                      kernel_unavailable, pack_groups, pack_weight, pick_kernel, quantize_rows,
+                                      smoothing_factors)
 from allmpnet.encode.kernels import cpu_flags, quantize as quantize_weight
 from conftest import int8_plan
 
@@ -25,6 +26,13 @@ def needs(name: str):
 
 
 ALL_KERNELS = [pytest.param(name, marks=needs(name)) for name in KERNELS]
+
+
+def skip_unless_group_fits(name: str, group: int) -> None:
+    """The AMX kernel takes groups of whole tile rows only (the layer refuses others: see below)."""
+    step = KERNEL_GROUP_STEP.get(name, 1)
+    if group % step:
+        pytest.skip(f"{name} takes groups of a multiple of {step} inputs")
 
 
 # ---------------------------------------------------------------- quantization and layout (no kernel needed)
@@ -105,6 +113,8 @@ def test_layer_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="at most 512"):
         X86Int8Linear(torch.randn(64, 1024), None, group=1024, small="vnni-a16")
     X86Int8Linear(torch.randn(64, 1024), None, group=1024, small="vnni-a8", large="vnni-a8")  # one scale per row
+    with pytest.raises(ValueError, match="multiple of 64"):  # an AMX tile row is 64 inputs of one group
+        X86Int8Linear(torch.randn(64, 120), None, group=40, small="vnni-a8", large="amx-a8")
 
 
 def test_dispatch_picks_only_kernels_the_given_capabilities_allow():
@@ -164,6 +174,7 @@ def test_kernel_matches_its_torch_reference_in_fp32(name, rows, form):
 @pytest.mark.parametrize("name", ALL_KERNELS)
 @pytest.mark.parametrize("N,K,group", [(64, 128, 128), (200, 384, 128), (32, 36, 4)])
 def test_kernel_handles_bf16_and_partial_output_blocks(name, N, K, group):
+    skip_unless_group_fits(name, group)
     layer, g = make_layer(name, N, K, "gelu", smooth=True, group=group)
     x = torch.randn(9, K, generator=g).bfloat16()
     got = layer(x)
@@ -227,6 +238,7 @@ INT8_KERNELS = [pytest.param(name, marks=needs(name)) for name in KERNELS if KER
 @pytest.mark.parametrize("rows", [12, 40])  # a query's path (each output block group by group), a batch's
 @pytest.mark.parametrize("K,group", [(1024, 64), (1000, 40)])  # the kernel scans 16 inputs at a time: 1000 leaves 8
 def test_spiky_rows_keep_their_outliers_aside_or_run_in_int16(name, dtype, rows, K, group):
+    skip_unless_group_fits(name, group)
     layer, g = make_layer(name, 96, K, "none", smooth=True, group=group)
     layer.route = 10.0
     v = torch.randn(rows, K, generator=g)  # what the kernel quantizes: x / smooth
@@ -274,6 +286,28 @@ def test_the_256_bit_int8_kernel_gives_the_512_bit_ones_outputs_to_the_bit(rows)
         out[name] = layer(x, torch.randn(rows, 200, generator=torch.Generator().manual_seed(2)))
         assert layer.routed_rows == (rows > 1)
     assert torch.equal(out["vnni-a8"], out["vnni256-a8"])
+
+
+@needs("vnni-a8")
+@needs("amx-a8")
+@pytest.mark.parametrize("rows", [1, 17, 40, 250])  # one A tile, a partial second, whole chunks, two row blocks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_amx_int8_kernel_gives_the_vnni_kernels_outputs_to_the_bit(rows, dtype):
+    # the same prepared rows, exact int32 group sums and the same order of the fp32 group additions: the AMX
+    # kernel's outputs must be vnni-a8's exactly, split rows and rows routed to int16 included
+    g = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(200, 768, generator=g) * 0.05, torch.randn(200, generator=g)
+    x = torch.randn(rows, 768, generator=g)
+    x[0, 3] = 60.0  # a spiky row: its largest entry kept aside
+    if rows > 1:  # a row over MAX_SPLIT: int16
+        x[-1, 100], x[-1, 200:210] = 1000.0, 400.0
+    residual = torch.randn(rows, 200, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out = {}
+    for name in ("vnni-a8", "amx-a8"):
+        layer = X86Int8Linear(weight, bias, "gelu", small=name, large=name, route=10.0)
+        out[name] = layer(x.to(dtype), residual)
+        assert layer.routed_rows == (rows > 1)
+    assert torch.equal(out["vnni-a8"], out["amx-a8"])
 
 
 def test_rows_switch_between_the_small_and_the_large_kernel():
@@ -345,6 +379,32 @@ def test_each_int8_kernel_encodes_close_to_fp32(tiny_model_dir, kernel, tmp_path
     assert cosines(got, enc.with_precision("fp32").encode(TEXTS)).min() > 0.99
     # W8A8 only: the calibration (input ranges of every layer) was made and cached for these weights
     assert len(list((tmp_path / "calibration").glob("*.pt"))) == w8a8
+
+
+@needs("vnni-a8")
+@needs("amx-a8")
+def test_amx_int8_plan_runs_large_batches_on_the_tiles(tmp_path, monkeypatch):
+    import dataclasses
+
+    from allmpnet import Encoder
+    from allmpnet.encode.precision import Capabilities, plan_precision
+    from allmpnet.testing import TINY, build_random_model
+    monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
+    caps = Capabilities.detect("cpu")
+    if caps.amx_kernels:
+        pytest.skip(f"our AMX kernels do not run here: {caps.amx_kernels}")
+    # inputs of 128 and 256: whole groups of 128, which the AMX kernel takes (the shared tiny model's 32 it does not)
+    model = build_random_model(tmp_path / "m", dataclasses.replace(TINY, hidden_size=128, intermediate_size=256))
+    enc = Encoder(model, device="cpu", precision="int8")
+    assert (enc.plan.int8_kernel, enc.plan.int8_large_kernel) == ("vnni-a8", "amx-a8")
+    texts = TEXTS * 8  # batches far over 64 rows: the tiles
+    got = enc.encode(texts)
+    layers = [m for m in enc.inference_model().modules() if isinstance(m, X86Int8Linear)]
+    assert {(m.small, m.large) for m in layers} == {("vnni-a8", "amx-a8")} and all(m.rows > 64 for m in layers)
+    vnni = enc.with_precision(dataclasses.replace(enc.plan, int8_large_kernel=None))
+    np.testing.assert_array_equal(got, vnni.encode(texts))  # the same sums: the same vectors
+    assert cosines(got, enc.with_precision("fp32").encode(texts)).min() > 0.99
+    assert plan_precision("auto", "cpu").int8_large_kernel == "amx-a8"
 
 
 @pytest.mark.skipif(not pick_kernel("weight-only"), reason="no int8 kernel runs on this CPU")

@@ -13,6 +13,7 @@ from allmpnet import Encoder
 from allmpnet.encode import kernels as kernels_module
 from allmpnet.encode.inference import RowSwitchedLinear
 from allmpnet.encode.precision import Capabilities, plan_precision
+from allmpnet.model.packing import block_bias
 from allmpnet.encode.kernels import (Int8Linear, kernels_unavailable, pack_scales, pack_weight, quantize,
                                      short_attention, short_attention_reference)
 from allmpnet.testing import TINY, build_random_model
@@ -203,10 +204,19 @@ def test_bf16_copy_uses_short_attention_and_matches_sdpa(tmp_path):
 # ---------------------------------------------------------------- encoder precisions
 
 
+def weight_only_int8_plan():
+    """The AMX "int8" plan (int8 weights widened to bf16 on the tiles) even where our W8A8 AMX-int8 kernel runs,
+    which "int8" then means."""
+    caps = Capabilities.detect("cpu")
+    plan = plan_precision("int8", "cpu", dataclasses.replace(caps, x86_kernels=caps.x86_kernels - {"amx-a8"}))
+    assert plan.linear == "int8-amx"
+    return plan
+
+
 @needs_amx
 def test_int8_precision_stays_close_to_fp32(tiny_model_dir):
     exact = Encoder(tiny_model_dir, device="cpu").encode(TEXTS)
-    enc = Encoder(tiny_model_dir, device="cpu", precision="int8")
+    enc = Encoder(tiny_model_dir, device="cpu", precision=weight_only_int8_plan())
     got = enc.encode(TEXTS)
     layers = enc.inference_model().network.encoder.layer
     assert all(isinstance(linear, Int8Linear) for linear in (layers[0].attention.attn.qkv, layers[1].output.dense))
@@ -218,7 +228,7 @@ def test_int8_precision_stays_close_to_fp32(tiny_model_dir):
 def test_bf16_int8_switches_on_batch_size(tiny_model_dir):
     plan = dataclasses.replace(plan_precision("bf16+int8", "cpu"), small_batch_tokens=16)  # one tiny text <= 16
     mixed = Encoder(tiny_model_dir, device="cpu", precision=plan)
-    int8 = mixed.with_precision("int8")
+    int8 = mixed.with_precision(weight_only_int8_plan())
     bf16 = mixed.with_precision("bf16")
     assert isinstance(mixed.inference_model().network.encoder.layer[0].attention.attn.qkv, RowSwitchedLinear)
     one = ["the cat is on the moon"]

@@ -24,12 +24,17 @@ AVX2_NO_KERNELS = dataclasses.replace(AVX2, x86_kernels=frozenset())
 ALDER_LAKE = Capabilities("cpu", frozenset({"avx2", "fma", "avx_vnni"}), ONEDNN,
                           amx_kernels="this CPU has no AMX bf16 units",
                           x86_kernels=frozenset({"avxvnni-a8", "avx2-a16", "avx2-f32"}))
+# AMX with our VNNI and AMX-int8 kernels (Sapphire Rapids on): W8A8, AMX tiles for large batches
+SAPPHIRE_RAPIDS = dataclasses.replace(
+    AMX, cpu_flags=AMX.cpu_flags | {"avx512_vnni", "amx_int8"}, x86_kernels=ZEN4_KERNELS | {"amx-a8"},
+    fp32_fused_kernel="avx512-f32w", x86_attention=True)
 GPU_BF16 = Capabilities("cuda", cuda_bf16=True)
 GPU_OLD = Capabilities("cuda", cuda_bf16=False)
 
 
 @pytest.mark.parametrize("caps,device,name,linear,small,kernel", [
     (AMX, "cpu", "bf16+int8", "onednn", "int8-amx", None),
+    (SAPPHIRE_RAPIDS, "cpu", "int8", "int8-x86", None, "vnni-a8"),
     (ZEN4, "cpu", "int8", "int8-x86", None, "vnni-a8"),
     (ZEN4_NO_KERNELS, "cpu", "bf16", "onednn", None, None),
     (SKYLAKE, "cpu", "int8", "int8-x86", None, "avx512-a16"),
@@ -47,7 +52,24 @@ def test_auto_picks_by_hardware(caps, device, name, linear, small, kernel):
     assert plan.attention == ("grouped" if device == "cpu" else "padded")
     assert plan.bucket_rows == (device == "cpu" and linear != "int8-x86")  # our kernels need no shape buckets
     # auto's own int8 kernels are checked against fp32 when first built, with somewhere to fall back to
-    assert plan.guard_fallback == (None if kernel is None else "bf16" if caps.native_bf16 else "fp32")
+    amx = not caps.amx_kernels
+    assert plan.guard_fallback == (None if kernel is None else "bf16+int8" if amx else "bf16" if caps.native_bf16
+                                   else "fp32")
+
+
+def test_amx_int8_takes_large_batches_and_vnni_the_small_ones():
+    plan = plan_precision("auto", "cpu", SAPPHIRE_RAPIDS)
+    assert (plan.int8_kernel, plan.int8_large_kernel, plan.dtype) == ("vnni-a8", "amx-a8", torch.bfloat16)
+    assert plan.fused_stack_tokens == 64  # a query: the whole stack in one call, on the VNNI kernel
+    assert plan.short_attention_kernel and not plan.block_attention_kernel  # SDPA runs bf16 on AMX well
+    assert "AMX-int8" in plan.reason and "amx-a8 for large" in plan.describe()
+    # without the AMX-int8 kernel (an older compiler, a kernel that refused the tiles) "int8" stays weight-only
+    older = dataclasses.replace(SAPPHIRE_RAPIDS, x86_kernels=ZEN4_KERNELS)
+    assert plan_precision("auto", "cpu", older).name == "bf16+int8"
+    assert (plan_precision("int8", "cpu", older).linear, plan_precision("int8", "cpu", older).int8_large_kernel) == (
+        "int8-amx", None)
+    # bf16+int8 keeps its weight-only small batches on AMX either way
+    assert plan_precision("bf16+int8", "cpu", SAPPHIRE_RAPIDS).small_linear == "int8-amx"
 
 
 def test_int8_x86_activations_are_bf16_where_native_or_read_by_our_attention():

@@ -128,11 +128,12 @@ class Encoder:
         fast = inference_model(self.model, plan, self.device, calibration)
         if plan.guard_fallback is None:
             return fast
-        cosine = calibration.guard_results.get(plan.int8_kernel)
+        kernels = plan.int8_kernel + (f"+{plan.int8_large_kernel}" if plan.int8_large_kernel else "")
+        cosine = calibration.guard_results.get(kernels)
         if cosine is None:
             cosine = min_cosine(fast, [self.pack(ids[i:i + 32]) for i in range(0, len(ids), 32)],
                                 calibration.reference)
-            calibration.record_guard(plan.int8_kernel, cosine)
+            calibration.record_guard(kernels, cosine)
         if cosine >= plan.guard_min_cosine:
             why = plan.reason.split("; quality guard")[0]  # a refresh checks again: one verdict, the latest
             self.plan = replace(plan, reason=f"{why}; quality guard passed: min cosine {cosine:.4f} to fp32 "
@@ -178,10 +179,11 @@ class Encoder:
     def pack(self, ids: Sequence[Sequence[int]], for_training: bool = False) -> PackedBatch:
         """Ragged token ids -> a packed batch on this encoder's device, laid out as the plan says."""
         plan = self.plan
-        short = not for_training and plan.short_attention_kernel
+        cfg = self.model.network.cfg
+        short = (not for_training and plan.short_attention_kernel
+                 and kernels.short_attention_supported(cfg.hidden_size // cfg.num_attention_heads))
         # rows are bucketed for oneDNN's per-shape caches; a batch the fused stack takes needs no filler
         bucket = plan.bucket_rows and not for_training and sum(map(len, ids)) > plan.fused_stack_tokens
-        cfg = self.model.network.cfg
         block = (not for_training and plan.block_attention_kernel
                  and cfg.hidden_size == cfg.num_attention_heads * attention_x86.HEAD_DIM)
         return PackedBatch.from_ids(ids, self.device, plan.attention, bucket_rows=bucket,

@@ -80,7 +80,8 @@ def x86_int8_layer(source: LinearSource) -> nn.Module:
     master = source.master
     absmax = None if source.calibration is None else source.calibration.input_absmax.get(source.name)
     return recipe_layer(master.weight.detach().float().cpu(), None if master.bias is None else master.bias.detach(),
-                        master.activation, source.name, source.plan.int8_kernel, absmax)
+                        master.activation, source.name, source.plan.int8_kernel, absmax,
+                        source.plan.int8_large_kernel)
 
 
 LINEAR_KINDS: dict[str, Callable[[LinearSource], nn.Module]] = {

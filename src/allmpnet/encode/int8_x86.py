@@ -1,5 +1,5 @@
-"""int8-weight linear layers for x86 CPUs without AMX (`kernels_x86.c`): AVX512-VNNI, AVX-VNNI, AVX512-BF16, AVX512
-and AVX2.
+"""int8-weight linear layers for x86 CPUs (`kernels_x86.c`): AVX512-VNNI, AVX-VNNI, AVX512-BF16, AVX512 and AVX2,
+and W8A8 on AMX-int8 tiles for large batches.
 
 A layer keeps one int8 copy of its weight (a scale per output channel and group of 128 inputs, the AMX kernel's
 choice: one scale per channel lets a few large weights coarsen whole rows) and multiplies it by the activations
@@ -8,7 +8,8 @@ in one of these forms, picked per call by the number of rows:
 - "int8": activations quantized per row (token) to int8, VNNI's vpdpbusd (W8A8; twice the bf16 rate), on 512-bit
   vectors (AVX512-VNNI) or 256-bit ones (AVX-VNNI: AVX2 CPUs such as Alder Lake and Sierra Forest). Only
   with an outlier treatment does it keep this model's quality: SmoothQuant-style `smooth` factors, and int8
-  activations only in the layers that tolerate them (docs/int8-research.md).
+  activations only in the layers that tolerate them (docs/int8-research.md). On AMX-int8 (Sapphire Rapids on)
+  the same prepared rows go through the tiles ("amx-a8": the same outputs to the bit, for large batches).
 - "int16": activations quantized per row to int16, 1/32767 of the row's largest value: finer than bf16, so
   weight-only int8 in quality; vpdpwssd (VNNI), vpmaddwd (AVX512BW, AVX2: twice the fp32 FMA rate there).
 - "bf16": bf16 activations, vdpbf16ps (AVX512-BF16). "fp32": FMA (AVX512F, AVX2).
@@ -62,6 +63,8 @@ KERNELS = {
     # avxvnni-a8's code in AVX512-VNNI's encoding of the same instruction, so that CPUs with AVX-512 but not
     # AVX-VNNI (Zen 4, where the tests ran) run and test that code; its outputs equal vnni-a8's to the bit
     "vnni256-a8": Kernel(11, AVX512 | {"avx512_vnni"}, "int8"),
+    # vnni-a8's rows on AMX-int8 tiles (Sapphire Rapids on): large batches (the same sums, another order)
+    "amx-a8": Kernel(12, AVX512 | {"avx512_vnni", "amx_tile", "amx_int8"}, "int8"),
     "vnni-a16": Kernel(6, AVX512 | {"avx512_vnni"}, "int16"),
     "avx512-bf16": Kernel(5, AVX512 | {"avx512_bf16"}, "bf16"),
     "avx512-a16": Kernel(4, AVX512, "int16"),
@@ -69,6 +72,8 @@ KERNELS = {
     "avx2-a16": Kernel(2, AVX2, "int16"),
     "avx2-f32": Kernel(1, AVX2, "fp32"),
 }
+MAX_SMALL_ROWS = 64  # X86Int8Linear's default: batches of at most this many rows run its `small` kernel
+KERNEL_GROUP_STEP = {"amx-a8": 64}  # kernels that take only groups of a multiple of this many inputs (a tile row)
 # per activation form, the kernels in the order they are preferred where several run (measured on Zen 4:
 # docs/int8-research.md)
 PREFERENCE = {
@@ -268,7 +273,7 @@ class X86Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none", *,
                  group: int = GROUP, smooth: torch.Tensor | None = None, small: str = "vnni-a16",
-                 large: str = "vnni-a8", max_small_rows: int = 64, route: float = 0.0):
+                 large: str = "vnni-a8", max_small_rows: int = MAX_SMALL_ROWS, route: float = 0.0):
         super().__init__()
         N, K = weight.shape
         if activation not in ("none", "gelu"):
@@ -280,6 +285,10 @@ class X86Int8Linear(nn.Module):
         self.small, self.large, self.max_small_rows, self.route = small, large, max_small_rows, route
         self.routing = [0, 0]  # rows the int8 kernel routed to int16, of rows it ran (a list: no Module setattr per call)
         self.group = group_size(K, group)
+        for name in (small, large):
+            if self.group % KERNEL_GROUP_STEP.get(name, 1):
+                raise ValueError(f"kernel {name} takes groups of a multiple of {KERNEL_GROUP_STEP[name]} inputs, "
+                                 f"got {self.group}")
         int16 = route > 0 or "int16" in (KERNELS[small].activations, KERNELS[large].activations)
         if self.group > MAX_GROUP and int16:
             raise ValueError(f"the int16 kernels take groups of at most {MAX_GROUP} inputs, got {self.group}")
@@ -404,15 +413,19 @@ def projection(name: str) -> str:
 
 
 def recipe_layer(weight: torch.Tensor, bias: torch.Tensor | None, activation: str, name: str, kernel: str,
-                 input_absmax: torch.Tensor | None) -> X86Int8Linear:
-    """The int8 layer for the projection `name` on kernel `kernel`: smoothed and routed when the kernel takes
-    int8 activations (which needs the input's per-channel max |x|), plain otherwise (int16, bf16 and fp32
-    activations need no outlier treatment)."""
+                 input_absmax: torch.Tensor | None, large_kernel: str | None = None) -> X86Int8Linear:
+    """The int8 layer for the projection `name` on kernel `kernel` (and `large_kernel`, of the same activation
+    form, for batches over MAX_SMALL_ROWS rows, where it takes the layer's groups): smoothed and routed when the
+    kernel takes int8 activations (which needs the input's per-channel max |x|), plain otherwise (int16, bf16 and
+    fp32 activations need no outlier treatment)."""
+    large = kernel
+    if large_kernel is not None and group_size(weight.shape[1]) % KERNEL_GROUP_STEP.get(large_kernel, 1) == 0:
+        large = large_kernel
     if KERNELS[kernel].activations != "int8":
-        return X86Int8Linear(weight, bias, activation, small=kernel, large=kernel)
+        return X86Int8Linear(weight, bias, activation, small=kernel, large=large)
     alpha = SMOOTHING.get(projection(name))
     if alpha is not None and input_absmax is None:
         raise ValueError(f"{name}: W8A8 needs its input's calibrated ranges (encode/calibration.py)")
     smooth = None if alpha is None else smoothing_factors(input_absmax, weight, alpha)
-    return X86Int8Linear(weight, bias, activation, smooth=smooth, small=kernel, large=kernel,
+    return X86Int8Linear(weight, bias, activation, smooth=smooth, small=kernel, large=large,
                          route=SPIKY_ROW_RATIO)

@@ -33,10 +33,14 @@ FUSED_STACK_TOKENS = 64
 #   "torch"     F.linear in the plan's dtype
 #   "onednn"    oneDNN's prepacked linear (fp32 or bf16), bias/GELU/residual fused (CPU)
 #   "int8-amx"  our int8-weight kernel on AMX tiles (CPU with AMX)
-#   "int8-x86"  our int8-weight kernels for other x86 CPUs (plan.int8_kernel names which: int8_x86.KERNELS)
+#   "int8-x86"  our int8-weight kernels for x86 CPUs (plan.int8_kernel names which: int8_x86.KERNELS; on AMX
+#               plan.int8_large_kernel takes the large batches)
 # the int8-x86 kernels in the order "int8" prefers them: W8A8 on VNNI (calibrated, twice bf16's rate), else int16
 # activations (weight-only int8 quality; vpmaddwd runs at twice the fp32 FMA rate, AVX2 included)
 X86_INT8_KERNELS = tuple(X86_PREFERENCE["int8"] + X86_PREFERENCE["int16"])
+# where it runs, "int8" gives the layers' large batches (over int8_x86.MAX_SMALL_ROWS rows) to AMX-int8's tiles:
+# the same W8A8 sums as vnni-a8's, which keeps the small ones (a query streams its weights better there)
+AMX_INT8_KERNEL = "amx-a8"
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def _detect(device_type: str) -> Capabilities:
     amx = kernels_unavailable() if {"amx_tile", "amx_bf16"} <= flags else "this CPU has no AMX bf16 units"
     onednn = frozenset(name for name in ("fp32", "bf16") if onednn_linear_available(COMPUTE_DTYPES[name]))
     # only the kernels a plan can name: each one checked here is built and self-tested at start-up
-    x86 = frozenset(name for name in X86_INT8_KERNELS if not x86_kernel_unavailable(name, flags))
+    x86 = frozenset(name for name in X86_INT8_KERNELS + (AMX_INT8_KERNEL,) if not x86_kernel_unavailable(name, flags))
     return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86, fp32_fused_kernel=pick_fp32_kernel(flags),
                         x86_attention=not attention_unavailable(flags))
 
@@ -131,6 +135,7 @@ class PrecisionPlan:
     block_attention_kernel: bool = False  # every group of blocks up to 512 tokens through our x86 kernel (no AMX)
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
     int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
+    int8_large_kernel: str | None = None  # theirs for large batches, when another (AMX_INT8_KERNEL)
     fused_stack_tokens: int = 0  # batches of at most this many tokens run the layer stack in one C call (int8-x86,
     #                              or fp32 with fused_fp32_kernel on the model's own weights: encode/fused_x86.py)
     fused_fp32_kernel: str | None = None
@@ -157,7 +162,9 @@ class PrecisionPlan:
             form = X86_KERNELS[self.int8_kernel].activations
             how = ("W8A8, SmoothQuant-calibrated, spiky rows' largest entries kept aside" if form == "int8"
                    else f"{form} activations")
-            return f"{name} ({self.int8_kernel}: {how})"
+            kernels = self.int8_kernel + (f" for small batches, {self.int8_large_kernel} for large"
+                                          if self.int8_large_kernel else "")
+            return f"{name} ({kernels}: {how})"
         linear = kind(self.linear) if self.small_linear is None else (
             f"{kind(self.small_linear)} up to {self.small_batch_tokens} tokens, {kind(self.linear)} above")
         attention = self.attention + (", our kernel for a lone short block" if self.short_attention_kernel else "")
@@ -182,7 +189,8 @@ def plan_precision(request: str, device: torch.device | str, capabilities: Capab
     """The plan for `request` ("auto" or one of PRECISIONS) on `device`.
 
     "auto" picks the fastest path this hardware has whose quality passes the project's contract (min cosine to
-    fp32 >= 0.99, STSBenchmark within 0.1): on CPUs with AMX bf16 + int8 weights for small batches; with
+    fp32 >= 0.99, STSBenchmark within 0.1): on CPUs with AMX-int8 W8A8 int8 (AMX tiles for large batches, VNNI
+    for small ones; bf16 + int8 weights for small batches where our AMX-int8 kernel does not run); with
     AVX512-VNNI or AVX-VNNI W8A8 int8 (our kernels); with native bf16 bf16; with AVX2 int8 weights and int16
     activations; on GPUs bf16 (fp16 where bf16 is not native); else fp32. Its int8-x86 plans carry
     `guard_fallback`: the encoder checks them against fp32 on first use and falls back below the contract. A
@@ -224,9 +232,12 @@ def _choose(caps: Capabilities) -> tuple[str, str]:
         return ("bf16", "GPU computes bf16 natively") if caps.cuda_bf16 else ("fp16", "GPU without native bf16")
     if caps.device_type != "cpu":
         return "fp32", f"no faster path tested on {caps.device_type}"
-    if not caps.amx_kernels:
-        return "bf16+int8", "AMX: bf16, int8 weights for small batches"
     kernel = x86_int8_kernel(caps)
+    if not caps.amx_kernels:
+        if _amx_int8(caps):
+            return "int8", "AMX-int8: W8A8 on the tiles, twice the rate of bf16"
+        return "bf16+int8", "AMX: bf16, int8 weights for small batches"
+
     if kernel is not None and X86_KERNELS[kernel].activations == "int8":
         vnni = "AVX-VNNI" if kernel == "avxvnni-a8" else "AVX512-VNNI"
         return "int8", f"{vnni}: W8A8, int8 products at twice the rate of bf16 or int16 ones"
@@ -235,6 +246,11 @@ def _choose(caps: Capabilities) -> tuple[str, str]:
     if kernel is not None:
         return "int8", "no native bf16 or VNNI: int8 weights with int16 activations beat fp32"
     return "fp32", "this CPU has no native bf16 (AMX or AVX512-BF16) and none of our int8 kernels runs here"
+
+
+def _amx_int8(caps: Capabilities) -> bool:
+    """AMX CPUs where our W8A8 runs: vnni-a8 for small batches, the AMX-int8 kernel for large ones."""
+    return not caps.amx_kernels and {"vnni-a8", AMX_INT8_KERNEL} <= caps.x86_kernels
 
 
 def _unavailable(name: str, caps: Capabilities) -> str:
@@ -262,12 +278,14 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
     # oneDNN's prepacked layers in fp32 too: a query's few rows otherwise pay for re-packing every weight on
     # every call (fp32 F.linear at 16 rows streams ~2x slower than the prepacked layer)
     large = "onednn" if cpu and compute in caps.onednn_dtypes else "torch"
-    small, small_tokens, kernel, fallback = None, 0, None, None
-    int8 = "int8-amx" if amx else "int8-x86"
+    small, small_tokens, kernel, large_kernel, fallback = None, 0, None, None, None
+    # on AMX: "int8" is W8A8 where the AMX-int8 kernel runs, else int8 weights widened to bf16 on the tiles
+    int8 = "int8-x86" if not amx or (name == "int8" and _amx_int8(caps)) else "int8-amx"
     if int8 == "int8-x86" and name in ("int8", "bf16+int8"):
-        kernel = x86_int8_kernel(caps)
+        kernel = "vnni-a8" if amx else x86_int8_kernel(caps)
+        large_kernel = AMX_INT8_KERNEL if amx else None
         if requested == "auto":
-            fallback = "bf16" if caps.native_bf16 else "fp32"
+            fallback = "bf16+int8" if amx else "bf16" if caps.native_bf16 else "fp32"
     if name == "int8":
         large = int8
     elif name == "bf16+int8":
@@ -281,6 +299,6 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         short_attention_kernel=amx and dtype == torch.bfloat16,
         # bf16 activations without AMX: SDPA's bf16 is slow there (fp32 keeps SDPA: exact, and ours gains less)
         block_attention_kernel=cpu and not amx and dtype == torch.bfloat16 and caps.x86_attention,
-        bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel,
+        bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel, int8_large_kernel=large_kernel,
         fused_stack_tokens=FUSED_STACK_TOKENS if fused else 0, fused_fp32_kernel=fp32_fused,
         guard_fallback=fallback, requested=requested, reason=reason)

@@ -9,7 +9,8 @@ in one of these forms, picked per call by the number of rows:
   vectors (AVX512-VNNI) or 256-bit ones (AVX-VNNI: AVX2 CPUs such as Alder Lake and Sierra Forest). Only
   with an outlier treatment does it keep this model's quality: SmoothQuant-style `smooth` factors, and int8
   activations only in the layers that tolerate them (docs/int8-research.md). On AMX-int8 (Sapphire Rapids on)
-  the same prepared rows go through the tiles ("amx-a8": the same outputs to the bit, for large batches).
+  the same prepared rows go through the tiles ("amx-a8", for large batches: vnni-a8's outputs to the bit, but
+  where a row's sum of squares, added in another order, rounds across the spiky-row threshold).
 - "int16": activations quantized per row to int16, 1/32767 of the row's largest value: finer than bf16, so
   weight-only int8 in quality; vpdpwssd (VNNI), vpmaddwd (AVX512BW, AVX2: twice the fp32 FMA rate there).
 - "bf16": bf16 activations, vdpbf16ps (AVX512-BF16). "fp32": FMA (AVX512F, AVX2).
@@ -63,7 +64,7 @@ KERNELS = {
     # avxvnni-a8's code in AVX512-VNNI's encoding of the same instruction, so that CPUs with AVX-512 but not
     # AVX-VNNI (Zen 4, where the tests ran) run and test that code; its outputs equal vnni-a8's to the bit
     "vnni256-a8": Kernel(11, AVX512 | {"avx512_vnni"}, "int8"),
-    # vnni-a8's rows on AMX-int8 tiles (Sapphire Rapids on): large batches (the same sums, another order)
+    # vnni-a8's rows on AMX-int8 tiles (Sapphire Rapids on): large batches (the same sums, in the same order)
     "amx-a8": Kernel(12, AVX512 | {"avx512_vnni", "amx_tile", "amx_int8"}, "int8"),
     "vnni-a16": Kernel(6, AVX512 | {"avx512_vnni"}, "int16"),
     "avx512-bf16": Kernel(5, AVX512 | {"avx512_bf16"}, "bf16"),

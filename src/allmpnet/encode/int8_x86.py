@@ -9,8 +9,7 @@ in one of these forms, picked per call by the number of rows:
   vectors (AVX512-VNNI) or 256-bit ones (AVX-VNNI: AVX2 CPUs such as Alder Lake and Sierra Forest). Only
   with an outlier treatment does it keep this model's quality: SmoothQuant-style `smooth` factors, and int8
   activations only in the layers that tolerate them (docs/int8-research.md). On AMX-int8 (Sapphire Rapids on)
-  the same prepared rows go through the tiles ("amx-a8", for large batches: vnni-a8's outputs to the bit, but
-  where a row's sum of squares, added in another order, rounds across the spiky-row threshold).
+  the same prepared rows go through the tiles ("amx-a8", for large batches: vnni-a8's outputs to the bit).
 - "int16": activations quantized per row to int16, 1/32767 of the row's largest value: finer than bf16, so
   weight-only int8 in quality; vpdpwssd (VNNI), vpmaddwd (AVX512BW, AVX2: twice the fp32 FMA rate there).
 - "bf16": bf16 activations, vdpbf16ps (AVX512-BF16). "fp32": FMA (AVX512F, AVX2).

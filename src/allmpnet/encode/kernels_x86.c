@@ -383,6 +383,40 @@ static inline __attribute__((always_inline)) void finish_rows(const linear_args 
 #define AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,avx2"
 #define AVX2 "avx2,fma"
 
+// prepare_row for the int8 form on AVX-512, written out: one pass widens the row (times smooth) into buffer and
+// takes its largest |v| and sum of squares, a second rounds it to int8 + 128. GCC's vectorisation of the generic
+// loops took ~3 cycles an input, a quarter of the FFN down projection's time on AMX. A spiky row (route) goes
+// through prepare_row, which decides again and keeps its largest entries aside. `kind` is ACT_U8 (prepare_row's
+// signature, for the drivers).
+__attribute__((target(AVX512))) static int prepare_row_a8(const linear_args *a, int kind, int64_t m, float *buffer) {
+    const int64_t K = a->K;
+    if (K % 16) return prepare_row(a, ACT_U8, m, buffer);
+    __m512 top = _mm512_setzero_ps(), squares = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 v = a->x_bf16 ? bf16_to_fp32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->x + m * K + k)))
+                             : _mm512_loadu_ps((const float *)a->x + m * K + k);
+        if (a->smooth) v = _mm512_mul_ps(v, _mm512_loadu_ps(a->smooth + k));
+        _mm512_storeu_ps(buffer + k, v);
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+        squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    const float largest = _mm512_reduce_max_ps(top), sum = _mm512_reduce_add_ps(squares);
+    if (a->route > 0.0f && largest * largest * (float)K > a->route * a->route * sum)
+        return prepare_row(a, ACT_U8, m, buffer);
+    if (!(sum <= 3.0e38f)) return prepare_row(a, ACT_U8, m, buffer);  // NaN or inf in the row: as it does
+    if (a->split_count) a->split_count[m] = 0;
+    a->row_scale[m] = largest > 0.0f ? largest / 127.0f : 1.0f;
+    const __m512 inverse = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
+    const __m512i offset = _mm512_set1_epi32(128);
+    uint8_t *out = (uint8_t *)a->act + m * K;
+    for (int64_t k = 0; k < K; k += 16) {  // round to nearest even, as rintf
+        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(buffer + k), inverse)), offset);
+        _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(q));
+    }
+    return 0;
+}
+
+
 // Two vectors of 8 outputs x 2 partial sums (lanes 2j, 2j+1 = output j) -> 16 outputs in order.
 __attribute__((target(AVX512))) static inline __m512i fold_pairs_i32(__m512i lo, __m512i hi) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -510,7 +544,8 @@ static inline __attribute__((always_inline)) void request_share(const void *weig
 // the rows routed to int16; the multiply ends without a barrier (the caller waits before reading y). START: where
 // the sums of the kernel's rows start (FROM_COMPENSATION for the int8 kernel, else FROM_ZERO). RMK, RT, RACT:
 // the micro-kernel and activations of the routed rows (the int8 kernel's int16 one, which takes no compensation;
-// for the other kernels no row is routed, and they repeat their own).
+// for the other kernels no row is routed, and they repeat their own). PREPARE: prepare_row, or on AVX-512 the int8
+// form's written-out prepare_row_a8 (the same bytes as amx-a8's rows: outputs equal to the bit).
 //
 // Output blocks are shared between the threads. A batch of at most SMALL_CHUNKS chunks (a query) goes through
 // each block one group of inputs at a time, every chunk's sums in turn, so the block's weights are read from
@@ -518,12 +553,12 @@ static inline __attribute__((always_inline)) void request_share(const void *weig
 // while the later chunks re-read the block from cache: 40% slower on a query). Larger batches take blocks of MB
 // rows, whose prepared activations stay in L2, and within them chunk after chunk; the routed rows run right after
 // the first block's, while the weights are still in cache.
-#define DRIVER(NAME, TARGET, KIND, MK, T, START, RMK, RT, RACT)                                                    \
+#define DRIVER(NAME, TARGET, KIND, MK, T, START, RMK, RT, RACT, PREPARE)                                                    \
     __attribute__((target(TARGET))) static int64_t NAME(const linear_args *a, float *buffer) {                  \
         const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;                                          \
         if (M <= SMALL_CHUNKS * MR) request_share(a->packed, K * NB, blocks, PREFETCH);                           \
         _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++)                                       \
-            a->routed[m] = prepare_row(a, KIND, m, buffer);                                                      \
+            a->routed[m] = PREPARE(a, KIND, m, buffer);                                                          \
         int64_t routed = 0;                                                                                        \
         for (int64_t m = 0; m < M; m++) routed += a->routed[m];                                                   \
         const int64_t primary = M - routed;                                                                        \
@@ -564,21 +599,21 @@ static inline __attribute__((always_inline)) void request_share(const void *weig
     }
 
 DRIVER(run_vnni_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni_a8, uint8_t, FROM_COMPENSATION, mk_vnni_a16, int16_t,
-       a->act16)
+       a->act16, prepare_row_a8)
 // 256-bit A8: spiky rows routed to int16 take AVX2's int16 kernel (the CPUs with AVX-VNNI alone have no other)
 DRIVER(run_vnni256_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni256_a8, uint8_t, FROM_COMPENSATION, mk_avx2_a16, int16_t,
-       a->act16)
+       a->act16, prepare_row)
 #if HAVE_AVXVNNI
 DRIVER(run_avxvnni_a8, AVX2 ",avxvnni", ACT_U8, mk_avxvnni_a8, uint8_t, FROM_COMPENSATION, mk_avx2_a16, int16_t,
-       a->act16)
+       a->act16, prepare_row)
 #endif
-DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, FROM_ZERO, mk_vnni_a16, int16_t, a->act)
-DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, FROM_ZERO, mk_avx512_a16, int16_t, a->act)
+DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, FROM_ZERO, mk_vnni_a16, int16_t, a->act, prepare_row)
+DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, FROM_ZERO, mk_avx512_a16, int16_t, a->act, prepare_row)
 DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16, mk_avx512_bf16, uint16_t, FROM_ZERO, mk_avx512_bf16,
-       uint16_t, a->act)
-DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, FROM_ZERO, mk_avx512_f32, float, a->act)
-DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, FROM_ZERO, mk_avx2_a16, int16_t, a->act)
-DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, FROM_ZERO, mk_avx2_f32, float, a->act)
+       uint16_t, a->act, prepare_row)
+DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, FROM_ZERO, mk_avx512_f32, float, a->act, prepare_row)
+DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, FROM_ZERO, mk_avx2_a16, int16_t, a->act, prepare_row)
+DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, FROM_ZERO, mk_avx2_f32, float, a->act, prepare_row)
 
 // AMX_A8: the A8 kernel's rows (the same prepared activations, scales, compensation and kept-aside entries) on the
 // AMX-int8 tiles, for large batches: one tdpbusd multiplies 16 rows x 64 inputs by 64 inputs x 16 outputs.
@@ -657,41 +692,9 @@ __attribute__((target(AMX_TARGET))) static void amx_a8_chunk(const linear_args *
     }
 }
 
-// prepare_row for the int8 form on AVX-512, written out: one pass widens the row (times smooth) into buffer and
-// takes its largest |v| and sum of squares, a second rounds it to int8 + 128. GCC's vectorisation of the generic
-// loops took ~3 cycles an input, a quarter of the FFN down projection's time on AMX. A spiky row (route) goes
-// through prepare_row, which decides again and keeps its largest entries aside.
-__attribute__((target(AVX512))) static int prepare_row_a8(const linear_args *a, int64_t m, float *buffer) {
-    const int64_t K = a->K;
-    if (K % 16) return prepare_row(a, ACT_U8, m, buffer);
-    __m512 top = _mm512_setzero_ps(), squares = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        __m512 v = a->x_bf16 ? bf16_to_fp32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->x + m * K + k)))
-                             : _mm512_loadu_ps((const float *)a->x + m * K + k);
-        if (a->smooth) v = _mm512_mul_ps(v, _mm512_loadu_ps(a->smooth + k));
-        _mm512_storeu_ps(buffer + k, v);
-        top = _mm512_max_ps(top, _mm512_abs_ps(v));
-        squares = _mm512_fmadd_ps(v, v, squares);
-    }
-    const float largest = _mm512_reduce_max_ps(top), sum = _mm512_reduce_add_ps(squares);
-    if (a->route > 0.0f && largest * largest * (float)K > a->route * a->route * sum)
-        return prepare_row(a, ACT_U8, m, buffer);
-    if (!(sum <= 3.0e38f)) return prepare_row(a, ACT_U8, m, buffer);  // NaN or inf in the row: as it does
-    if (a->split_count) a->split_count[m] = 0;
-    a->row_scale[m] = largest > 0.0f ? largest / 127.0f : 1.0f;
-    const __m512 inverse = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
-    const __m512i offset = _mm512_set1_epi32(128);
-    uint8_t *out = (uint8_t *)a->act + m * K;
-    for (int64_t k = 0; k < K; k += 16) {  // round to nearest even, as rintf
-        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(buffer + k), inverse)), offset);
-        _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(q));
-    }
-    return 0;
-}
-
 __attribute__((target(AMX_TARGET))) static int64_t run_amx_a8(const linear_args *a, float *buffer) {
     const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;
-    _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++) a->routed[m] = prepare_row_a8(a, m, buffer);
+    _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++) a->routed[m] = prepare_row_a8(a, ACT_U8, m, buffer);
     int64_t routed = 0;
     for (int64_t m = 0; m < M; m++) routed += a->routed[m];
     const int64_t primary = M - routed;

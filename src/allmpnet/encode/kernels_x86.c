@@ -410,7 +410,8 @@ __attribute__((target(AVX512))) static int prepare_row_a8(const linear_args *a, 
     const __m512i offset = _mm512_set1_epi32(128);
     uint8_t *out = (uint8_t *)a->act + m * K;
     for (int64_t k = 0; k < K; k += 16) {  // round to nearest even, as rintf
-        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(buffer + k), inverse)), offset);
+        const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(buffer + k), inverse);
+        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(scaled), offset);
         _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(q));
     }
     return 0;
@@ -553,7 +554,7 @@ static inline __attribute__((always_inline)) void request_share(const void *weig
 // while the later chunks re-read the block from cache: 40% slower on a query). Larger batches take blocks of MB
 // rows, whose prepared activations stay in L2, and within them chunk after chunk; the routed rows run right after
 // the first block's, while the weights are still in cache.
-#define DRIVER(NAME, TARGET, KIND, MK, T, START, RMK, RT, RACT, PREPARE)                                                    \
+#define DRIVER(NAME, TARGET, KIND, MK, T, START, RMK, RT, RACT, PREPARE)                                           \
     __attribute__((target(TARGET))) static int64_t NAME(const linear_args *a, float *buffer) {                  \
         const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;                                          \
         if (M <= SMALL_CHUNKS * MR) request_share(a->packed, K * NB, blocks, PREFETCH);                           \
@@ -607,11 +608,14 @@ DRIVER(run_vnni256_a8, AVX512 ",avx512vnni", ACT_U8, mk_vnni256_a8, uint8_t, FRO
 DRIVER(run_avxvnni_a8, AVX2 ",avxvnni", ACT_U8, mk_avxvnni_a8, uint8_t, FROM_COMPENSATION, mk_avx2_a16, int16_t,
        a->act16, prepare_row)
 #endif
-DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, FROM_ZERO, mk_vnni_a16, int16_t, a->act, prepare_row)
-DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, FROM_ZERO, mk_avx512_a16, int16_t, a->act, prepare_row)
+DRIVER(run_vnni_a16, AVX512 ",avx512vnni", ACT_I16, mk_vnni_a16, int16_t, FROM_ZERO, mk_vnni_a16, int16_t, a->act,
+       prepare_row)
+DRIVER(run_avx512_a16, AVX512, ACT_I16, mk_avx512_a16, int16_t, FROM_ZERO, mk_avx512_a16, int16_t, a->act,
+       prepare_row)
 DRIVER(run_avx512_bf16, AVX512 ",avx512bf16", ACT_BF16, mk_avx512_bf16, uint16_t, FROM_ZERO, mk_avx512_bf16,
        uint16_t, a->act, prepare_row)
-DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, FROM_ZERO, mk_avx512_f32, float, a->act, prepare_row)
+DRIVER(run_avx512_f32, AVX512, ACT_F32, mk_avx512_f32, float, FROM_ZERO, mk_avx512_f32, float, a->act,
+       prepare_row)
 DRIVER(run_avx2_a16, AVX2, ACT_I16, mk_avx2_a16, int16_t, FROM_ZERO, mk_avx2_a16, int16_t, a->act, prepare_row)
 DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, FROM_ZERO, mk_avx2_f32, float, a->act, prepare_row)
 
@@ -624,7 +628,6 @@ DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, FROM_ZERO, mk_avx2_f32, 
 #define AMX_TARGET AVX512 ",avx512vnni,amx-tile,amx-int8"
 #define AMX_ROWS 32  // rows per chunk: two A tiles of 16
 #define AMX_STEP 64  // inputs per A tile row
-#define AMX_MB MB
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -694,7 +697,8 @@ __attribute__((target(AMX_TARGET))) static void amx_a8_chunk(const linear_args *
 
 __attribute__((target(AMX_TARGET))) static int64_t run_amx_a8(const linear_args *a, float *buffer) {
     const int64_t M = a->M, K = a->K, blocks = (a->N + NB - 1) / NB;
-    _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++) a->routed[m] = prepare_row_a8(a, ACT_U8, m, buffer);
+    _Pragma("omp for schedule(static)") for (int64_t m = 0; m < M; m++)
+        a->routed[m] = prepare_row_a8(a, ACT_U8, m, buffer);
     int64_t routed = 0;
     for (int64_t m = 0; m < M; m++) routed += a->routed[m];
     const int64_t primary = M - routed;
@@ -706,8 +710,8 @@ __attribute__((target(AMX_TARGET))) static int64_t run_amx_a8(const linear_args 
     float tiles[1][MR][NB] __attribute__((aligned(64)));  // the routed rows' (CHUNK_BY_CHUNK)
     int32_t out[AMX_ROWS];
     int configured = -1;
-    for (int64_t mb = 0; mb < M; mb += AMX_MB) {
-        const int64_t mb_end = mb + AMX_MB < M ? mb + AMX_MB : M;
+    for (int64_t mb = 0; mb < M; mb += MB) {
+        const int64_t mb_end = mb + MB < M ? mb + MB : M;
         _Pragma("omp for schedule(static) nowait") for (int64_t nb = 0; nb < blocks; nb++) {
             for (int64_t m0 = mb; m0 < mb_end; m0 += AMX_ROWS) {
                 const int rows = (int)(mb_end - m0 < AMX_ROWS ? mb_end - m0 : AMX_ROWS);

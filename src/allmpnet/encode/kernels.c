@@ -17,9 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx_tiles.h"
 #include "simd_math.h"
 
 #define STEP_K 32     // inputs per B tile (16 rows of bf16 pairs)
@@ -28,28 +27,10 @@
 #define BLOCK_M 256   // rows whose activations stay in L2 while a block's widened weights are reused
 #define PREFETCH_AHEAD 4096  // bytes of packed weights requested ahead of the step being widened (4 steps)
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
 // Linux hands out the AMX register state only on request, once per process.
-int allmpnet_request_amx(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18); }
+int allmpnet_request_amx(void) { return request_amx_state(); }
 
-// Tiles: 0, 1 = x rows 0-15 and 16-31 (A); 2, 3 = widened weights, outputs 0-15 and 16-31 (B);
-// 4, 5 = sums for A0 x B0, A0 x B1; 6, 7 = sums for A1 x B0, A1 x B1.
-static void configure_tiles(int rows0, int rows1) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    const int rows[8] = {rows0, rows1, 16, 16, rows0, rows0, rows1, rows1};
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = (uint8_t)rows[t];
-        cfg.colsb[t] = rows[t] ? 64 : 0;
-    }
-    _tile_loadconfig(&cfg);
-}
+// Tiles (amx_tiles.h): A = x rows, B = widened weights of 16 outputs each, 4 sums.
 
 // GELU(v) = v / 2 (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7; the result
 // is rounded to bf16, ~4e-3 relative, anyway)

@@ -33,9 +33,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx_tiles.h"
 #include "simd_math.h"
 
 #define NB 64            // outputs per packed block
@@ -108,7 +107,7 @@ static int activation_kind(int kernel) {
 static int amx_int8_ready(void) {
     unsigned eax, ebx, ecx, edx;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25))) return 0;
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return request_amx_state() == 0;
 }
 
 // The caller passes what it read from the CPU's flags; this second check keeps a wrong caller from crashing the
@@ -629,28 +628,8 @@ DRIVER(run_avx2_f32, AVX2, ACT_F32, mk_avx2_f32, float, FROM_ZERO, mk_avx2_f32, 
 #define AMX_ROWS 32  // rows per chunk: two A tiles of 16
 #define AMX_STEP 64  // inputs per A tile row
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_tile_config;
-
-// Tiles: 0, 1 = activation rows 0-15 and 16-31 (A); 2, 3 = weights of 16 outputs each (B); 4, 5, 6, 7 = the int32
-// sums of A0 B2, A0 B3, A1 B2, A1 B3.
-__attribute__((target(AMX_TARGET))) static void amx_configure(int rows0, int rows1) {
-    amx_tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    const int rows[8] = {rows0, rows1, 16, 16, rows0, rows0, rows1, rows1};
-    for (int t = 0; t < 8; t++) {
-        config.rows[t] = (uint8_t)rows[t];
-        config.colsb[t] = rows[t] ? 64 : 0;
-    }
-    _tile_loadconfig(&config);
-}
-
 // Rows [m0, m0 + rows) of the prepared activations x output block nb -> tile (rows x 64 fp32 sums, from the
-// compensation on). The tiles are configured for `rows`.
+// compensation on). The tiles are configured for `rows` (configure_tiles, amx_tiles.h).
 __attribute__((target(AMX_TARGET))) static void amx_a8_chunk(const linear_args *a, int64_t nb, int64_t m0, int rows,
                                                              float tile[][NB]) {
     const int64_t K = a->K, group = a->group;
@@ -716,7 +695,7 @@ __attribute__((target(AMX_TARGET))) static int64_t run_amx_a8(const linear_args 
             for (int64_t m0 = mb; m0 < mb_end; m0 += AMX_ROWS) {
                 const int rows = (int)(mb_end - m0 < AMX_ROWS ? mb_end - m0 : AMX_ROWS);
                 if (rows != configured) {
-                    amx_configure(rows < 16 ? rows : 16, rows > 16 ? rows - 16 : 0);
+                    configure_tiles(rows < 16 ? rows : 16, rows > 16 ? rows - 16 : 0);
                     configured = rows;
                 }
                 for (int i = 0; i < rows; i++) out[i] = (int32_t)(m0 + i);

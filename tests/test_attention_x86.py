@@ -1,5 +1,5 @@
-"""Our attention kernel for x86 CPUs without AMX (attention_x86.py, allmpnet_x86_attention in kernels_x86.c)
-against torch's SDPA in fp32, alone and inside an encoder, and where the plan uses it."""
+"""Our x86 attention kernel (attention_x86.py, allmpnet_x86_attention in kernels_x86.c) against torch's SDPA in
+fp32, with each kind of products the CPU has, alone and inside an encoder, and where the plan uses it."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from allmpnet.encode.attention_x86 import HEAD_DIM, attention_unavailable, block_attention, reference
+from allmpnet.encode.kernels import cpu_flags
 from allmpnet.encode.precision import Capabilities, plan_precision
 from allmpnet.model import MPNetConfig
 from allmpnet.model.packing import block_bias
@@ -17,18 +18,32 @@ from allmpnet.testing import build_random_model
 needs_kernel = pytest.mark.skipif(bool(attention_unavailable()), reason=attention_unavailable() or "runs")
 
 
+def expected_products(asked: str, dtype: torch.dtype, tokens: int) -> str:
+    """What the kernel should use on this CPU: fp32 blocks FMAs; bf16 ones the most asked for that the CPU has,
+    with blocks under a tile of keys (32) on FMAs where the CPU has AMX."""
+    flags = cpu_flags()
+    if dtype == torch.float32 or asked == "fp32" or "avx512_bf16" not in flags:
+        return "fp32"
+    if asked == "amx" and {"amx_tile", "amx_bf16"} <= flags:
+        return "amx" if tokens >= 32 else "fp32"
+    return "bf16"
+
+
 @needs_kernel
-@pytest.mark.parametrize("dtype,bf16_dots", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
-# key counts: 1-4 vectors of 16 in the last tile (13, 40, 63, 64, 100, 130), odd and even, a lone token
-@pytest.mark.parametrize("blocks,tokens,heads", [(1, 1, 1), (3, 13, 2), (2, 40, 2), (2, 63, 3), (1, 64, 2),
-                                                 (2, 65, 1), (1, 100, 2), (1, 130, 1), (4, 256, 2)])
-def test_kernel_matches_sdpa(dtype, bf16_dots, blocks, tokens, heads):
+@pytest.mark.parametrize("dtype,products", [(torch.float32, "amx"), (torch.bfloat16, "amx"), (torch.bfloat16, "bf16"),
+                                            (torch.bfloat16, "fp32")])
+# key counts: 1-4 vectors of 16 in the last tile (13, 40, 63, 64, 100, 130), odd and even, a lone token; on the
+# tiles: keys padded to 32 (40, 63, 65, 100, 130), a partial last tile of 16 queries, one and several of them
+@pytest.mark.parametrize("blocks,tokens,heads", [(1, 1, 1), (3, 13, 2), (2, 32, 1), (2, 40, 2), (2, 63, 3),
+                                                 (1, 64, 2), (2, 65, 1), (1, 100, 2), (1, 130, 1), (4, 256, 2)])
+def test_kernel_matches_sdpa(dtype, products, blocks, tokens, heads):
     generator = torch.Generator().manual_seed(tokens)
     start = 3  # the group starts inside the packed rows; rows around it stay untouched
     qkv = torch.randn(start + blocks * tokens + 2, 3 * heads * HEAD_DIM, generator=generator).to(dtype)
     bias = torch.randn(heads, tokens, tokens, generator=generator)
     out = torch.full((qkv.shape[0], heads * HEAD_DIM), 7.0, dtype=dtype)
-    block_attention(qkv, out, bias, start, blocks, tokens, heads, bf16_dots)  # False: as on CPUs without BF16
+    used = block_attention(qkv, out, bias, start, blocks, tokens, heads, products)  # "bf16": as on CPUs without AMX
+    assert used == expected_products(products, dtype, tokens)
     expected = reference(qkv, bias, start, blocks, tokens, heads)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: its own rounding of inputs and outputs
     torch.testing.assert_close(out[start:start + blocks * tokens].float(), expected, atol=tolerance, rtol=tolerance)
@@ -40,16 +55,19 @@ def test_kernel_matches_sdpa(dtype, bf16_dots, blocks, tokens, heads):
 # STSBenchmark sentence 0.99637 -> 0.99562 min cosine to fp32 (their mean error here: ~9% above the fp32 path's).
 # From 64 tokens they are one part, from a shorter exp polynomial whose error must stay far below that rounding:
 # 1.11x the fp32 path's error, as with the full polynomial (a polynomial one term short: 1.28-1.35x).
+# The tiles weight the values as the pair products do (the same parts, in other summation orders).
+@pytest.mark.parametrize("products", ["amx", "bf16"])
 @pytest.mark.parametrize("tokens,bound", [(13, 1.01), (40, 1.01), (63, 1.01), (64, 1.2), (100, 1.2), (256, 1.2)])
-def test_bf16_products_weight_the_values_about_as_precisely_as_fp32(tokens, bound):
+def test_bf16_products_weight_the_values_about_as_precisely_as_fp32(products, tokens, bound):
     generator = torch.Generator().manual_seed(tokens)
     qkv = (2 * torch.randn(4 * tokens, 3 * 2 * HEAD_DIM, generator=generator)).bfloat16()
     bias = torch.randn(2, tokens, tokens, generator=generator)
     expected = reference(qkv, bias, 0, 4, tokens, 2)
     errors = []
-    for bf16_dots in (True, False):
+    for asked in (products, "fp32"):
         out = torch.zeros(4 * tokens, 2 * HEAD_DIM, dtype=torch.bfloat16)
-        block_attention(qkv, out, bias, 0, 4, tokens, 2, bf16_dots)
+        if block_attention(qkv, out, bias, 0, 4, tokens, 2, asked) != asked:
+            pytest.skip(f"this CPU lacks the {asked} products")
         errors.append((out.float() - expected).abs().mean().item())
     assert errors[0] <= bound * errors[1]
 
@@ -71,10 +89,12 @@ def test_kernel_refuses_what_it_was_not_written_for():
     qkv, out = torch.zeros(4, 3 * 32), torch.zeros(4, 32)  # heads of 32
     with pytest.raises(ValueError, match="wrong dtype, layout or shape"):
         block_attention(qkv, out, torch.zeros(1, 4, 4), 0, 1, 4, 1)
+    with pytest.raises(ValueError, match="products must be one of"):
+        block_attention(qkv, out, torch.zeros(1, 4, 4), 0, 1, 4, 1, "int8")
     assert "lacks avx512bw, avx512dq, avx512f" in attention_unavailable(frozenset({"avx2", "fma"}))
 
 
-def test_plan_uses_it_for_bf16_activations_without_amx():
+def test_plan_uses_it_for_bf16_activations():
     zen4 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), frozenset({"fp32", "bf16"}),
                         amx_kernels="no AMX", x86_kernels=frozenset({"vnni-a8"}), x86_attention=True)
     assert plan_precision("auto", "cpu", zen4).block_attention_kernel  # int8 with bf16 activations
@@ -88,7 +108,7 @@ def test_plan_uses_it_for_bf16_activations_without_amx():
     assert not plan_precision("bf16", "cpu", without_kernel).block_attention_kernel
     assert not plan_precision("bf16", "cpu", dataclasses.replace(zen4, x86_attention=False)).block_attention_kernel
     amx = dataclasses.replace(zen4, cpu_flags=zen4.cpu_flags | {"amx_tile", "amx_bf16"}, amx_kernels="")
-    assert not plan_precision("bf16", "cpu", amx).block_attention_kernel
+    assert plan_precision("bf16", "cpu", amx).block_attention_kernel  # on the tiles there
 
 
 @needs_kernel
@@ -97,7 +117,7 @@ def test_encoder_with_the_kernel_matches_sdpa(tmp_path):
     cfg = MPNetConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                       max_position_embeddings=130)  # heads of 64
     model_dir = build_random_model(tmp_path / "m", cfg)
-    # planned as on a CPU without AMX (on AMX, bf16 keeps SDPA): the kernel needs AVX-512 only
+    # planned as on a CPU without AMX's kernels: the attention kernel needs AVX-512 only
     caps = dataclasses.replace(Capabilities.detect("cpu"), x86_attention=True, amx_kernels="not used here")
     enc = Encoder(model_dir, device="cpu", precision=plan_precision("bf16", "cpu", caps))
     texts = ["a short one", "the cat sat on the mat", "x " * 50, "another text of a few words", "y " * 90]

@@ -57,9 +57,9 @@ def int8_per_slice(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def emulated_attention(quantize_qk: bool, quantize_pv: bool, min_tokens: int, shipped: Callable) -> Callable:
     """A stand-in for attention_x86.block_attention with the chosen products on int8 values (fp32 maths)."""
-    def attend(qkv, out, bias, start, blocks, block_tokens, n_head, bf16_dots=True):
+    def attend(qkv, out, bias, start, blocks, block_tokens, n_head, products="amx"):
         if block_tokens < min_tokens:
-            return shipped(qkv, out, bias, start, blocks, block_tokens, n_head, bf16_dots)
+            return shipped(qkv, out, bias, start, blocks, block_tokens, n_head, products)
         C = out.shape[1]
         D = C // n_head
         rows = qkv[start:start + blocks * block_tokens].float().view(blocks, block_tokens, 3, n_head, D)

@@ -30,6 +30,11 @@ static inline __attribute__((target("amx-tile"))) void configure_tiles(int rows0
         config.rows[t] = (uint8_t)rows[t];
         config.colsb[t] = rows[t] ? 64 : 0;
     }
+    // GCC does not count ldtilecfg's read of `config` (its stores were dropped as dead where this function was not
+    // inlined, and the instruction faulted on garbage): an empty asm that reads it keeps them
+    __asm__ __volatile__("" : : "m"(config));
     _tile_loadconfig(&config);
 }
+
+static inline __attribute__((target("amx-tile"))) void release_tiles(void) { _tile_release(); }
 #endif

@@ -110,6 +110,13 @@ static int amx_int8_ready(void) {
     return request_amx_state() == 0;
 }
 
+// AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), and the tile state
+static int amx_bf16_ready(void) {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 22))) return 0;
+    return request_amx_state() == 0;
+}
+
 // The caller passes what it read from the CPU's flags; this second check keeps a wrong caller from crashing the
 // process with an illegal instruction.
 int allmpnet_x86_kernel_supported(int kernel) {
@@ -892,11 +899,18 @@ int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *
 #define ATTENTION_D 64     // head size the kernel is written for (4 vectors)
 #define ATTENTION_ROWS 4   // query rows per register block
 
-// Bytes of scratch allmpnet_x86_attention needs for blocks of T tokens.
+#define TILE_ROWS 16        // query rows per pass of the AMX path (one tile of rows)
+#define AMX_MIN_TOKENS 32   // shorter blocks take fp32 FMAs on AMX CPUs (3 x 13 tokens: 0.03 ms, tiles 0.05 ms)
+
+// Bytes of scratch allmpnet_x86_attention needs for blocks of T tokens: the larger of the register path's (keys
+// D x padded, values padded x D, scores, queries, fp32) and the AMX path's (attend_head_amx; keys padded to 32).
 int64_t allmpnet_x86_attention_scratch_bytes(int64_t T, int threads) {
-    const int64_t padded = (T + 15) / 16 * 16;  // keys: D x padded, values: padded x D, scores, queries (fp32)
-    return (int64_t)(threads < 1 ? 1 : threads)
-           * (2 * ATTENTION_D * padded + ATTENTION_ROWS * padded + ATTENTION_ROWS * ATTENTION_D) * 4;
+    const int64_t padded = (T + 15) / 16 * 16, padded32 = (T + 31) / 32 * 32;
+    const int64_t registers = (2 * ATTENTION_D * padded + ATTENTION_ROWS * padded + ATTENTION_ROWS * ATTENTION_D) * 4;
+    // keys, values and queries in bf16; scores fp32 and two bf16 parts of the weights per tile of rows; its sums
+    const int64_t tiles = 3 * padded32 * ATTENTION_D * 2 + TILE_ROWS * padded32 * (4 + 2 + 2)
+                          + TILE_ROWS * ATTENTION_D * 4;
+    return (int64_t)(threads < 1 ? 1 : threads) * (registers > tiles ? registers : tiles);
 }
 
 // 16 32-bit lanes at element `index` of p: fp32 / bf16 pairs as they are, or (widen) 16 bf16 as fp32
@@ -1184,6 +1198,108 @@ __attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, in
     }
 }
 
+// The same as attend_head_bf16 on the AMX-bf16 tiles (Sapphire Rapids on), where its pair dot products cost as
+// much as fp32 FMAs: 16 query rows at a time, their scores as 16 x 16 tiles (q rows x key pairs), the softmax of
+// the rows in AVX-512 (exponentiate, as the register path), then the weights x values as 4 tiles of 16 outputs.
+// Keys and values are staged as the register path stages them (keys as (pair, key), values as (key pair, output,
+// 2): both already B tiles), queries copied into rows padded with zeros; keys are padded to 32 (one A tile row of
+// weights), the padding weighted 0 with zero values. Tiles (configure_tiles(16, 16)): 0, 1 = A, 2, 3 = B,
+// 4-7 = sums (scores in 4 and 5).
+__attribute__((target(AVX512 ",avx512bf16,amx-tile,amx-bf16"))) static void attend_head_amx(
+    const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
+    float *work) {
+    const int64_t padded = (T + 31) / 32 * 32, D = ATTENTION_D, P = D / 2;
+    uint32_t *keys = (uint32_t *)work;                       // (P, padded) pairs
+    uint16_t *values = (uint16_t *)(keys + P * padded);      // (padded / 2, D, 2)
+    uint16_t *queries = values + padded * D;                 // (padded, D)
+    float *scores = (float *)(queries + padded * D);         // (TILE_ROWS, padded)
+    uint16_t *weights = (uint16_t *)(scores + TILE_ROWS * padded);  // (TILE_ROWS, padded) bf16, twice
+    float *sums = (float *)(weights + 2 * TILE_ROWS * padded);      // (TILE_ROWS, D)
+    uint16_t *rest = T < 64 ? weights + TILE_ROWS * padded : NULL;  // two parts under 64 tokens, as attend_head_bf16
+    const uint16_t *rows = qkv + row0 * 3 * C;
+    stage_transposed(rows + C, 0, 3 * C / 2, T, P, keys, padded);
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0),
+                  high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+    for (int64_t j = 0; j < padded; j += 2) {
+        const uint16_t *a = rows + j * 3 * C + 2 * C, *b = a + 3 * C;
+        for (int half = 0; half < 2; half++) {
+            const __m512i x = j < T ? _mm512_loadu_si512(a + 32 * half) : _mm512_setzero_si512(),
+                          y = j + 1 < T ? _mm512_loadu_si512(b + 32 * half) : _mm512_setzero_si512();
+            _mm512_store_si512(values + j * D + 64 * half, _mm512_permutex2var_epi16(x, low, y));
+            _mm512_store_si512(values + j * D + 64 * half + 32, _mm512_permutex2var_epi16(x, high, y));
+        }
+    }
+    const int64_t query_rows = (T + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+    for (int64_t i = 0; i < query_rows; i++)
+        for (int half = 0; half < 2; half++)
+            _mm512_store_si512(queries + i * D + 32 * half,
+                               i < T ? _mm512_loadu_si512(rows + i * 3 * C + 32 * half) : _mm512_setzero_si512());
+    const __m512 by = _mm512_set1_ps(scale);
+    for (int64_t i0 = 0; i0 < T; i0 += TILE_ROWS) {
+        const int rows_here = T - i0 < TILE_ROWS ? (int)(T - i0) : TILE_ROWS;
+        _tile_loadd(0, queries + i0 * D, D * 2);       // inputs 0-31 of the 16 queries
+        _tile_loadd(1, queries + i0 * D + P, D * 2);   // inputs 32-63
+        for (int64_t j0 = 0; j0 < padded; j0 += 32) {  // 32 keys: two tiles of scores
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_loadd(2, keys + j0, padded * 4);
+            _tile_loadd(3, keys + j0 + 16, padded * 4);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_loadd(2, keys + 16 * padded + j0, padded * 4);
+            _tile_loadd(3, keys + 16 * padded + j0 + 16, padded * 4);
+            _tile_dpbf16ps(4, 1, 2);
+            _tile_dpbf16ps(5, 1, 3);
+            _tile_stored(4, scores + j0, padded * 4);
+            _tile_stored(5, scores + j0 + 16, padded * 4);
+        }
+        float inverse[TILE_ROWS];
+        for (int r = 0; r < TILE_ROWS; r++) {  // rows past T: weights of their own, never stored
+            const int64_t i = i0 + (r < rows_here ? r : 0);
+            float *row = scores + r * padded;
+            __m512 top = _mm512_set1_ps(-__builtin_inff());
+            for (int64_t j = 0; j < padded; j += 16) {
+                const __mmask16 real = keys_before(T, j);
+                __m512 x = _mm512_fmadd_ps(_mm512_load_ps(row + j), by, _mm512_maskz_loadu_ps(real, bias + i * T + j));
+                x = _mm512_mask_blend_ps(real, _mm512_set1_ps(-__builtin_inff()), x);
+                _mm512_store_ps(row + j, x);
+                top = _mm512_max_ps(top, x);
+            }
+            inverse[r] = rest ? exponentiate(row, weights + r * padded, rest + r * padded, T, padded, top)
+                              : exponentiate_bf16(row, weights + r * padded, T, padded, top);
+        }
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (const uint16_t *part = weights; part; part = part == weights ? rest : NULL)
+            for (int64_t j0 = 0; j0 < padded; j0 += 32) {
+                const uint16_t *v = values + j0 * D;  // key pairs j0/2.. : rows of D outputs x 2 keys
+                _tile_loadd(0, part + j0, padded * 2);
+                _tile_loadd(2, v, D * 4);
+                _tile_loadd(3, v + 32, D * 4);
+                _tile_dpbf16ps(4, 0, 2);
+                _tile_dpbf16ps(5, 0, 3);
+                _tile_loadd(2, v + 64, D * 4);
+                _tile_loadd(3, v + 96, D * 4);
+                _tile_dpbf16ps(6, 0, 2);
+                _tile_dpbf16ps(7, 0, 3);
+            }
+        _tile_stored(4, sums, D * 4);
+        _tile_stored(5, sums + 16, D * 4);
+        _tile_stored(6, sums + 32, D * 4);
+        _tile_stored(7, sums + 48, D * 4);
+        for (int r = 0; r < rows_here; r++) {
+            uint16_t *at = out + (row0 + i0 + r) * C;
+            const __m512 w = _mm512_set1_ps(inverse[r]);
+            for (int v = 0; v < 4; v++)
+                _mm256_storeu_si256((__m256i *)(at + 16 * v),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(sums + r * D + 16 * v), w)));
+        }
+    }
+}
+
 // Each head reads its own 128 or 256 bytes of q, k and v from every row of the block: other cache lines than the
 // previous head's, a strided pattern the hardware prefetchers miss. The next task's are requested into L2 first.
 static void prefetch_head(const char *qkv, int64_t size, int64_t row0, int64_t T, int64_t C, int64_t h) {
@@ -1194,31 +1310,44 @@ static void prefetch_head(const char *qkv, int64_t size, int64_t row0, int64_t T
         }
 }
 
-// Returns 0; -1 for a head size other than 64 or a bad shape (nothing computed); -2 without AVX512. dot_bf16:
-// the caller's choice of bf16 pair products for bf16 q|k|v (taken only where the CPU has AVX512-BF16).
+// products: 0 fp32 FMAs, 1 AVX512-BF16 pair dot products, 2 AMX-bf16 tiles: the caller's choice for bf16 q|k|v,
+// taken as far as the CPU goes (fp32 q|k|v: always 0). Returns the products used (0-2); -1 for a bad shape
+// (nothing computed); -2 without AVX512.
 int64_t allmpnet_x86_attention(const void *qkv, int bf16, void *out, const float *bias, float scale, int64_t start,
-                               int64_t blocks, int64_t T, int64_t H, int dot_bf16, void *scratch, int threads) {
+                               int64_t blocks, int64_t T, int64_t H, int products, void *scratch, int threads) {
     if (!allmpnet_x86_kernel_supported(KERNEL_AVX512_F32)) return -2;
     if (T < 1 || H < 1 || blocks < 0 || start < 0) return -1;
     const int64_t C = H * ATTENTION_D, per_thread = allmpnet_x86_attention_scratch_bytes(T, 1) / 4;
-    dot_bf16 = dot_bf16 && bf16 && allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16);
+    if (!bf16 || products < 0) products = 0;
+    if (products >= 2 && !(allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16) && amx_bf16_ready())) products = 1;
+    // below a tile of keys the tiles idle; on these CPUs the pair products run no faster than fp32 FMAs
+    else if (products >= 2 && T < AMX_MIN_TOKENS) products = 0;
+    if (products >= 1 && !allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16)) products = 0;
     if (threads < 1) threads = 1;
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")
-    for (int64_t task = 0; task < blocks * H; task++) {
-        const int64_t b = task / H, h = task % H;
-        float *work = (float *)scratch + (int64_t)omp_get_thread_num() * per_thread;
-        if (task + 1 < blocks * H)
-            prefetch_head((const char *)qkv, bf16 ? 2 : 4, start + (task + 1) / H * T, T, C, (task + 1) % H);
-        // the head's columns: q at h*D, k at C + h*D, v at 2C + h*D of each row; out at h*D
-        if (dot_bf16)
-            attend_head_bf16((const uint16_t *)qkv + h * ATTENTION_D, (uint16_t *)out + h * ATTENTION_D,
-                             bias + h * T * T, scale, start + b * T, T, C, work);
-        else
-            attend_head_fp32((const char *)qkv + h * ATTENTION_D * (bf16 ? 2 : 4), bf16,
-                             (char *)out + h * ATTENTION_D * (bf16 ? 2 : 4), bias + h * T * T, scale, start + b * T,
-                             T, C, work);
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        if (products == 2) configure_tiles(16, 16);
+        _Pragma("omp for schedule(static)")
+        for (int64_t task = 0; task < blocks * H; task++) {
+            const int64_t b = task / H, h = task % H;
+            float *work = (float *)scratch + (int64_t)omp_get_thread_num() * per_thread;
+            if (task + 1 < blocks * H)
+                prefetch_head((const char *)qkv, bf16 ? 2 : 4, start + (task + 1) / H * T, T, C, (task + 1) % H);
+            // the head's columns: q at h*D, k at C + h*D, v at 2C + h*D of each row; out at h*D
+            if (products == 2)
+                attend_head_amx((const uint16_t *)qkv + h * ATTENTION_D, (uint16_t *)out + h * ATTENTION_D,
+                                bias + h * T * T, scale, start + b * T, T, C, work);
+            else if (products == 1)
+                attend_head_bf16((const uint16_t *)qkv + h * ATTENTION_D, (uint16_t *)out + h * ATTENTION_D,
+                                 bias + h * T * T, scale, start + b * T, T, C, work);
+            else
+                attend_head_fp32((const char *)qkv + h * ATTENTION_D * (bf16 ? 2 : 4), bf16,
+                                 (char *)out + h * ATTENTION_D * (bf16 ? 2 : 4), bias + h * T * T, scale,
+                                 start + b * T, T, C, work);
+        }
+        if (products == 2) release_tiles();
     }
-    return 0;
+    return products;
 }
 
 // ---------------------------------------------------------------- the whole layer stack in one call

@@ -132,7 +132,7 @@ class PrecisionPlan:
     small_batch_tokens: int = 0
     attention: str = "grouped"  # "grouped" (CPU: SDPA per equal-length group) or "padded" (GPU: one call)
     short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
-    block_attention_kernel: bool = False  # every group of blocks up to 512 tokens through our x86 kernel (no AMX)
+    block_attention_kernel: bool = False  # every group of blocks up to 512 tokens through our x86 kernel
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
     int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
     int8_large_kernel: str | None = None  # theirs for large batches, when another (AMX_INT8_KERNEL)
@@ -297,8 +297,9 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         name=name, dtype=dtype, linear=large, small_linear=small, small_batch_tokens=small_tokens,
         attention="grouped" if cpu else "padded",
         short_attention_kernel=amx and dtype == torch.bfloat16,
-        # bf16 activations without AMX: SDPA's bf16 is slow there (fp32 keeps SDPA: exact, and ours gains less)
-        block_attention_kernel=cpu and not amx and dtype == torch.bfloat16 and caps.x86_attention,
+        # bf16 activations: ours beats SDPA's bf16 without AMX and with it (on the tiles); fp32 keeps SDPA (exact,
+        # and ours gains less)
+        block_attention_kernel=cpu and dtype == torch.bfloat16 and caps.x86_attention,
         bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel, int8_large_kernel=large_kernel,
         fused_stack_tokens=FUSED_STACK_TOKENS if fused else 0, fused_fp32_kernel=fp32_fused,
         guard_fallback=fallback, requested=requested, reason=reason)

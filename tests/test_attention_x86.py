@@ -10,7 +10,7 @@ import torch
 
 from allmpnet.encode.attention_x86 import HEAD_DIM, attention_unavailable, block_attention, reference
 from allmpnet.encode.kernels import cpu_flags
-from allmpnet.encode.precision import Capabilities, plan_precision
+from allmpnet.encode.precision import Capabilities, limit_isa, plan_precision
 from allmpnet.model import MPNetConfig
 from allmpnet.model.packing import block_bias
 from allmpnet.testing import build_random_model
@@ -97,18 +97,21 @@ def test_kernel_refuses_what_it_was_not_written_for():
 def test_plan_uses_it_for_bf16_activations():
     zen4 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}), frozenset({"fp32", "bf16"}),
                         amx_kernels="no AMX", x86_kernels=frozenset({"vnni-a8"}), x86_attention=True)
-    assert plan_precision("auto", "cpu", zen4).block_attention_kernel  # int8 with bf16 activations
-    assert plan_precision("bf16", "cpu", zen4).block_attention_kernel
-    assert "our x86 kernel for blocks" in plan_precision("bf16", "cpu", zen4).describe()
+    assert plan_precision("auto", "cpu", zen4).block_attention_kernel == "bf16"  # int8 with bf16 activations
+    assert plan_precision("bf16", "cpu", zen4).block_attention_kernel == "bf16"  # pair products
+    assert "our x86 kernel (bf16 products) for blocks" in plan_precision("bf16", "cpu", zen4).describe()
     assert not plan_precision("fp32", "cpu", zen4).block_attention_kernel  # the exact path keeps SDPA
     cascade_lake = dataclasses.replace(zen4, cpu_flags=zen4.cpu_flags - {"avx512_bf16"})  # no native bf16
     assert plan_precision("auto", "cpu", cascade_lake).dtype == torch.bfloat16  # stored in bf16 for our kernels
-    assert plan_precision("auto", "cpu", cascade_lake).block_attention_kernel
+    assert plan_precision("auto", "cpu", cascade_lake).block_attention_kernel == "fp32"  # FMAs
     without_kernel = dataclasses.replace(cascade_lake, x86_attention=False)
     assert not plan_precision("bf16", "cpu", without_kernel).block_attention_kernel
     assert not plan_precision("bf16", "cpu", dataclasses.replace(zen4, x86_attention=False)).block_attention_kernel
     amx = dataclasses.replace(zen4, cpu_flags=zen4.cpu_flags | {"amx_tile", "amx_bf16"}, amx_kernels="")
-    assert plan_precision("bf16", "cpu", amx).block_attention_kernel  # on the tiles there
+    assert plan_precision("bf16", "cpu", amx).block_attention_kernel == "amx"  # on the tiles there
+    # a user limiting the instruction set below AMX (ONEDNN_MAX_CPU_ISA) limits our kernel too
+    limited = dataclasses.replace(amx, cpu_flags=limit_isa(amx.cpu_flags, "avx512_core_bf16"))
+    assert plan_precision("bf16", "cpu", limited).block_attention_kernel == "bf16"
 
 
 @needs_kernel
@@ -122,10 +125,27 @@ def test_encoder_with_the_kernel_matches_sdpa(tmp_path):
     enc = Encoder(model_dir, device="cpu", precision=plan_precision("bf16", "cpu", caps))
     texts = ["a short one", "the cat sat on the mat", "x " * 50, "another text of a few words", "y " * 90]
     batch = enc.pack(enc.tokenize(texts).ids)
-    assert any(batch.attention.kernel_for(g) is block_attention for g in batch.attention.groups)
-    sdpa = enc.with_precision(dataclasses.replace(enc.plan, block_attention_kernel=False))
+    ours = [batch.attention.kernel_for(g) for g in batch.attention.groups]
+    assert any(k is not None and k.func is block_attention for k in ours)
+    assert all(k.keywords["products"] == enc.plan.block_attention_kernel for k in ours if k is not None)
+    sdpa = enc.with_precision(dataclasses.replace(enc.plan, block_attention_kernel=None))
     assert all(sdpa.pack(enc.tokenize(texts).ids).attention.kernel_for(g) is None
                for g in batch.attention.groups)
     got, expected = enc.encode(texts), sdpa.encode(texts)
     assert (got * expected).sum(1).min() > 0.9995
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("products", ["amx", "bf16", "fp32"])
+def test_kernel_leaves_the_callers_denormals_alone(products):
+    # it flushes denormals to zero while it runs (texts side by side make them), and must restore the mode after
+    generator = torch.Generator().manual_seed(0)
+    position = torch.randn(2, 12, 12, generator=generator)
+    bias = block_bias(position, 3)[0].float().contiguous()  # 3 texts of 12 tokens: -3.4e38 between them
+    qkv = torch.randn(36, 3 * 2 * HEAD_DIM, generator=generator).bfloat16()
+    out = torch.zeros(36, 2 * HEAD_DIM, dtype=torch.bfloat16)
+    block_attention(qkv, out, bias, 0, 1, 36, 2, products)
+    torch.testing.assert_close(out.float(), reference(qkv, bias, 0, 1, 36, 2), atol=2e-2, rtol=2e-2)
+    tiny = torch.tensor([1e-38]) / 1000  # a denormal, unless this thread now flushes them
+    assert tiny.item() > 0

@@ -7,6 +7,7 @@ concurrent threads.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -189,7 +190,9 @@ class Encoder:
         return PackedBatch.from_ids(ids, self.device, plan.attention, bucket_rows=bucket,
                                     short_kernel=kernels.short_attention if short else None,
                                     short_kernel_max_tokens=kernels.MAX_BLOCK_TOKENS,
-                                    block_kernel=attention_x86.block_attention if block else None,
+                                    block_kernel=functools.partial(attention_x86.block_attention,
+                                                                   products=plan.block_attention_kernel)
+                                    if block else None,
                                     block_kernel_max_tokens=attention_x86.MAX_TOKENS)
 
     @torch.inference_mode()

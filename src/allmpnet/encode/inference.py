@@ -9,6 +9,7 @@ the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not 
   treatment, int16 activations elsewhere; built from the fp32 master weights, not the cast copy's, and their
   streamed buffers then moved onto 2 MB pages in the order a query reads them (pages.py).
 - a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
+- LayerNorms in bf16 on x86 CPUs with AVX512-BF16: our kernel (norm_x86.py), where the plan says so.
 - with int8-x86 linears, and in fp32 on x86 CPUs, the layer stack itself is swapped for `FusedX86Stack`
   (encode/fused_x86.py): small batches run all layers in one C call (in fp32 on the model's own weights), and
   Encoder.embed_ids sends them there as token ids, embeddings and pooling included.
@@ -30,6 +31,7 @@ from allmpnet.encode.calibration import Calibration
 from allmpnet.encode.fused_x86 import FusedX86Stack
 from allmpnet.encode.int8_x86 import STREAMED_BUFFERS, X86Int8Linear, recipe_layer
 from allmpnet.encode.kernels import Int8Linear
+from allmpnet.encode.norm_x86 import swap_layer_norms
 from allmpnet.encode.pages import move_to_huge_pages
 from allmpnet.encode.precision import PrecisionPlan
 from allmpnet.model.mpnet import Linear
@@ -125,6 +127,8 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
             for t in list(model.parameters()) + list(model.buffers())}
     fast = copy.deepcopy(model, memo).eval()
     swap_linears(fast.network, linear_factory(plan, model, calibration))
+    if plan.layer_norm_kernel:
+        swap_layer_norms(fast.network)
     # the int8 weights a query streams, on 2 MB pages in the order it reads them (encode/pages.py)
     move_to_huge_pages([m for m in fast.network.modules() if isinstance(m, X86Int8Linear)], STREAMED_BUFFERS)
     if plan.fused_stack_tokens:

@@ -126,6 +126,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     library.allmpnet_x86_attention.restype = i64
     library.allmpnet_x86_attention_scratch_bytes.argtypes = [i64, c_int]
     library.allmpnet_x86_attention_scratch_bytes.restype = i64
+    library.allmpnet_x86_layer_norm.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_float, i64, i64, c_int]
+    library.allmpnet_x86_layer_norm.restype = i64
     return library, ""
 
 

@@ -182,56 +182,64 @@ void allmpnet_short_attention(const uint16_t *qkv, uint16_t *out, const float *b
     const int64_t C = H * D;
     const __mmask16 valid0 = (__mmask16)(T >= 16 ? 0xFFFF : (1u << T) - 1);
     const __mmask16 valid1 = (__mmask16)(T >= 32 ? 0xFFFF : T <= 16 ? 0 : (1u << (T - 16)) - 1);
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        for (int64_t h = 0; h < H; h++) {
-            // keys transposed (D, 32), so one query's 32 scores are two vectors of FMAs; zero past T
-            float keys[MAX_HEAD_DIM][MAX_BLOCK_TOKENS] __attribute__((aligned(64)));
-            float values[MAX_BLOCK_TOKENS][MAX_HEAD_DIM] __attribute__((aligned(64)));
-            float row[MAX_HEAD_DIM] __attribute__((aligned(64)));
-            const int64_t row0 = start + b * T;
-            for (int64_t j = 0; j < MAX_BLOCK_TOKENS; j++) {
-                const uint16_t *k = qkv + (row0 + j) * 3 * C + C + h * D, *v = k + C;
-                for (int64_t d = 0; d < D; d += 16) {
-                    const __m512 kd = j < T ? bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(k + d)))
-                                            : _mm512_setzero_ps();
-                    _mm512_store_ps(row, kd);
-                    for (int e = 0; e < 16; e++) keys[d + e][j] = row[e];
-                    if (j < T)
-                        _mm512_store_ps(values[j] + d, bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(v + d))));
+    #pragma omp parallel num_threads(threads)
+    {
+        // texts side by side weight each other's keys ~1e-38: their products would be denormals, which cost Intel
+        // cores microcode assists; flushed to zero (FTZ, DAZ) instead, this thread's setting restored after
+        const unsigned int control = _mm_getcsr();
+        _mm_setcsr(control | 0x8040);
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            for (int64_t h = 0; h < H; h++) {
+                // keys transposed (D, 32), so one query's 32 scores are two vectors of FMAs; zero past T
+                float keys[MAX_HEAD_DIM][MAX_BLOCK_TOKENS] __attribute__((aligned(64)));
+                float values[MAX_BLOCK_TOKENS][MAX_HEAD_DIM] __attribute__((aligned(64)));
+                float row[MAX_HEAD_DIM] __attribute__((aligned(64)));
+                const int64_t row0 = start + b * T;
+                for (int64_t j = 0; j < MAX_BLOCK_TOKENS; j++) {
+                    const uint16_t *k = qkv + (row0 + j) * 3 * C + C + h * D, *v = k + C;
+                    for (int64_t d = 0; d < D; d += 16) {
+                        const __m512 kd = j < T ? bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(k + d)))
+                                                : _mm512_setzero_ps();
+                        _mm512_store_ps(row, kd);
+                        for (int e = 0; e < 16; e++) keys[d + e][j] = row[e];
+                        if (j < T)
+                            _mm512_store_ps(values[j] + d, bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(v + d))));
+                    }
                 }
-            }
-            for (int64_t i = 0; i < T; i++) {
-                const uint16_t *q = qkv + (row0 + i) * 3 * C + h * D;
-                for (int64_t d = 0; d < D; d += 16)
-                    _mm512_store_ps(row + d, bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(q + d))));
-                __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-                for (int64_t d = 0; d < D; d++) {
-                    const __m512 qd = _mm512_set1_ps(row[d]);
-                    s0 = _mm512_fmadd_ps(qd, _mm512_load_ps(keys[d]), s0);
-                    s1 = _mm512_fmadd_ps(qd, _mm512_load_ps(keys[d] + 16), s1);
-                }
-                const float *bias_row = bias + (h * T + i) * T;
-                const __m512 far = _mm512_set1_ps(-1e30f), by = _mm512_set1_ps(scale);
-                s0 = _mm512_fmadd_ps(s0, by, _mm512_maskz_loadu_ps(valid0, bias_row));
-                s1 = _mm512_fmadd_ps(s1, by, _mm512_maskz_loadu_ps(valid1, bias_row + 16));
-                s0 = _mm512_mask_blend_ps(valid0, far, s0);  // lanes past T take no weight
-                s1 = _mm512_mask_blend_ps(valid1, far, s1);
-                const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-                const __m512 p0 = _mm512_maskz_mov_ps(valid0, exp_nonpositive16(_mm512_sub_ps(s0, top)));
-                const __m512 p1 = _mm512_maskz_mov_ps(valid1, exp_nonpositive16(_mm512_sub_ps(s1, top)));
-                const __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(p0, p1)));
-                float weights[MAX_BLOCK_TOKENS] __attribute__((aligned(64)));
-                _mm512_store_ps(weights, _mm512_mul_ps(p0, norm));
-                _mm512_store_ps(weights + 16, _mm512_mul_ps(p1, norm));
-                uint16_t *o = out + (row0 + i) * C + h * D;
-                for (int64_t d = 0; d < D; d += 16) {
-                    __m512 sum = _mm512_setzero_ps();
-                    for (int64_t j = 0; j < T; j++)
-                        sum = _mm512_fmadd_ps(_mm512_set1_ps(weights[j]), _mm512_load_ps(values[j] + d), sum);
-                    _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(sum));
+                for (int64_t i = 0; i < T; i++) {
+                    const uint16_t *q = qkv + (row0 + i) * 3 * C + h * D;
+                    for (int64_t d = 0; d < D; d += 16)
+                        _mm512_store_ps(row + d, bf16_to_fp32(_mm256_loadu_si256((const __m256i *)(q + d))));
+                    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+                    for (int64_t d = 0; d < D; d++) {
+                        const __m512 qd = _mm512_set1_ps(row[d]);
+                        s0 = _mm512_fmadd_ps(qd, _mm512_load_ps(keys[d]), s0);
+                        s1 = _mm512_fmadd_ps(qd, _mm512_load_ps(keys[d] + 16), s1);
+                    }
+                    const float *bias_row = bias + (h * T + i) * T;
+                    const __m512 far = _mm512_set1_ps(-1e30f), by = _mm512_set1_ps(scale);
+                    s0 = _mm512_fmadd_ps(s0, by, _mm512_maskz_loadu_ps(valid0, bias_row));
+                    s1 = _mm512_fmadd_ps(s1, by, _mm512_maskz_loadu_ps(valid1, bias_row + 16));
+                    s0 = _mm512_mask_blend_ps(valid0, far, s0);  // lanes past T take no weight
+                    s1 = _mm512_mask_blend_ps(valid1, far, s1);
+                    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+                    const __m512 p0 = _mm512_maskz_mov_ps(valid0, exp_nonpositive16(_mm512_sub_ps(s0, top)));
+                    const __m512 p1 = _mm512_maskz_mov_ps(valid1, exp_nonpositive16(_mm512_sub_ps(s1, top)));
+                    const __m512 norm = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(p0, p1)));
+                    float weights[MAX_BLOCK_TOKENS] __attribute__((aligned(64)));
+                    _mm512_store_ps(weights, _mm512_mul_ps(p0, norm));
+                    _mm512_store_ps(weights + 16, _mm512_mul_ps(p1, norm));
+                    uint16_t *o = out + (row0 + i) * C + h * D;
+                    for (int64_t d = 0; d < D; d += 16) {
+                        __m512 sum = _mm512_setzero_ps();
+                        for (int64_t j = 0; j < T; j++)
+                            sum = _mm512_fmadd_ps(_mm512_set1_ps(weights[j]), _mm512_load_ps(values[j] + d), sum);
+                        _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(sum));
+                    }
                 }
             }
         }
+        _mm_setcsr(control);
     }
 }

@@ -16,6 +16,7 @@ import torch
 from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS, PREFERENCE as X86_PREFERENCE
 from allmpnet.encode.int8_x86 import kernel_unavailable as x86_kernel_unavailable
 from allmpnet.encode.attention_x86 import attention_unavailable
+from allmpnet.encode.norm_x86 import layer_norm_unavailable
 from allmpnet.encode.fused_x86 import pick_fp32_kernel
 from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
 
@@ -53,7 +54,8 @@ class Capabilities:
     cuda_bf16: bool = False
     x86_kernels: frozenset[str] = frozenset()  # int8_x86 kernels that built and passed their self-test here
     fp32_fused_kernel: str | None = None  # the fused stack's fp32-weight kernel that runs here (fused_x86.py)
-    x86_attention: bool = False  # our attention kernel for CPUs without AMX runs here (attention_x86.py)
+    x86_attention: bool = False  # our x86 attention kernel runs here (attention_x86.py)
+    x86_layer_norm: bool = False  # our bf16 LayerNorm kernel runs here (norm_x86.py)
 
     @property
     def native_bf16(self) -> bool:
@@ -108,7 +110,8 @@ def _detect(device_type: str) -> Capabilities:
     # only the kernels a plan can name: each one checked here is built and self-tested at start-up
     x86 = frozenset(name for name in X86_INT8_KERNELS + (AMX_INT8_KERNEL,) if not x86_kernel_unavailable(name, flags))
     return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86, fp32_fused_kernel=pick_fp32_kernel(flags),
-                        x86_attention=not attention_unavailable(flags))
+                        x86_attention=not attention_unavailable(flags),
+                        x86_layer_norm=not layer_norm_unavailable(flags))
 
 
 def onednn_linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -132,7 +135,10 @@ class PrecisionPlan:
     small_batch_tokens: int = 0
     attention: str = "grouped"  # "grouped" (CPU: SDPA per equal-length group) or "padded" (GPU: one call)
     short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
-    block_attention_kernel: bool = False  # every group of blocks up to 512 tokens through our x86 kernel
+    # every group of blocks up to 512 tokens through our x86 kernel, with these products (attention_x86.PRODUCTS:
+    # "amx", "bf16" or "fp32", as far as the CPU goes); None: SDPA
+    block_attention_kernel: str | None = None
+    layer_norm_kernel: bool = False  # bf16 LayerNorms through our x86 kernel (norm_x86.py)
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
     int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
     int8_large_kernel: str | None = None  # theirs for large batches, when another (AMX_INT8_KERNEL)
@@ -168,13 +174,22 @@ class PrecisionPlan:
         linear = kind(self.linear) if self.small_linear is None else (
             f"{kind(self.small_linear)} up to {self.small_batch_tokens} tokens, {kind(self.linear)} above")
         attention = self.attention + (", our kernel for a lone short block" if self.short_attention_kernel else "")
-        attention += ", our x86 kernel for blocks up to 512 tokens" if self.block_attention_kernel else ""
+        if self.block_attention_kernel:
+            attention += f", our x86 kernel ({self.block_attention_kernel} products) for blocks up to 512 tokens"
         if self.fused_stack_tokens:
             weights = f" ({self.fused_fp32_kernel})" if self.fused_fp32_kernel else ""
             attention += f"; the whole layer stack in one call{weights} up to {self.fused_stack_tokens} tokens"
         why = f" ({self.reason})" if self.reason else ""
+        norm = "; LayerNorm our x86 kernel" if self.layer_norm_kernel else ""
         return (f"{self.name}{why}: {str(self.dtype).removeprefix('torch.')} activations; linear {linear}; "
-                f"attention {attention}")
+                f"attention {attention}{norm}")
+
+
+def attention_products(caps: Capabilities) -> str:
+    """The most our x86 attention kernel may use for bf16 blocks on this CPU (the flags a limited ISA leaves)."""
+    if {"amx_tile", "amx_bf16"} <= caps.cpu_flags:
+        return "amx"
+    return "bf16" if "avx512_bf16" in caps.cpu_flags else "fp32"
 
 
 def check_precision_name(request: str) -> str:
@@ -299,7 +314,9 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         short_attention_kernel=amx and dtype == torch.bfloat16,
         # bf16 activations: ours beats SDPA's bf16 without AMX and with it (on the tiles); fp32 keeps SDPA (exact,
         # and ours gains less)
-        block_attention_kernel=cpu and dtype == torch.bfloat16 and caps.x86_attention,
+        block_attention_kernel=attention_products(caps) if cpu and dtype == torch.bfloat16 and caps.x86_attention
+        else None,
+        layer_norm_kernel=cpu and dtype == torch.bfloat16 and caps.x86_layer_norm,
         bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel, int8_large_kernel=large_kernel,
         fused_stack_tokens=FUSED_STACK_TOKENS if fused else 0, fused_fp32_kernel=fp32_fused,
         guard_fallback=fallback, requested=requested, reason=reason)

@@ -33,10 +33,12 @@ def test_kernel_matches_torch(rows, width):
     generator = torch.Generator().manual_seed(rows)
     x = (3 * torch.randn(rows, width, generator=generator) + 1).bfloat16()
     x[:, :3] *= 40  # a few large channels, as the residual stream has
-    norm = norm_of(width)
-    ours = X86LayerNorm.like(norm)(x)
-    theirs = F.layer_norm(x, (width,), norm.weight.bfloat16(), norm.bias.bfloat16(), norm.eps)
-    exact = F.layer_norm(x.float(), (width,), norm.weight, norm.bias, norm.eps)
+    norm = norm_of(width).bfloat16().requires_grad_(False)  # as in the inference copy
+    layer = X86LayerNorm.like(norm)
+    ours = layer(x)
+    assert layer.calls == [1, 0]  # our kernel ran
+    theirs = norm(x)
+    exact = F.layer_norm(x.float(), (width,), norm.weight.float(), norm.bias.float(), norm.eps)
     assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
     if rows:
         # bf16 outputs of fp32 maths: ours within a rounding of the exact values, as torch's are
@@ -50,10 +52,16 @@ def test_other_inputs_run_torch():
     x = torch.randn(5, 24)
     torch.testing.assert_close(ours(x), norm(x))  # fp32, any width
     torch.testing.assert_close(ours(x.bfloat16()).float(), norm.bfloat16()(x.bfloat16()).float())
+    assert ours.calls == [0, 2]
     wide = X86LayerNorm.like(norm_of(32))
     batch = torch.randn(2, 5, 32).bfloat16()  # 3-D
     torch.testing.assert_close(wide(batch).float(), F.layer_norm(batch.float(), (32,), wide.weight, wide.bias,
                                                                     1e-5), atol=2e-2, rtol=1e-2)
+    trained = X86LayerNorm.like(norm_of(32))
+    trained.requires_grad_(True)  # under autograd: torch's, which has a backward
+    y = trained(torch.randn(4, 32).bfloat16())
+    y.float().sum().backward()
+    assert trained.calls == [0, 1] and trained.weight.grad is not None
     with pytest.raises(ValueError, match="with a weight and a bias"):
         X86LayerNorm.like(nn.LayerNorm(16, elementwise_affine=False))
 
@@ -87,10 +95,12 @@ def test_encoder_with_the_kernel_matches_torch(tmp_path):
     caps = dataclasses.replace(Capabilities.detect("cpu"), x86_layer_norm=True)
     enc = Encoder(model_dir, device="cpu", precision=plan_precision("bf16", "cpu", caps))
     assert enc.plan.layer_norm_kernel
-    assert any(isinstance(m, X86LayerNorm) for m in enc.inference_model().modules())
+    norms = [m for m in enc.inference_model().modules() if isinstance(m, X86LayerNorm)]
+    assert len(norms) == 5 and not any(m.training for m in norms)  # the embeddings' and 2 per layer
     torch_norms = enc.with_precision(dataclasses.replace(enc.plan, layer_norm_kernel=False))
     assert not any(isinstance(m, X86LayerNorm) for m in torch_norms.inference_model().modules())
     texts = ["a short one", "the cat sat on the mat", "x " * 50, "another text of a few words"]
     got, expected = enc.encode(texts), torch_norms.encode(texts)
+    assert all(m.calls[0] > 0 and m.calls[1] == 0 for m in norms)  # every one ran our kernel
     assert (got * expected).sum(1).min() > 0.9999
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)

@@ -24,8 +24,13 @@ def layer_norm_unavailable(capabilities: frozenset[str] | None = None) -> str:
 
 
 class X86LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm whose 2-D bf16 CPU inputs (rows a multiple of 16 wide) run our kernel; anything else runs
-    torch's. Its weight and bias stay fp32 (the kernel reads them so), its output takes the input's dtype."""
+    """nn.LayerNorm whose 2-D bf16 CPU inputs (rows a multiple of 16 wide) run our kernel, outside autograd;
+    anything else runs torch's. Its weight and bias stay fp32 (the kernel reads them so), its output takes the
+    input's dtype. `calls` counts the calls each way: [ours, torch's]."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = [0, 0]  # a list: no Module setattr per call
 
     @classmethod
     def like(cls, norm: nn.LayerNorm) -> "X86LayerNorm":
@@ -35,13 +40,16 @@ class X86LayerNorm(nn.LayerNorm):
         with torch.no_grad():
             out.weight.copy_(norm.weight.float())
             out.bias.copy_(norm.bias.float())
-        return out.requires_grad_(False)
+        return out.requires_grad_(False).train(norm.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         C = self.normalized_shape[0]
-        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or C % 16 or self.training
+        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or C % 16
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 or layer_norm_unavailable()):
+            self.calls[1] += 1
             return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        self.calls[0] += 1
         x = x.contiguous()
         y = torch.empty_like(x)
         status = _library()[0].allmpnet_x86_layer_norm(x.data_ptr(), y.data_ptr(), self.weight.data_ptr(),

@@ -55,10 +55,11 @@ def test_kernel_matches_sdpa(dtype, products, blocks, tokens, heads):
 # STSBenchmark sentence 0.99637 -> 0.99562 min cosine to fp32 (their mean error here: ~9% above the fp32 path's).
 # From 64 tokens they are one part, from a shorter exp polynomial whose error must stay far below that rounding:
 # 1.11x the fp32 path's error, as with the full polynomial (a polynomial one term short: 1.28-1.35x).
-# The tiles weight the values as the pair products do (the same parts, in other summation orders).
+# On the tiles each probability is two bf16 parts at every length (one part cost SciFact's nDCG@10 0.26).
 @pytest.mark.parametrize("products", ["amx", "bf16"])
 @pytest.mark.parametrize("tokens,bound", [(13, 1.01), (40, 1.01), (63, 1.01), (64, 1.2), (100, 1.2), (256, 1.2)])
 def test_bf16_products_weight_the_values_about_as_precisely_as_fp32(products, tokens, bound):
+    bound = 1.01 if products == "amx" else bound
     generator = torch.Generator().manual_seed(tokens)
     qkv = (2 * torch.randn(4 * tokens, 3 * 2 * HEAD_DIM, generator=generator)).bfloat16()
     bias = torch.randn(2, tokens, tokens, generator=generator)

@@ -1072,6 +1072,23 @@ static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) float
     return 1.0f / _mm512_reduce_add_ps(total);
 }
 
+// exponentiate's two bf16 parts by this CPU's own rounding instruction (the tiles' path, which has AVX512-BF16)
+static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) float exponentiate_two_bf16(
+    const float *row, uint16_t *weights, uint16_t *rest, int64_t T, int64_t padded, __m512 top) {
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+        const __m512 x = _mm512_sub_ps(_mm512_load_ps(row + j), m);
+        const __m512 e = _mm512_maskz_mov_ps(keys_before(T, j), exp_nonpositive16(x));
+        const __m256bh high = _mm512_cvtneps_pbh(e);
+        _mm256_store_si256((__m256i *)(weights + j), (__m256i)high);
+        const __m512 left = _mm512_sub_ps(e, bf16_to_fp32((__m256i)high));
+        _mm256_store_si256((__m256i *)(rest + j), (__m256i)_mm512_cvtneps_pbh(left));
+        total = _mm512_add_ps(total, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(total);
+}
+
 // one head of one block; qkv, out at the head's first column, row0 the block's first row
 __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
     const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
@@ -1215,7 +1232,9 @@ __attribute__((target(AVX512 ",avx512bf16,amx-tile,amx-bf16"))) static void atte
     float *scores = (float *)(queries + padded * D);         // (TILE_ROWS, padded)
     uint16_t *weights = (uint16_t *)(scores + TILE_ROWS * padded);  // (TILE_ROWS, padded) bf16, twice
     float *sums = (float *)(weights + 2 * TILE_ROWS * padded);      // (TILE_ROWS, D)
-    uint16_t *rest = T < 64 ? weights + TILE_ROWS * padded : NULL;  // two parts under 64 tokens, as attend_head_bf16
+    // two bf16 parts at every length (~16 bits): on the tiles the second product is cheap, and one part cost
+    // SciFact's nDCG@10 under auto 65.45 -> 65.19 (the card: 65.57)
+    uint16_t *rest = weights + TILE_ROWS * padded;
     const uint16_t *rows = qkv + row0 * 3 * C;
     stage_transposed(rows + C, 0, 3 * C / 2, T, P, keys, padded);
     const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
@@ -1266,8 +1285,7 @@ __attribute__((target(AVX512 ",avx512bf16,amx-tile,amx-bf16"))) static void atte
                 _mm512_store_ps(row + j, x);
                 top = _mm512_max_ps(top, x);
             }
-            inverse[r] = rest ? exponentiate(row, weights + r * padded, rest + r * padded, T, padded, top)
-                              : exponentiate_bf16(row, weights + r * padded, T, padded, top);
+            inverse[r] = exponentiate_two_bf16(row, weights + r * padded, rest + r * padded, T, padded, top);
         }
         _tile_zero(4);
         _tile_zero(5);

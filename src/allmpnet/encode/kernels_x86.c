@@ -891,11 +891,12 @@ int64_t allmpnet_x86_linear(int kernel, const void *x, int x_bf16, const float *
 // query rows at a time take their scores in registers, 16 keys per vector (only as many vectors as T needs: a
 // 28-token block of side-by-side sentences costs 2, not a padded 4). The scale, the bias and the running maximum
 // are applied as the scores leave the registers, exp and its sum in one pass; the weighted values are summed
-// unnormalised and divided by the sum at the end. With AVX512-BF16 (`dot_bf16`) and bf16 q|k|v both products are
+// unnormalised and divided by the sum at the end. With AVX512-BF16 (products 1) and bf16 q|k|v both products are
 // vdpbf16ps pair dot products (twice the fp32 FMA rate): keys as pairs of inputs (k[2p], k[2p+1]) per key, values
 // as pairs of keys (v_2q[d], v_2q+1[d]) per output, so one 32-bit broadcast of a query's pair, or of two exp
 // values rounded to bf16 (as SDPA's bf16 path rounds its probabilities; under 64 tokens, two bf16 parts of each),
-// meets 16 keys (outputs) per vector. Otherwise fp32 FMAs. Scores, softmax and sums stay fp32.
+// meets 16 keys (outputs) per vector. Otherwise fp32 FMAs. Scores, softmax and sums stay fp32. With AMX-BF16
+// (products 2) blocks of 32 tokens and more run on the tiles instead (attend_head_amx).
 #define ATTENTION_D 64     // head size the kernel is written for (4 vectors)
 #define ATTENTION_ROWS 4   // query rows per register block
 
@@ -1217,7 +1218,7 @@ __attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, in
 
 // The same as attend_head_bf16 on the AMX-bf16 tiles (Sapphire Rapids on), where its pair dot products cost as
 // much as fp32 FMAs: 16 query rows at a time, their scores as 16 x 16 tiles (q rows x key pairs), the softmax of
-// the rows in AVX-512 (exponentiate, as the register path), then the weights x values as 4 tiles of 16 outputs.
+// the rows in AVX-512 (exponentiate_two_bf16), then the weights x values as 4 tiles of 16 outputs per part.
 // Keys and values are staged as the register path stages them (keys as (pair, key), values as (key pair, output,
 // 2): both already B tiles), queries copied into rows padded with zeros; keys are padded to 32 (one A tile row of
 // weights), the padding weighted 0 with zero values. Tiles (configure_tiles(16, 16)): 0, 1 = A, 2, 3 = B,
@@ -1280,7 +1281,8 @@ __attribute__((target(AVX512 ",avx512bf16,amx-tile,amx-bf16"))) static void atte
             __m512 top = _mm512_set1_ps(-__builtin_inff());
             for (int64_t j = 0; j < padded; j += 16) {
                 const __mmask16 real = keys_before(T, j);
-                __m512 x = _mm512_fmadd_ps(_mm512_load_ps(row + j), by, _mm512_maskz_loadu_ps(real, bias + i * T + j));
+                const __m512 b = _mm512_maskz_loadu_ps(real, bias + i * T + j);
+                __m512 x = _mm512_fmadd_ps(_mm512_load_ps(row + j), by, b);
                 x = _mm512_mask_blend_ps(real, _mm512_set1_ps(-__builtin_inff()), x);
                 _mm512_store_ps(row + j, x);
                 top = _mm512_max_ps(top, x);

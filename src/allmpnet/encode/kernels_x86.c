@@ -102,18 +102,17 @@ static int activation_kind(int kernel) {
     }
 }
 
-// AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25), and the tile state granted to this process (Linux
-// hands it out on request only; asking again is harmless)
-static int amx_int8_ready(void) {
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25))) return 0;
-    return request_amx_state() == 0;
-}
+// CPUID leaf 7, EDX bits: the tiles themselves and the two kinds of products on them
+#define AMX_TILE_BIT 24
+#define AMX_INT8_BIT 25
+#define AMX_BF16_BIT 22
 
-// AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), and the tile state
-static int amx_bf16_ready(void) {
+// AMX-TILE and the products of `bit` (AMX_INT8_BIT, AMX_BF16_BIT), and the tile state granted to this process
+// (Linux hands it out on request only; asking again is harmless)
+static int amx_ready(int bit) {
     unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 22))) return 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << AMX_TILE_BIT)) || !(edx & (1u << bit)))
+        return 0;
     return request_amx_state() == 0;
 }
 
@@ -130,7 +129,7 @@ int allmpnet_x86_kernel_supported(int kernel) {
         case KERNEL_AVX512_BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
         case KERNEL_VNNI_A16: case KERNEL_VNNI_A8: case KERNEL_VNNI256_A8:
             return avx512 && __builtin_cpu_supports("avx512vnni");
-        case KERNEL_AMX_A8: return avx512 && __builtin_cpu_supports("avx512vnni") && amx_int8_ready();
+        case KERNEL_AMX_A8: return avx512 && __builtin_cpu_supports("avx512vnni") && amx_ready(AMX_INT8_BIT);
 #if HAVE_AVXVNNI  // older compilers reject the name
         case KERNEL_AVXVNNI_A8: return avx2 && __builtin_cpu_supports("avxvnni");
 #endif
@@ -1090,6 +1089,27 @@ static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) float
     return 1.0f / _mm512_reduce_add_ps(total);
 }
 
+// A bf16 block's keys and values as the pair products and the tiles read them (row j of the block at rows + j * 3C,
+// zero past T): keys (D / 2, padded) pairs of inputs per key, values (padded / 2, D, 2) keys j, j + 1 interleaved
+// per output.
+__attribute__((target(AVX512))) static void stage_pairs(const uint16_t *rows, int64_t T, int64_t C, int64_t padded,
+                                                        uint32_t *keys, uint16_t *values) {
+    const int64_t D = ATTENTION_D;
+    stage_transposed(rows + C, 0, 3 * C / 2, T, D / 2, keys, padded);
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0),
+                  high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+    for (int64_t j = 0; j < padded; j += 2) {  // keys j, j + 1 interleaved per output
+        const uint16_t *a = rows + j * 3 * C + 2 * C, *b = a + 3 * C;
+        for (int half = 0; half < 2; half++) {
+            const __m512i x = j < T ? _mm512_loadu_si512(a + 32 * half) : _mm512_setzero_si512(),
+                          y = j + 1 < T ? _mm512_loadu_si512(b + 32 * half) : _mm512_setzero_si512();
+            _mm512_store_si512(values + j * D + 64 * half, _mm512_permutex2var_epi16(x, low, y));
+            _mm512_store_si512(values + j * D + 64 * half + 32, _mm512_permutex2var_epi16(x, high, y));
+        }
+    }
+}
+
 // one head of one block; qkv, out at the head's first column, row0 the block's first row
 __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
     const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
@@ -1104,19 +1124,7 @@ __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
     // min cosine to fp32; longer blocks, where the products are most of the time, keep one part
     uint16_t *rest = T < 64 ? weights + ATTENTION_ROWS * padded : NULL;  // (ATTENTION_ROWS, padded) bf16
     const uint16_t *rows = qkv + row0 * 3 * C;
-    stage_transposed(rows + C, 0, 3 * C / 2, T, P, keys, padded);
-    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0),
-                  high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-    for (int64_t j = 0; j < padded; j += 2) {  // keys j, j + 1 interleaved per output
-        const uint16_t *a = rows + j * 3 * C + 2 * C, *b = a + 3 * C;
-        for (int half = 0; half < 2; half++) {
-            const __m512i x = j < T ? _mm512_loadu_si512(a + 32 * half) : _mm512_setzero_si512(),
-                          y = j + 1 < T ? _mm512_loadu_si512(b + 32 * half) : _mm512_setzero_si512();
-            _mm512_store_si512(values + j * D + 64 * half, _mm512_permutex2var_epi16(x, low, y));
-            _mm512_store_si512(values + j * D + 64 * half + 32, _mm512_permutex2var_epi16(x, high, y));
-        }
-    }
+    stage_pairs(rows, T, C, padded, keys, values);
     for (int64_t i0 = 0; i0 < T; i0 += ATTENTION_ROWS) {
         const int rows_here = T - i0 < ATTENTION_ROWS ? (int)(T - i0) : ATTENTION_ROWS;
         const uint32_t *q[ATTENTION_ROWS];  // missing rows repeat the first: computed, never stored
@@ -1219,10 +1227,9 @@ __attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, in
 // The same as attend_head_bf16 on the AMX-bf16 tiles (Sapphire Rapids on), where its pair dot products cost as
 // much as fp32 FMAs: 16 query rows at a time, their scores as 16 x 16 tiles (q rows x key pairs), the softmax of
 // the rows in AVX-512 (exponentiate_two_bf16), then the weights x values as 4 tiles of 16 outputs per part.
-// Keys and values are staged as the register path stages them (keys as (pair, key), values as (key pair, output,
-// 2): both already B tiles), queries copied into rows padded with zeros; keys are padded to 32 (one A tile row of
-// weights), the padding weighted 0 with zero values. Tiles (configure_tiles(16, 16)): 0, 1 = A, 2, 3 = B,
-// 4-7 = sums (scores in 4 and 5).
+// Keys and values are staged as the pair products read them (stage_pairs: both already B tiles), queries copied
+// into rows padded with zeros; keys are padded to 32 (one A tile row of weights), the padding weighted 0 with zero
+// values. Tiles (configure_tiles(16, 16)): 0, 1 = A, 2, 3 = B, 4-7 = sums (scores in 4 and 5).
 __attribute__((target(AVX512 ",avx512bf16,amx-tile,amx-bf16"))) static void attend_head_amx(
     const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
     float *work) {
@@ -1237,19 +1244,7 @@ __attribute__((target(AVX512 ",avx512bf16,amx-tile,amx-bf16"))) static void atte
     // SciFact's nDCG@10 under auto 65.45 -> 65.19 (the card: 65.57)
     uint16_t *rest = weights + TILE_ROWS * padded;
     const uint16_t *rows = qkv + row0 * 3 * C;
-    stage_transposed(rows + C, 0, 3 * C / 2, T, P, keys, padded);
-    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0),
-                  high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-    for (int64_t j = 0; j < padded; j += 2) {
-        const uint16_t *a = rows + j * 3 * C + 2 * C, *b = a + 3 * C;
-        for (int half = 0; half < 2; half++) {
-            const __m512i x = j < T ? _mm512_loadu_si512(a + 32 * half) : _mm512_setzero_si512(),
-                          y = j + 1 < T ? _mm512_loadu_si512(b + 32 * half) : _mm512_setzero_si512();
-            _mm512_store_si512(values + j * D + 64 * half, _mm512_permutex2var_epi16(x, low, y));
-            _mm512_store_si512(values + j * D + 64 * half + 32, _mm512_permutex2var_epi16(x, high, y));
-        }
-    }
+    stage_pairs(rows, T, C, padded, keys, values);
     const int64_t query_rows = (T + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     for (int64_t i = 0; i < query_rows; i++)
         for (int half = 0; half < 2; half++)
@@ -1340,7 +1335,8 @@ int64_t allmpnet_x86_attention(const void *qkv, int bf16, void *out, const float
     if (T < 1 || H < 1 || blocks < 0 || start < 0) return -1;
     const int64_t C = H * ATTENTION_D, per_thread = allmpnet_x86_attention_scratch_bytes(T, 1) / 4;
     if (!bf16 || products < 0) products = 0;
-    if (products >= 2 && !(allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16) && amx_bf16_ready())) products = 1;
+    if (products >= 2 && !(allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16) && amx_ready(AMX_BF16_BIT)))
+        products = 1;
     // below a tile of keys the tiles idle; on these CPUs the pair products run no faster than fp32 FMAs
     else if (products >= 2 && T < AMX_MIN_TOKENS) products = 0;
     if (products >= 1 && !allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16)) products = 0;

@@ -1,18 +1,22 @@
 """A/B of source variants of our x86 kernels in one process: each variant is kernels_x86.c with text replaced,
-compiled beside the others, and every round calls each in turn on the same layers (30 distinct 768 -> 3072
-projections, so a few rows stream the weights from memory as in the model). The machine's drift then hits every
-variant alike. Prints the weight-streaming rate (GB/s) and GOP/s per row count. `attention` in place of the kernel
-times allmpnet_x86_attention instead, on bf16 blocks (--blocks, e.g. 16x256) with bf16 pair products: median and
-fastest sample per variant (a sample: the mean of 3 calls in a row; a lone call, right after another library's,
+compiled beside the others, and every round calls each in turn on the same layers (30 distinct projections,
+768 -> 3072 unless --shape says otherwise, so a few rows stream the weights from memory as in the model; fp32
+activations unless --bf16). The machine's drift then hits every variant alike. Prints the weight-streaming rate
+(GB/s) and GOP/s per row count. `attention` in place of the kernel times allmpnet_x86_attention instead, on bf16
+blocks (--blocks, e.g. 16x256) with bf16 pair products: median and fastest sample per variant (a sample: the mean of 3 calls in a row; a lone call, right after another library's,
 ran ~2x slower), how often each beat the first variant, and its largest difference from the first one's output.
 
     PYTHONPATH=src python benchmarks/int8_research/kernel_variants.py vnni-a8 base: \\
         "near:#define PREFETCH 16384=>#define PREFETCH 2048 && #define PREFETCH_HINT _MM_HINT_T1=>#define PREFETCH_HINT _MM_HINT_T0" \\
-        --rows 2,9,16,512,2048 [--form plain|gelu|residual]
+        --rows 2,9,16,512,2048 [--form plain|gelu|residual] [--shape 3072x768] [--bf16] [--rounds 10]
+    git show HEAD:src/allmpnet/encode/kernels_x86.c > /tmp/old.c
+    PYTHONPATH=src python benchmarks/int8_research/kernel_variants.py amx-a8 new: old@/tmp/old.c: \\
+        --rows 1024,4096 --form gelu --bf16 --rounds 10
     PYTHONPATH=src python benchmarks/int8_research/kernel_variants.py attention base: \\
         "exp6:exp_nonpositive16_for_bf16(=>exp_nonpositive16( && (__m256i)_mm512_cvtneps_pbh(e)=>bf16_round16(e)"
 
-A variant is NAME:OLD=>NEW[ && OLD=>NEW ...] (NAME: alone is the source as it is).
+A variant is NAME:OLD=>NEW[ && OLD=>NEW ...] (NAME: alone is the source as it is; NAME@FILE: starts from another
+version of the source, FILE, as the second example does).
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from allmpnet.encode.int8_x86 import KERNELS, X86Int8Linear
 
 
 def build(name: str, substitutions: str, folder: Path) -> ctypes.CDLL:
-    text = int8_x86.SOURCE.read_text()
+    name, _, path = name.partition("@")  # NAME@FILE: another version of the source (e.g. from `git show`)
+    text = Path(path).read_text() if path else int8_x86.SOURCE.read_text()
     for change in filter(None, substitutions.split(" && ")):
         old, new = change.split("=>")
         if old not in text:
@@ -98,14 +103,18 @@ def main() -> None:
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--rows", default="2,9,16,512,2048")
     parser.add_argument("--form", choices=["plain", "gelu", "residual"], default="plain")
+    parser.add_argument("--rounds", type=int, help="rounds per row count (default 40 under 100 rows, else 4)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 inputs, residual and outputs (as the model's)")
+    parser.add_argument("--shape", default="768x3072", help="inputs x outputs of the layers")
     parser.add_argument("--blocks", default="16x256,128x32", help="attention: blocks x tokens, comma-separated")
     args = parser.parse_args()
-    N, K, count = 3072, 768, 30
+    K, N = (int(n) for n in args.shape.split("x"))
+    count = 30
     with tempfile.TemporaryDirectory() as folder:
         libraries = {}
         for variant in args.variants:
             name, _, substitutions = variant.partition(":")
-            libraries[name] = build(name, substitutions, Path(folder))
+            libraries[name.partition("@")[0]] = build(name, substitutions, Path(folder))
         if args.kernel == "attention":
             return compare_attention(libraries, args.blocks)
         torch.manual_seed(0)
@@ -114,9 +123,11 @@ def main() -> None:
         weight_bytes = sum(layer.packed.numel() for layer in layers)
         kernel = KERNELS[args.kernel].id
         bias = torch.randn(N)
-        print(f"# {args.kernel}, {args.form}, {count} x ({K} -> {N}), {torch.get_num_threads()} threads")
+        print(f"# {args.kernel}, {args.form}, {count} x ({K} -> {N}), {'bf16' if args.bf16 else 'fp32'} activations, "
+              f"{torch.get_num_threads()} threads")
         for M in (int(r) for r in args.rows.split(",")):
-            x, y, residual = torch.randn(M, K), torch.empty(M, N), torch.randn(M, N)
+            dtype = torch.bfloat16 if args.bf16 else torch.float32
+            x, y, residual = torch.randn(M, K).to(dtype), torch.empty(M, N, dtype=dtype), torch.randn(M, N).to(dtype)
             scratch = torch.empty(int8_x86._library()[0].allmpnet_x86_scratch_bytes(kernel, M, K, 2),
                                   dtype=torch.uint8)
 
@@ -124,15 +135,15 @@ def main() -> None:
                 start = time.perf_counter()
                 for layer in layers:
                     library.allmpnet_x86_linear(
-                        kernel, x.data_ptr(), 0, None, layer.packed.data_ptr(), layer.scales.data_ptr(),
+                        kernel, x.data_ptr(), int(args.bf16), None, layer.packed.data_ptr(), layer.scales.data_ptr(),
                         layer.compensation.data_ptr(), layer.group,
                         None if args.form == "plain" else bias.data_ptr(),
-                        residual.data_ptr() if args.form == "residual" else None, y.data_ptr(), 0, M, N, K,
+                        residual.data_ptr() if args.form == "residual" else None, y.data_ptr(), int(args.bf16), M, N, K,
                         int(args.form == "gelu"), 0.0, scratch.data_ptr(), torch.get_num_threads())
                 return time.perf_counter() - start
 
             times = {name: [] for name in libraries}
-            for _ in range(40 if M < 100 else 4):
+            for _ in range(args.rounds or (40 if M < 100 else 4)):
                 for name, library in libraries.items():
                     times[name].append(run(library))
             print(f"rows {M}: " + "  ".join(

@@ -3,8 +3,9 @@ compiled beside the others, and every round calls each in turn on the same layer
 768 -> 3072 unless --shape says otherwise, so a few rows stream the weights from memory as in the model; fp32
 activations unless --bf16). The machine's drift then hits every variant alike. Prints the weight-streaming rate
 (GB/s) and GOP/s per row count. `attention` in place of the kernel times allmpnet_x86_attention instead, on bf16
-blocks (--blocks, e.g. 16x256) with bf16 pair products: median and fastest sample per variant (a sample: the mean of 3 calls in a row; a lone call, right after another library's,
-ran ~2x slower), how often each beat the first variant, and its largest difference from the first one's output.
+blocks (--blocks, e.g. 16x256) with bf16 pair products: median and fastest sample per variant (a sample: the
+mean of 3 calls in a row; a lone call, right after another library's, ran ~2x slower), how often each beat the
+first variant, and its largest difference from the first one's output.
 
     PYTHONPATH=src python benchmarks/int8_research/kernel_variants.py vnni-a8 base: \\
         "near:#define PREFETCH 16384=>#define PREFETCH 2048 && #define PREFETCH_HINT _MM_HINT_T1=>#define PREFETCH_HINT _MM_HINT_T0" \\

@@ -697,9 +697,10 @@ __attribute__((target(AMX_TARGET))) static int64_t run_amx_a8(const linear_args 
     int configured = -1;
     for (int64_t mb = 0; mb < M; mb += MB) {
         const int64_t mb_end = mb + MB < M ? mb + MB : M;
-        // dynamic: a thread whose core's AMX unit is shared with an SMT sibling runs at half rate (a VM's vCPUs
-        // swing between that and a unit each within minutes: amx_probe.c), and a static split of the output
-        // blocks left its partner waiting; 1,000 sentences under auto 7-10% faster (encode_ab.py, 19 of 24 rounds)
+        // dynamic: threads may run the tiles at different rates (on a 2-vCPU VM each vCPU's swung between full
+        // and half within minutes, most likely an SMT sibling sharing the core's AMX unit: amx_probe.c), and a
+        // static split of the output blocks left the faster one waiting; 1,000 sentences under auto 7-10% faster
+        // (encode_ab.py, 19 of 24 rounds)
         _Pragma("omp for schedule(dynamic) nowait") for (int64_t nb = 0; nb < blocks; nb++) {
             for (int64_t m0 = mb; m0 < mb_end; m0 += AMX_ROWS) {
                 const int rows = (int)(mb_end - m0 < AMX_ROWS ? mb_end - m0 : AMX_ROWS);

@@ -1040,22 +1040,15 @@ static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) void 
         }                                                                                                       \
     } while (0)
 
-// exp(score - row max) over the padded row (zero past T): in place, or (weights, rest) in two bf16 parts, the
-// rounded value and what that rounding left out (~16 bits together; exponentiate_bf16 gives one part); returns 1 /
-// their sum
-static inline __attribute__((always_inline, target(AVX512))) float exponentiate(
-    float *row, uint16_t *weights, uint16_t *rest, int64_t T, int64_t padded, __m512 top) {
+// exp(score - row max) over the padded row (zero past T), in place; returns 1 / their sum (exponentiate_bf16 and
+// exponentiate_two_bf16: the same as bf16 weights)
+static inline __attribute__((always_inline, target(AVX512))) float exponentiate(float *row, int64_t T, int64_t padded,
+                                                                               __m512 top) {
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < padded; j += 16) {
         const __m512 e = _mm512_maskz_mov_ps(keys_before(T, j), exp_nonpositive16(_mm512_sub_ps(_mm512_load_ps(row + j), m)));
-        if (weights) {
-            const __m256i high = bf16_round16(e);
-            _mm256_store_si256((__m256i *)(weights + j), high);
-            _mm256_store_si256((__m256i *)(rest + j), bf16_round16(_mm512_sub_ps(e, bf16_to_fp32(high))));
-        } else {
-            _mm512_store_ps(row + j, e);
-        }
+        _mm512_store_ps(row + j, e);
         total = _mm512_add_ps(total, e);
     }
     return 1.0f / _mm512_reduce_add_ps(total);
@@ -1076,7 +1069,7 @@ static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) float
     return 1.0f / _mm512_reduce_add_ps(total);
 }
 
-// exponentiate's two bf16 parts by this CPU's own rounding instruction (the tiles' path, which has AVX512-BF16)
+// exponentiate as two bf16 parts, the rounded value and what that rounding left out (~16 bits together)
 static inline __attribute__((always_inline, target(AVX512 ",avx512bf16"))) float exponentiate_two_bf16(
     const float *row, uint16_t *weights, uint16_t *rest, int64_t T, int64_t padded, __m512 top) {
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
@@ -1143,8 +1136,8 @@ __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
         SCORE_ROWS(score_tile_bf16, q);
         float inverse[ATTENTION_ROWS];
         for (int r = 0; r < ATTENTION_ROWS; r++)
-            inverse[r] = rest ? exponentiate(scores + r * padded, weights + r * padded, rest + r * padded, T, padded,
-                                             top[r])
+            inverse[r] = rest ? exponentiate_two_bf16(scores + r * padded, weights + r * padded, rest + r * padded, T,
+                                                      padded, top[r])
                               : exponentiate_bf16(scores + r * padded, weights + r * padded, T, padded, top[r]);
         __m512 o[ATTENTION_ROWS][4];
         for (int r = 0; r < ATTENTION_ROWS; r++)
@@ -1198,7 +1191,7 @@ __attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, in
         }
         SCORE_ROWS(score_tile_fp32, queries);
         float inverse[ATTENTION_ROWS];
-        for (int r = 0; r < ATTENTION_ROWS; r++) inverse[r] = exponentiate(scores + r * padded, NULL, NULL, T, padded, top[r]);
+        for (int r = 0; r < ATTENTION_ROWS; r++) inverse[r] = exponentiate(scores + r * padded, T, padded, top[r]);
         __m512 o[ATTENTION_ROWS][4];
         for (int r = 0; r < ATTENTION_ROWS; r++)
             for (int v = 0; v < 4; v++) o[r][v] = _mm512_setzero_ps();

@@ -40,7 +40,9 @@ def unit(degrees: float) -> list[float]:
 
 # --- STS ---------------------------------------------------------------------------------------------------
 
-STS_ENCODER = LookupEncoder({"x": unit(0), "same": unit(0), "near": unit(60), "orth": unit(90), "opp": unit(180)})
+# "orth" and "opp" written out: unit(90) is (6e-17, 1) and unit(180) (-1, 1e-16), and the Manhattan tie below would
+# then hold only while those crumbs round away (in float64, 1 - 6e-17 + 1 is a tie broken to even)
+STS_ENCODER = LookupEncoder({"x": unit(0), "same": unit(0), "near": unit(60), "orth": [0.0, 1.0], "opp": [-1.0, 0.0]})
 
 
 def test_sts_perfect_ranking_and_pearson_by_hand():

@@ -9,6 +9,7 @@ import pytest
 
 from allmpnet.cli import main
 from allmpnet.search import Index
+from boundaries import EPS, assert_clear_of, cosines64
 
 DOCS = [("a", "the cat"), ("b", "a dog"), ("c", "hello world"), ("d", "the sun and the moon"), ("e", "a car")]
 
@@ -95,6 +96,13 @@ def test_cluster_and_mine_paraphrases(tmp_path, tiny_model_dir, capsys):
     texts = tmp_path / "t.txt"
     texts.write_text("the cat\nthe cat\nthe cat\n\nhello world\nhello world\na dog\n")
     model = ["--model", tiny_model_dir, "--device", "cpu"]
+    # the expectations below are exact: repeated texts score 1, the others clear of --threshold 0.99 and far
+    # enough below 1 for the four pairs of repeated texts to come first
+    from allmpnet import Encoder
+    vectors = Encoder(tiny_model_dir, device="cpu").encode(["the cat", "hello world", "a dog"])
+    others = cosines64(vectors, vectors)[np.triu_indices(3, 1)]
+    assert_clear_of(others, 0.99, what="cosine")
+    assert others.max() < 1 - 100 * EPS
     code, out, _ = run(capsys, "cluster", texts, "--min-size", "2", "--threshold", "0.99", *model)
     assert code == 0 and "2 cluster(s) over 6 texts; 1 texts in no community" in out and "1 blank line(s)" in out
     assert "cluster 0: 3 texts" in out and "cluster 1: 2 texts" in out

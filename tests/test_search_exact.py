@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from allmpnet.search import community_detection, kmeans, paraphrase_mining, semantic_search
+from boundaries import assert_clear_of, assert_top_k, cosines64
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -21,12 +22,12 @@ def data():
 @pytest.mark.parametrize("corpus_chunk, query_chunk", [(7, 3), (100, 100), (100_000, 1)])
 def test_semantic_search_equals_full_matrix_topk(data, corpus_chunk, query_chunk):
     queries, corpus = data
-    full = unit(queries) @ unit(corpus).T  # (20, 503)
-    expected = np.argsort(-full, axis=1, kind="stable")[:, :10]
+    full = cosines64(queries, corpus)  # (20, 503)
     got = semantic_search(queries, corpus, top_k=10, corpus_chunk_size=corpus_chunk, query_chunk_size=query_chunk)
-    assert [[m.corpus_id for m in row] for row in got] == expected.tolist()
-    np.testing.assert_allclose([[m.score for m in row] for row in got],
-                               np.take_along_axis(full, expected, axis=1), atol=1e-5)
+    assert len(got) == len(queries)
+    for row, scores in zip(got, full):  # the full matrix's top 10, in order but for near-ties (boundaries.py)
+        assert_top_k([m.corpus_id for m in row], scores, k=10)
+        np.testing.assert_allclose([m.score for m in row], scores[[m.corpus_id for m in row]], atol=1e-5)
 
 
 def test_semantic_search_reads_a_memmap_chunk_by_chunk(data, tmp_path):
@@ -34,8 +35,9 @@ def test_semantic_search_reads_a_memmap_chunk_by_chunk(data, tmp_path):
     np.save(tmp_path / "c.npy", corpus)
     mapped = np.load(tmp_path / "c.npy", mmap_mode="r")
     got = semantic_search(queries[:2], mapped, top_k=3, corpus_chunk_size=50)
-    expected = np.argsort(-(unit(queries[:2]) @ unit(corpus).T), axis=1)[:, :3]
-    assert [[m.corpus_id for m in row] for row in got] == expected.tolist()
+    assert len(got) == 2
+    for row, scores in zip(got, cosines64(queries[:2], corpus)):
+        assert_top_k([m.corpus_id for m in row], scores, k=3)
 
 
 def test_semantic_search_dot_score_torch_input_and_small_corpus(data):
@@ -43,7 +45,9 @@ def test_semantic_search_dot_score_torch_input_and_small_corpus(data):
     got = semantic_search(torch.from_numpy(queries[0]), torch.from_numpy(corpus[:4]), top_k=10,
                           score_function="dot")
     assert len(got) == 1 and len(got[0]) == 4  # k is capped at the corpus size
-    assert [m.corpus_id for m in got[0]] == np.argsort(-(corpus[:4] @ queries[0])).tolist()
+    dots = corpus[:4].astype(np.float64) @ queries[0].astype(np.float64)
+    assert_top_k([m.corpus_id for m in got[0]], dots, k=10)
+    np.testing.assert_allclose([m.score for m in got[0]], dots[[m.corpus_id for m in got[0]]], rtol=1e-5, atol=1e-5)
 
 
 def test_semantic_search_rejects_bad_input(data):
@@ -62,17 +66,21 @@ def test_paraphrase_mining_with_full_neighbourhood_lists_every_pair_in_order(dat
     _, corpus = data
     x = corpus[:30]
     pairs = paraphrase_mining(x, top_k=30, chunk_size=7)
-    sims = unit(x) @ unit(x).T
-    expected = sorted(((sims[i, j], i, j) for i in range(30) for j in range(i + 1, 30)), key=lambda p: -p[0])
-    assert len(pairs) == 30 * 29 // 2
-    assert [(p.i, p.j) for p in pairs[:20]] == [(i, j) for _, i, j in expected[:20]]
-    np.testing.assert_allclose([p.score for p in pairs], [s for s, _, _ in expected], atol=1e-5)
+    sims = cosines64(x, x)
+    expected = {(i, j): sims[i, j] for i in range(30) for j in range(i + 1, 30)}
+    assert len(pairs) == len(expected) == 30 * 29 // 2
+    # every pair once, i < j, best first: only pairs whose cosines are within EPS may swap places (435 cosines
+    # spread over [-1, 1] have a few such neighbours: 8 pairs here, each within 1e-5 of another)
+    assert_top_k([(p.i, p.j) for p in pairs], expected, max_near_ties=12)
+    np.testing.assert_allclose([p.score for p in pairs], [expected[(p.i, p.j)] for p in pairs], atol=1e-5)
 
 
 def test_paraphrase_mining_finds_planted_duplicates_and_respects_limits(data):
     _, corpus = data
     x = np.vstack([corpus[:50], corpus[3] + 0.01, corpus[17] * 2])  # rows 50 ~ 3, 51 = 17 scaled
     pairs = paraphrase_mining(x, top_k=5, max_pairs=2, chunk_size=16)
+    sims = cosines64(x, x)[np.triu_indices(len(x), 1)]
+    assert np.sort(sims)[-3] < 0.99 - 0.05  # the planted pairs stand far above the rest, and above min_score
     assert {(p.i, p.j) for p in pairs} == {(3, 50), (17, 51)}
     assert all(p.score > 0.99 for p in pairs)
     assert paraphrase_mining(x, top_k=5, min_score=0.99) == pairs
@@ -95,13 +103,16 @@ def test_community_detection_recovers_planted_groups_largest_first():
     order = rng.permutation(len(x) + len(noise))
     data = np.vstack([x, noise])[order]
     truth = np.concatenate([labels, np.full(40, -1)])[order]
+    sims = cosines64(data, data)
+    # exact expectations below: no cosine may lie within EPS of the threshold (the groups are far apart)
+    assert_clear_of(sims, 0.8, what="cosine")
     communities = community_detection(data, threshold=0.8, min_community_size=5, batch_size=13)
     assert [len(c) for c in communities] == [30, 12, 6]  # the group of 3 is below min_community_size
     for community, group in zip(communities, [1, 0, 2]):
         assert set(community) == set(np.flatnonzero(truth == group).tolist())
-    centre = communities[0][0]
-    sims = unit(data[communities[0]]) @ unit(data[centre:centre + 1]).T
-    assert np.all(np.diff(sims[:, 0]) <= 1e-6)  # members by decreasing similarity to the centre
+        # the centre first, then the members by decreasing similarity to it (near-ties in either order)
+        centre = community[0]
+        assert_top_k(community[1:], {m: sims[centre, m] for m in community if m != centre}, max_near_ties=4)
 
 
 def test_community_detection_edge_cases():

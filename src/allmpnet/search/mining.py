@@ -5,18 +5,20 @@ pick the same negatives (tests/test_mining.py runs both on one corpus):
 
 1. Pairs are grouped by anchor: an anchor with several positives is embedded and searched once, and every one of
    its positives is excluded from its candidates.
-2. Candidates: the anchor's top `range_max + most positives of any anchor` rows of the index, by cosine.
-3. Filters, each on every candidate: positives out; `absolute_margin` drops a candidate scoring above
-   (lowest positive score of the anchor - margin); `relative_margin` drops one above
+2. Candidates: the anchor's top `range_max + most positives of any anchor + 1` rows of the index, by cosine (the
+   extra row leaves room for the anchor itself, as sentence-transformers does since it excludes the query).
+3. Filters, each on every candidate: positives and the anchor's own text out; `absolute_margin` drops a candidate
+   scoring above (lowest positive score of the anchor - margin); `relative_margin` drops one above
    (lowest positive score - |lowest positive score| x margin); then `max_score` and `min_score`.
 4. The survivors, best first, lose their first `range_min` (candidates too close to be trusted as negatives) and
    are cut at `range_max`; `num_negatives` are taken from the top ("top") or drawn at random ("random").
 5. Each (anchor, positive) pair of the anchor gets one triplet per negative found; an anchor with fewer survivors
    than `num_negatives` gets fewer triplets (counted in the report, never padded).
 
-A candidate is a positive when its stored text equals the positive's text (for a chunked index: the document's
-text or the matching passage). Positive scores use the stored vector of a positive that is a record of the index
-and embed the others with the index's model, so a positive need not be in the index.
+A candidate is a positive (or the anchor itself) when its stored text equals the positive's (the anchor's) text
+(for a chunked index: the document's text or the matching passage). Positive scores use the stored vector of a
+positive that is a record of the index and embed the others with the index's model, so a positive need not be in
+the index.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class MiningReport:
 
     def summary(self) -> str:
         lines = [f"{self.pairs} pairs, {self.anchors} distinct anchors; candidates: top {self.range_max} of the "
-                 f"index per anchor (plus room for its positives)"]
+                 f"index per anchor (plus room for its positives and itself)"]
         for name, count in self.skipped.items():
             lines.append(f"skipped {count} candidate(s) ({count / max(1, self.candidates):.1%}) by {name}")
         if self.short_anchors:
@@ -128,7 +130,7 @@ def mine_hard_negatives(index: "Index", pairs: Sequence[Sequence[str]], num_nega
                                 _unit(positive_vectors))
     rng = np.random.default_rng(seed)
     triplets: list[Triplet] = []
-    n_candidates = range_max + max_positives
+    n_candidates = range_max + max_positives + 1  # + 1: room for the anchor itself, never its own negative
     first_positive = np.cumsum([0] + [len(p) for p in positives])
     with tqdm(total=len(anchors), desc="mining negatives", unit="anchor", disable=not show) as bar:
         for start in range(0, len(anchors), SEARCH_BATCH):
@@ -136,7 +138,8 @@ def mine_hard_negatives(index: "Index", pairs: Sequence[Sequence[str]], num_nega
             hits = index.search(anchor_vectors[start:stop], k=min(n_candidates, index.record_count), exact=exact)
             for a, anchor_hits in zip(range(start, stop), hits):
                 scores_of_positives = positive_scores[first_positive[a]:first_positive[a + 1]]
-                negatives = _select(index, anchor_hits, set(positives[a]), float(scores_of_positives.min()), report,
+                excluded = set(positives[a]) | {anchors[a]}
+                negatives = _select(index, anchor_hits, excluded, float(scores_of_positives.min()), report,
                                     range_min, range_max, num_negatives, absolute_margin, relative_margin, max_score,
                                     min_score, sampling, rng)
                 if len(negatives) < num_negatives:
@@ -149,16 +152,16 @@ def mine_hard_negatives(index: "Index", pairs: Sequence[Sequence[str]], num_nega
     return MiningResult(triplets, report)
 
 
-def _select(index: "Index", hits, positives: set[str], lowest_positive: float, report: MiningReport, range_min: int,
+def _select(index: "Index", hits, excluded: set[str], lowest_positive: float, report: MiningReport, range_min: int,
             range_max: int, num_negatives: int, absolute_margin: float | None, relative_margin: float | None,
             max_score: float | None, min_score: float | None, sampling: str,
             rng: np.random.Generator) -> list[tuple[str, float]]:
-    """One anchor's negatives, best first, from its hits (already best first)."""
+    """One anchor's negatives, best first, from its hits (already best first); `excluded`: its positives and itself."""
     report.candidates += len(hits)
     survivors: list[tuple[str, float]] = []
     for hit in hits:
         text, score = hit.text, hit.score
-        if text in positives or (index.chunking and index.document_text(hit.row) in positives):
+        if text in excluded or (index.chunking and index.document_text(hit.row) in excluded):
             continue
         reason = None
         if absolute_margin is not None and score + absolute_margin > lowest_positive:

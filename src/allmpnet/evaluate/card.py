@@ -115,10 +115,35 @@ class Comparison:
     metric: str
     ours: float
     card: float | None
+    precision: str | None = None  # the precision our score was computed in (None: not recorded)
+    exact: bool = True  # whether that was exact fp32 (PrecisionPlan.exact): what "exact" rows need
 
     @property
     def difference(self) -> float | None:
         return None if self.card is None else self.ours - self.card
+
+
+def card_scores(card: dict[str, dict[str, float]] | None, task: str, subset: str | None = None) -> dict[str, float]:
+    """The card's scores for one task: under its name, or under 'NAME (SUBSET)' when the result says its subset.
+
+    The card keeps a subset other than the default or 'en' in the name ('STS17 (en-en)'), while a task folder is
+    named as in MTEB ('STS17') and holds the subset the card's protocol uses: a task the card lists under a
+    single subset is found by its bare name too. A result naming a subset the card lacks finds nothing."""
+    card = card or {}
+    if subset not in (None, "default", "en"):
+        return card.get(f"{task} ({subset})", {})
+    if task in card:
+        return card[task]
+    subsets = [name for name in card if name.startswith(f"{task} (") and name.endswith(")")]
+    return card[subsets[0]] if len(subsets) == 1 else {}
+
+
+def ran_exact(result: dict) -> bool:
+    """Whether a result's vectors came from exact fp32: the plan's own verdict where recorded ("exact"), else
+    its precision's name (results saved before the verdict was); an encoder that records neither counts as exact."""
+    if result.get("exact") is not None:
+        return bool(result["exact"])
+    return result.get("precision") in (None, "fp32")
 
 
 def compare(results: list[dict], card: dict[str, dict[str, float]] | None) -> list[Comparison]:
@@ -126,9 +151,9 @@ def compare(results: list[dict], card: dict[str, dict[str, float]] | None) -> li
     rows = []
     for result in results:
         metric = card_metric(result["main_score"])
-        card_value = (card or {}).get(result["task"], {}).get(metric)
+        card_value = card_scores(card, result["task"], result.get("subset")).get(metric)
         rows.append(Comparison(result["task"], result["type"], metric, result["scores"][result["main_score"]],
-                               card_value))
+                               card_value, result.get("precision"), ran_exact(result)))
     return rows
 
 
@@ -155,13 +180,32 @@ EXPECTED_MATCH: dict[str, tuple[str, str]] = {
 }
 
 
+# What a precision other than exact fp32 (bf16, fp16, int8, auto's choice) promises instead: the project's quality
+# contract bounds each vector (cosine to fp32's) and one score, STSBenchmark's Spearman; every other score moves
+# with the rounding of the vectors, unbounded by the contract (STS sets have moved by up to ~0.2 under int8).
+CONTRACT_TASK, CONTRACT_TOLERANCE, CONTRACT_MIN_COSINE = "STSBenchmark", 0.1, 0.99
+
+
+def _fast(row: Comparison) -> str:
+    return row.precision if row.precision and row.precision != "fp32" else "inexact fp32"
+
+
 def expected_match(row: Comparison) -> str:
-    """The short 'expected' entry of a table row (the reasons are in EXPECTED_MATCH)."""
+    """The short 'expected' entry of a table row (the reasons are in EXPECTED_MATCH).
+
+    "exact" only where the score came from exact fp32; from a fast precision the deterministic types instead
+    state the contract's bound ("within 0.1 of fp32 (int8)", STSBenchmark's) or, where it sets none, "near fp32"."""
     if row.card is None:
         return "–"
     if row.type == "Summarization" and "legacy" not in row.metric:
         return "differs by design (fixed mean)"
-    return EXPECTED_MATCH.get(row.type, ("–", ""))[0]
+    label = EXPECTED_MATCH.get(row.type, ("–", ""))[0]
+    if row.exact or not label.startswith("exact"):
+        return label
+    if row.type == "STS" and row.task == CONTRACT_TASK:
+        return f"within {CONTRACT_TOLERANCE} of fp32 ({_fast(row)})"
+    legacy = ", legacy mean" if "legacy" in label else ""
+    return f"near fp32 ({_fast(row)}{legacy})"
 
 
 def markdown_table(rows: list[Comparison], card_source: str | None = None) -> str:
@@ -174,10 +218,20 @@ def markdown_table(rows: list[Comparison], card_source: str | None = None) -> st
     lines = ["| task | type | metric | ours | card | difference | expected |", "|---|---|---|---:|---:|---:|---|"]
     lines += [f"| {r.task} | {r.type} | {r.metric} | {fmt(r.ours)} | {fmt(r.card)} | {fmt(r.difference, True)} "
               f"| {expected_match(r)} |" for r in rows]
-    compared = list(dict.fromkeys(r.type for r in rows if r.card is not None and r.type in EXPECTED_MATCH))
+    compared = [r for r in rows if r.card is not None and r.type in EXPECTED_MATCH]
     if compared:
         lines.append("")
         if card_source:
             lines.append(f"Card: {card_source}.")
-        lines += [f"- {t}: {EXPECTED_MATCH[t][0]}: {EXPECTED_MATCH[t][1]}." for t in compared]
+        for t, exact in dict.fromkeys((r.type, r.exact or not EXPECTED_MATCH[r.type][0].startswith("exact"))
+                                      for r in compared):
+            label, why = EXPECTED_MATCH[t]
+            lines.append(f"- {t}: {label}: {why}." if exact else f"- {t}: near fp32 (exact only in exact fp32: {why}).")
+        fast = list(dict.fromkeys(_fast(r) for r in compared if not r.exact))
+        if fast:
+            lines.append(f"- {', '.join(fast)}: the project's quality contract for a precision other than exact "
+                         f"fp32: each vector keeps a cosine of at least {CONTRACT_MIN_COSINE} to fp32's, and "
+                         f"{CONTRACT_TASK}'s Spearman within {CONTRACT_TOLERANCE} of fp32's; other scores move with "
+                         f"the rounding of the vectors (by up to a few tenths of a point), beyond what fp32's "
+                         f"reasons above allow.")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,8 @@ def evaluate_task(task: Task | str | os.PathLike, encoder, batch_size: int = 32,
     """Run one task's evaluator; `encoder` is anything with `.encode(texts, batch_size=..., show_progress_bar=...)`.
 
     Returns {"task", "type", "main_score", "scores", "seconds", ...}; scores are ×100 as on the model card.
+    "precision" and "exact" say what the vectors were computed in (the encoder's precision plan, where it has
+    one: exact is PrecisionPlan.exact, fp32 throughout); "subset" is the task.json's, where it names one.
     `options` go to the evaluator (e.g. corpus_chunk_size for Retrieval).
     """
     if not isinstance(task, Task):
@@ -39,11 +41,13 @@ def evaluate_task(task: Task | str | os.PathLike, encoder, batch_size: int = 32,
     if main not in scores:
         raise ValueError(f"{task.path / 'task.json'}: main_score {task.main_score!r} is not one of the "
                          f"{task.type} scores {sorted(scores)}")
-    return {"task": task.name, "type": task.type, "split": task.params.get("eval_split", "test"),
+    plan = getattr(encoder, "plan", None)  # a CachedEncoder passes its encoder's through
+    subset = {"subset": task.params["subset"]} if task.params.get("subset") is not None else {}
+    return {"task": task.name, **subset, "type": task.type, "split": task.params.get("eval_split", "test"),
             "main_score": main, "main_score_value": scores[main], "scores": scores,
             "model": str(getattr(encoder, "name", type(encoder).__name__)),
-            "precision": getattr(encoder, "precision", None), "protocol": "mteb 1.0",
-            "seconds": round(time.perf_counter() - started, 1)}
+            "precision": getattr(encoder, "precision", None), "exact": getattr(plan, "exact", None),
+            "protocol": "mteb 1.0", "seconds": round(time.perf_counter() - started, 1)}
 
 
 def table_rows(results: list[dict], card: dict[str, dict[str, float]] | None) -> list[Comparison]:
@@ -53,7 +57,8 @@ def table_rows(results: list[dict], card: dict[str, dict[str, float]] | None) ->
         rows.append(row)
         legacy = result["scores"].get(f"{result['main_score']}_legacy")
         if legacy is not None:
-            rows.append(Comparison(row.task, row.type, f"{row.metric} (legacy mean)", legacy, row.card))
+            rows.append(Comparison(row.task, row.type, f"{row.metric} (legacy mean)", legacy, row.card,
+                                   row.precision, row.exact))
     return rows
 
 

@@ -61,8 +61,22 @@ class MPNetConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "MPNetConfig":
+        """From config.json's fields as transformers writes them (others, such as architectures, are ignored).
+
+        ValueError for a dict that is not an MPNet config: one whose model_type names another architecture, or
+        that lacks any of the sizes every saved MPNet config lists (REQUIRED_FIELDS: transformers and
+        `to_hf_dict` always write them; a file without them, such as {"x": 1}, describes no saved model). The
+        other fields may be absent, as in older or hand-written configs, and are read as transformers reads them.
+        """
+        model_type = raw.get("model_type", "mpnet")  # a config that does not name its type may still be MPNet's
+        if model_type != "mpnet":
+            raise ValueError(f"model_type is {model_type!r}, not 'mpnet': this is not an MPNet model's config")
+        missing = [name for name in REQUIRED_FIELDS if name not in raw]
+        if missing:
+            raise ValueError(f"not an MPNet config: lacks {', '.join(missing)} (every MPNet config.json lists "
+                             f"the model's sizes)")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return cls(**{**ABSENT_FIELDS, **{k: v for k, v in raw.items() if k in known}})
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "MPNetConfig":
@@ -82,6 +96,13 @@ class MPNetConfig:
         out.update(model_type="mpnet", architectures=["MPNetModel"], hidden_act="gelu", bos_token_id=0,
                    eos_token_id=2, initializer_range=0.02)
         return out
+
+
+# the sizes without which a config.json is no MPNet config; the other fields may be absent
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                   "max_position_embeddings")
+# absent fields that transformers' MPNetConfig reads otherwise than our defaults (which are the published model's)
+ABSENT_FIELDS = {"layer_norm_eps": 1e-12}
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:

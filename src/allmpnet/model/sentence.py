@@ -109,18 +109,56 @@ def read_modules(model_dir: Path) -> dict[str, str]:
     return modules
 
 
+# The settings sentence-transformers' Transformer module reads from sentence_bert_config.json, in any release
+# (v2's model_args, tokenizer_args, config_args and cache_dir included): it refuses a file with any other key
+# (Transformer.__init__ raises a TypeError), and so do we.
+SENTENCE_BERT_KEYS = frozenset({
+    "max_seq_length", "do_lower_case", "tokenizer_name_or_path", "backend", "model_args", "tokenizer_args",
+    "config_args", "cache_dir", "model_kwargs", "processor_kwargs", "config_kwargs", "transformer_task",
+    "modality_config", "module_output_name", "processing_kwargs", "unpad_inputs", "query_length", "document_length",
+    "query_expansion"})
+
+
 def configured_max_seq_length(model_dir: Path) -> int | None:
     """sentence_bert_config.json's max_seq_length; newer sentence-transformers keep it as the tokenizer's limit."""
-    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        value = read_json(path).get(key)
+    path = model_dir / "sentence_bert_config.json"
+    if path.is_file():
+        value = sentence_bert_max_seq_length(path)
+        if value is not None:
+            return value
+    path = model_dir / "tokenizer_config.json"
+    if path.is_file():
+        value = read_json(path).get("model_max_length")
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 2:
-                raise ModelFileError(f"{path}: {key} must leave room for the two special tokens, got {value}")
+                raise ModelFileError(f"{path}: model_max_length must leave room for the two special tokens, "
+                                     f"got {value}")
             return value
     return None
+
+
+def sentence_bert_max_seq_length(path: Path) -> int | None:
+    """The max_seq_length a sentence_bert_config.json sets, None where it sets none.
+
+    The file must be a JSON object of sentence-transformers' Transformer settings (SENTENCE_BERT_KEYS): any other
+    key, as in {"x": 1}, is refused as sentence-transformers itself refuses it. max_seq_length, when given, must
+    be an integer of at least 2 (room for <s> and </s>); null, which older releases wrote when no limit was set,
+    and an absent key leave the limit to the tokenizer, as does an empty object (sentence-transformers reads one
+    as no settings at all)."""
+    settings = read_json(path)
+    unknown = sorted(set(settings) - SENTENCE_BERT_KEYS)
+    if unknown:
+        listed = ", ".join(repr(k) for k in unknown)
+        raise ModelFileError(f"{path}: {listed} {'is' if len(unknown) == 1 else 'are'} not a setting of "
+                             f"sentence-transformers' Transformer module (which takes max_seq_length, do_lower_case "
+                             f"and the like, and refuses other keys)")
+    value = settings.get("max_seq_length")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ModelFileError(f"{path}: max_seq_length must be a positive integer that leaves room for the two "
+                             f"special tokens (at least 2), got {value!r}")
+    return value
 
 
 def write_json(path: Path, value: object) -> None:

@@ -64,6 +64,16 @@ def int8_plan(kernel: str, **changes):
     return dataclasses.replace(plan_precision("int8", "cpu", caps), **changes)
 
 
+def side_by_side_bias(position_bias, rows: int):
+    """(H, L, L) -> (H, rows*L, rows*L): `rows` texts of L tokens laid side by side in one block for an attention
+    kernel (which takes any bias): each text's position bias on the diagonal, -inf-like between texts."""
+    import torch
+    H, L, _ = position_bias.shape
+    row_of = torch.arange(rows * L) // L
+    tiled = position_bias.repeat(1, rows, rows)
+    return tiled.masked_fill(row_of[:, None] != row_of[None, :], torch.finfo(tiled.dtype).min).contiguous()
+
+
 def kill_9_while_writing(cli: list[str], root: Path) -> None:
     """Start `cli` (an `allmpnet index build`), and kill -9 it once its writer has opened a staging folder."""
     import signal

@@ -12,8 +12,8 @@ from allmpnet.encode.attention_x86 import HEAD_DIM, attention_unavailable, block
 from allmpnet.encode.kernels import cpu_flags
 from allmpnet.encode.precision import Capabilities, limit_isa, plan_precision
 from allmpnet.model import MPNetConfig
-from allmpnet.model.packing import block_bias
 from allmpnet.testing import build_random_model
+from conftest import side_by_side_bias
 
 needs_kernel = pytest.mark.skipif(bool(attention_unavailable()), reason=attention_unavailable() or "runs")
 
@@ -77,7 +77,7 @@ def test_bf16_products_weight_the_values_about_as_precisely_as_fp32(products, to
 def test_texts_side_by_side_do_not_attend_to_each_other():
     generator = torch.Generator().manual_seed(0)
     position = torch.randn(2, 5, 5, generator=generator)
-    bias = block_bias(position, 3)[0].float().contiguous()  # 3 texts of 5 tokens in one 15-token block
+    bias = side_by_side_bias(position, 3).float()  # 3 texts of 5 tokens in one 15-token block
     qkv = torch.randn(15, 3 * 2 * HEAD_DIM, generator=generator)
     out = torch.zeros(15, 2 * HEAD_DIM)
     block_attention(qkv, out, bias, 0, 1, 15, 2)
@@ -143,7 +143,7 @@ def test_kernel_leaves_the_callers_denormals_alone(products):
     # it flushes denormals to zero while it runs (texts side by side make them), and must restore the mode after
     generator = torch.Generator().manual_seed(0)
     position = torch.randn(2, 12, 12, generator=generator)
-    bias = block_bias(position, 3)[0].float().contiguous()  # 3 texts of 12 tokens: -3.4e38 between them
+    bias = side_by_side_bias(position, 3).float()  # 3 texts of 12 tokens: -3.4e38 between them
     qkv = torch.randn(36, 3 * 2 * HEAD_DIM, generator=generator).bfloat16()
     out = torch.zeros(36, 2 * HEAD_DIM, dtype=torch.bfloat16)
     block_attention(qkv, out, bias, 0, 1, 36, 2, products)

@@ -180,6 +180,16 @@ def test_job_matches_encoder_and_resume_skips_finished_shards(ray_cluster, tiny_
     assert (again.written, again.skipped, again.rows) == (0, 7, 300)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*.parquet")} == stamps
 
+
+def test_texts_holding_special_tokens_get_the_reference_vectors(ray_cluster, tiny_model_dir, tmp_path):
+    from special_texts import SPECIAL_TEXTS, sentence_transformers_vectors
+    data = write_jsonl(tmp_path / "special.jsonl", SPECIAL_TEXTS)
+    embed_corpus(str(data), str(tmp_path / "out"), BulkConfig(model=str(tiny_model_dir), shard_rows=4, workers=1),
+                 progress=False)
+    ids, vectors, _ = read_embeddings(str(tmp_path / "out"))
+    assert ids == [f"doc-{i}" for i in range(len(SPECIAL_TEXTS))]
+    np.testing.assert_allclose(vectors, sentence_transformers_vectors(tiny_model_dir), atol=1e-5)
+
     with pytest.raises(ValueError, match="different settings"):
         embed_corpus(str(data), str(tmp_path / "out"), BulkConfig(model=str(tiny_model_dir), shard_rows=60),
                      progress=False)

@@ -12,16 +12,20 @@ import torch.nn.functional as F
 from allmpnet import Encoder
 from allmpnet.encode import kernels as kernels_module
 from allmpnet.encode.inference import RowSwitchedLinear
-from allmpnet.encode.precision import Capabilities, plan_precision
-from allmpnet.model.packing import block_bias
+from allmpnet.encode.precision import Capabilities, limit_isa, max_isa_from_env, plan_precision
 from allmpnet.encode.kernels import (Int8Linear, kernels_unavailable, pack_scales, pack_weight, quantize,
                                      short_attention, short_attention_reference)
 from allmpnet.testing import TINY, build_random_model
+from conftest import side_by_side_bias
 
 TEXTS = ["hello world", "the cat is on the moon", "", "a dog and a car", "x" * 20,
          "this is a test sentence with more words than the others in the list", "sun", "plant search query"]
-# a CPU without AMX skips; one with AMX where the kernel does not build or load fails (that is a defect)
-needs_amx = pytest.mark.skipif(not kernels_module._cpu_has_amx(), reason="this CPU has no AMX")
+# a CPU without AMX, or one capped below it (ALLMPNET_MAX_ISA / ONEDNN_MAX_CPU_ISA: the plans then use none),
+# skips; one with AMX where the kernel does not build or load fails (that is a defect)
+needs_amx = pytest.mark.skipif(
+    not (kernels_module._cpu_has_amx() and {"amx_tile", "amx_bf16"} <= limit_isa(kernels_module.cpu_flags(),
+                                                                                max_isa_from_env())),
+    reason="this CPU has no AMX, or ALLMPNET_MAX_ISA caps it below AMX")
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -162,7 +166,7 @@ def test_missing_compiler_is_reported_not_raised(monkeypatch, tmp_path):
 def test_short_attention_matches_sdpa(blocks, length, rows_per_block, n_head, head_dim):
     torch.manual_seed(length)
     T, C = length * rows_per_block, n_head * head_dim
-    bias = block_bias(torch.randn(n_head, length, length), rows_per_block)[0].contiguous()  # (H, T, T)
+    bias = side_by_side_bias(torch.randn(n_head, length, length), rows_per_block)  # (H, T, T)
     qkv = torch.randn(3 + blocks * T + 2, 3 * C).bfloat16()  # the group sits between other rows
     out = torch.full((qkv.shape[0], C), 7.0, dtype=torch.bfloat16)
     short_attention(qkv, out, bias, 3, blocks, T, n_head)

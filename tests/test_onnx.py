@@ -23,6 +23,16 @@ def test_onnx_export_matches_pytorch(tiny_model_dir, tmp_path):
     assert OnnxEncoder(graph, enc.tokenizer).encode([]).shape == (0, enc.dim)
 
 
+def test_onnx_export_gives_texts_holding_special_tokens_the_reference_vectors(tiny_model_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from allmpnet.export.onnx import OnnxEncoder, export_onnx
+    from special_texts import SPECIAL_TEXTS, sentence_transformers_vectors
+    enc = Encoder(tiny_model_dir, device="cpu")
+    graph = export_onnx(enc, tmp_path / "onnx")  # traced on texts without a pad id: the graph must still skip it
+    got = OnnxEncoder(graph, enc.tokenizer).encode(SPECIAL_TEXTS, batch_size=4)
+    np.testing.assert_allclose(got, sentence_transformers_vectors(tiny_model_dir), atol=1e-5)
+
+
 def test_parity_check_runs_fp32_whatever_the_encoders_precision(tiny_model_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     from allmpnet.export.onnx import check_parity, export_onnx

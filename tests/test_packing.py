@@ -8,7 +8,7 @@ import torch
 
 from allmpnet import Encoder
 from allmpnet.model import MPNet, PackedBatch
-from allmpnet.model.packing import AttentionGroup, GroupedAttention, attention_groups, block_bias, row_bucket
+from allmpnet.model.packing import AttentionGroup, GroupedAttention, attention_groups, row_bucket
 
 TEXTS = ["cat", "dog", "sun", "moon", "a dog and a car", "the cat is on the moon", "hello world", "x" * 60,
          "this is a test sentence with more words than the others in the list"]
@@ -41,23 +41,20 @@ def test_from_padded_reads_right_and_left_padding():
     assert batch.unpack(tokens, 3)[..., 0].tolist() == [[0, 1, 2], [3, 4, 0], [5, 0, 0]]
 
 
-def test_attention_groups_cover_each_token_once_in_blocks():
+def test_attention_groups_cover_each_token_once_a_text_per_block():
     lengths = [5] * 7 + [3, 3, 40, 0, 6]
-    groups = attention_groups(lengths, block_tokens=16)
-    assert groups == [AttentionGroup(start=0, blocks=2, rows_per_block=3, length=5),  # 3 x 5 = 15 <= 16 tokens
-                      AttentionGroup(start=30, blocks=1, rows_per_block=1, length=5),  # the 7th text of 5
-                      AttentionGroup(start=35, blocks=1, rows_per_block=2, length=3),
-                      AttentionGroup(start=41, blocks=1, rows_per_block=1, length=40),  # longer than a block
-                      AttentionGroup(start=81, blocks=1, rows_per_block=1, length=6)]  # the empty text is skipped
+    groups = attention_groups(lengths)
+    assert groups == [AttentionGroup(start=0, blocks=7, length=5), AttentionGroup(start=35, blocks=2, length=3),
+                      AttentionGroup(start=41, blocks=1, length=40),
+                      AttentionGroup(start=81, blocks=1, length=6)]  # the empty text is skipped
     assert groups[-1].end == sum(lengths)
 
 
-def test_only_lone_short_blocks_go_to_the_short_kernel():
+def test_short_groups_go_to_the_short_kernel_alone_or_in_a_batch():
     layout = GroupedAttention([5] * 14 + [40], short_kernel=lambda *args: None, short_kernel_max_tokens=32)
-    # 2 blocks of 6 texts of 5 tokens (SDPA), 1 block of the other 2 (ours), the 40-token text (too long)
-    assert [(g.blocks, g.rows_per_block) for g in layout.groups] == [(2, 6), (1, 2), (1, 1)]
-    assert [layout.on_short_kernel(g) for g in layout.groups] == [False, True, False]
-    assert not any(GroupedAttention([5]).on_short_kernel(g) for g in GroupedAttention([5]).groups)
+    assert [(g.blocks, g.length) for g in layout.groups] == [(14, 5), (1, 40)]
+    assert [layout.on_short_kernel(g) for g in layout.groups] == [True, False]  # the 40-token text is too long
+    assert all(GroupedAttention([5]).kernel_for(g) is None for g in GroupedAttention([5]).groups)  # no kernel
 
 
 def test_groups_go_to_the_short_kernel_then_the_block_kernel_then_sdpa():
@@ -68,18 +65,7 @@ def test_groups_go_to_the_short_kernel_then_the_block_kernel_then_sdpa():
         return None
     layout = GroupedAttention([5] * 14 + [40] + [300], short_kernel=short, short_kernel_max_tokens=32,
                               block_kernel=block, block_kernel_max_tokens=256)
-    # 2 blocks of 6 short texts, 1 lone block of 2 (the short kernel's), the 40-token text, the 300-token one
-    assert [layout.kernel_for(g) for g in layout.groups] == [block, short, block, None]
-
-
-def test_block_bias_keeps_each_text_to_itself():
-    position = torch.arange(8, dtype=torch.float32).view(2, 2, 2)  # (H=2, L=2, L=2)
-    bias = block_bias(position, rows=2)
-    assert bias.shape == (1, 2, 4, 4) and bias.is_contiguous()
-    low = torch.finfo(torch.float32).min
-    expected_head0 = torch.tensor([[0, 1, low, low], [2, 3, low, low], [low, low, 0, 1], [low, low, 2, 3]])
-    torch.testing.assert_close(bias[0, 0], expected_head0)
-    torch.testing.assert_close(bias[0, 1, 2:, 2:], position[1])
+    assert [layout.kernel_for(g) for g in layout.groups] == [short, block, None]
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,13 @@ def test_pool_matches_encoder_in_input_order(tiny_model_dir):
     assert_no_worker_left(pids)
 
 
+def test_texts_holding_special_tokens_get_the_reference_vectors(tiny_model_dir):
+    from special_texts import SPECIAL_TEXTS, sentence_transformers_vectors
+    with EncodePool(str(tiny_model_dir), devices=["cpu", "cpu"]) as pool:
+        got = pool.encode(SPECIAL_TEXTS, chunk_size=3, show_progress_bar=False)
+    np.testing.assert_allclose(got, sentence_transformers_vectors(tiny_model_dir), atol=1e-5)
+
+
 def test_worker_exception_reaches_caller_and_stops_all_workers(tiny_model_dir):
     pool = EncodePool(str(tiny_model_dir), devices=["cpu", "cpu"], factory=exploding_factory)
     pids = [w.pid for w in pool.workers]

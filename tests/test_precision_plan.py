@@ -60,7 +60,7 @@ def test_auto_picks_by_hardware(caps, device, name, linear, small, kernel):
 def test_amx_int8_takes_large_batches_and_vnni_the_small_ones():
     plan = plan_precision("auto", "cpu", SAPPHIRE_RAPIDS)
     assert (plan.int8_kernel, plan.int8_large_kernel, plan.dtype) == ("vnni-a8", "amx-a8", torch.bfloat16)
-    assert plan.fused_stack_tokens == 64  # a query: the whole stack in one call, on the VNNI kernel
+    assert plan.fused_stack_tokens is None  # every batch in one call: vnni-a8 for a query, the tiles for large ones
     assert plan.short_attention_kernel and plan.block_attention_kernel  # ours on the tiles beats SDPA's bf16
     assert "AMX-int8" in plan.reason and "amx-a8 for large" in plan.describe()
     # without the AMX-int8 kernel (an older compiler, a kernel that refused the tiles) "int8" stays weight-only
@@ -183,7 +183,7 @@ def test_small_batches_run_the_fused_stack_where_a_kernel_does():
     assert (fp32.fused_stack_tokens, fp32.fused_fp32_kernel) == (64, "avx512-f32w") and fp32.exact
     assert "one call (avx512-f32w) up to 64 tokens" in fp32.describe()
     int8 = plan_precision("auto", "cpu", zen4)
-    assert (int8.linear, int8.fused_stack_tokens, int8.fused_fp32_kernel) == ("int8-x86", 64, None)
+    assert (int8.linear, int8.fused_stack_tokens, int8.fused_fp32_kernel) == ("int8-x86", None, None)
     assert plan_precision("bf16", "cpu", zen4).fused_stack_tokens == 0  # oneDNN's bf16 layers: no fused form
     assert plan_precision("fp32", "cpu", ZEN4).fused_stack_tokens == 0  # no fp32-weight kernel runs there
     assert plan_precision("bf16+int8", "cpu", dataclasses.replace(AMX, fp32_fused_kernel="avx512-f32w")

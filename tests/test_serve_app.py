@@ -54,6 +54,13 @@ def test_embeddings_float_equal_encoder(client, enc):
     assert body["truncated"] == []
 
 
+def test_texts_holding_special_tokens_get_the_reference_vectors(client, tiny_model_dir):
+    from special_texts import SPECIAL_TEXTS, sentence_transformers_vectors
+    got = np.concatenate([vectors(client.post("/v1/embeddings", json={"input": SPECIAL_TEXTS[i:i + 8]}))
+                          for i in range(0, len(SPECIAL_TEXTS), 8)])
+    np.testing.assert_allclose(got, sentence_transformers_vectors(tiny_model_dir), atol=1e-5)
+
+
 def test_embeddings_base64_is_little_endian_float32(client, enc):
     r = client.post("/v1/embeddings", json={"input": TEXTS, "encoding_format": "base64"})
     assert r.status_code == 200, r.text

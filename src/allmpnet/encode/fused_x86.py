@@ -1,15 +1,21 @@
-"""The whole layer stack in one C call for small batches (a query), on the int8-x86 kernels.
+"""The whole forward pass in one C call, on the int8-x86 kernels (every batch) or the fp32 weights (a query).
 
 A query's 9-15 tokens make each of a layer's seven steps (q|k|v, attention, o + residual, LayerNorm, up + GELU,
 down + residual, LayerNorm) a few microseconds of arithmetic; run from Python, one module and one ctypes call at
 a time, the 12 layers' 48 projections, 12 attentions and 24 LayerNorms cost ~3 ms of calls around ~5 ms of
-kernels (2 Zen 4 cores). `allmpnet_x86_encoder` (kernels_x86.c) runs them all in one team of threads, in fp32
-between the projections: so a swapped module, `FusedX86Stack`, takes the place of the inference copy's
-`LayerStack` and sends batches of at most `max_tokens` tokens there, larger ones to the stack it wraps.
+kernels (2 Zen 4 cores). `allmpnet_x86_encoder` (kernels_x86.c) runs them all in one team of threads: so a
+swapped module, `FusedX86Stack`, takes the place of the inference copy's `LayerStack` and sends batches of at
+most `max_tokens` tokens there, larger ones to the stack it wraps.
 
-Its projections are the int8 layers of an int8-x86 copy, or, for fp32, the model's own fp32 weights as they lie
-(kernels "avx512-f32w" / "avx2-f32w": no copy, exact up to the order of the sums), where a query is ~340 MB of
-weights streamed once and oneDNN's small-batch GEMMs and the per-module calls cost more than that.
+With int8 layers it takes every batch (max_tokens None): each step is computed per row or per text, and each
+projection's small- and large-batch kernels give the same bits, so a text's vector is the same bits alone, in a
+batch of 4 or of 4,000 (what caching, deduplication and a served query against an index built in bulk need).
+The residual stream is fp32; with `bf16` the wide intermediates (q|k|v, the attention's output, the FFN's hidden
+layer) are stored in bf16 and the attention uses bf16 products (`products`, as attention_x86's).
+
+For fp32 its projections are the model's own fp32 weights as they lie (kernels "avx512-f32w" / "avx2-f32w": no
+copy, exact up to the order of the sums), for a query only, where its ~340 MB of weights are streamed once and
+oneDNN's small-batch GEMMs and the per-module calls cost more than that; larger batches go to oneDNN.
 """
 from __future__ import annotations
 
@@ -18,10 +24,12 @@ import functools
 import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmpnet.encode.attention_x86 import PRODUCTS
 from allmpnet.encode.batching import check_finite
 from allmpnet.encode.int8_x86 import (AVX2, AVX512, KERNELS, Kernel, X86Int8Linear, _library, _scratch_buffer,
                                       kernel_unavailable, loaded_for)
@@ -29,13 +37,14 @@ from allmpnet.model.mpnet import Embeddings, LayerStack, Linear
 from allmpnet.model.packing import AttentionLayout, GroupedAttention
 from allmpnet.model.pooling import Pooling
 
-MAX_TEXT_TOKENS = 64  # MAX_FUSED_TEXT in kernels_x86.c
+MAX_TEXT_TOKENS = 512  # MAX_TEXT in kernels_x86.c
 # fp32-weight kernels (the model's (N, K) weights as they are), in the order preferred
 FP32_KERNELS = {"avx512-f32w": Kernel(8, AVX512, "fp32"), "avx2-f32w": Kernel(9, AVX2, "fp32")}
 
 
 class LinearSpec(ctypes.Structure):  # x86_linear_spec
-    _fields_ = [("kernel", ctypes.c_int32), ("gelu", ctypes.c_int32), ("packed", ctypes.c_void_p),
+    _fields_ = [("kernel", ctypes.c_int32), ("gelu", ctypes.c_int32), ("large_kernel", ctypes.c_int32),
+                ("small_rows", ctypes.c_int32), ("packed", ctypes.c_void_p),
                 ("scales", ctypes.c_void_p), ("compensation", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("smooth", ctypes.c_void_p), ("group", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
                 ("route", ctypes.c_float)]
@@ -44,6 +53,7 @@ class LinearSpec(ctypes.Structure):  # x86_linear_spec
 class EmbeddingSpec(ctypes.Structure):  # x86_embedding_spec
     _fields_ = [("word", ctypes.c_void_p), ("position", ctypes.c_void_p), ("bf16", ctypes.c_int64),
                 ("vocab", ctypes.c_int64), ("positions", ctypes.c_int64), ("offset", ctypes.c_int64),
+                ("pad_id", ctypes.c_int64),
                 ("norm_weight", ctypes.c_void_p), ("norm_bias", ctypes.c_void_p)]
 
 
@@ -67,8 +77,9 @@ def projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
 
 
 def linear_spec(layer: X86Int8Linear) -> LinearSpec:
-    """The C description of `layer` running its small-batch kernel (pointers into its buffers)."""
-    return LinearSpec(KERNELS[layer.small].id, int(layer.activation == "gelu"), layer.packed.data_ptr(),
+    """The C description of `layer` and its two kernels (pointers into its buffers)."""
+    return LinearSpec(KERNELS[layer.small].id, int(layer.activation == "gelu"), KERNELS[layer.large].id,
+                      layer.max_small_rows, layer.packed.data_ptr(),
                       layer.scales.data_ptr(), layer.compensation.data_ptr(), _pointer(layer.bias),
                       _pointer(layer.inverse_smooth), layer.group, layer.out_features, layer.in_features,
                       layer.route)
@@ -109,9 +120,10 @@ def fp32_linear(library: ctypes.CDLL, name: str, x: torch.Tensor, weight: torch.
 
 
 class FusedX86Stack(nn.Module):
-    """`stack` in one C call for batches of at most `max_tokens` packed tokens laid out as GroupedAttention with no
-    filler rows; any other batch runs `stack` itself. Same call as LayerStack: (N, C) tokens and the layout ->
-    (N, C) tokens, in x's dtype (fp32 inside).
+    """`stack` in one C call for batches of at most `max_tokens` packed tokens (None: any number) laid out as
+    GroupedAttention with no filler rows, texts of at most MAX_TEXT_TOKENS; any other batch runs `stack` itself.
+    Same call as LayerStack: (N, C) tokens and the layout -> (N, C) tokens, in x's dtype (an fp32 residual stream
+    inside; `bf16`: bf16 intermediates, their attention on `products`).
 
     The projections: `stack`'s own when they are all X86Int8Linear; else `fp32_weights`, the fp32 model's stack
     (its Linear layers' tensors, shared, not copied), multiplied by fp32-weight kernel `fp32_kernel`.
@@ -119,11 +131,14 @@ class FusedX86Stack(nn.Module):
     Given the network's `embeddings` (tables in bf16 or fp32) and a `pooling` of the mean alone,
     `sentence_vectors` runs a batch's whole forward pass, token ids to sentence vectors, in the same call."""
 
-    def __init__(self, stack: LayerStack, max_tokens: int = MAX_TEXT_TOKENS, fp32_weights: LayerStack | None = None,
+    def __init__(self, stack: LayerStack, max_tokens: int | None = None, fp32_weights: LayerStack | None = None,
                  fp32_kernel: str | None = None, embeddings: Embeddings | None = None,
-                 pooling: Pooling | None = None):
+                 pooling: Pooling | None = None, bf16: bool = False, products: str = "fp32"):
         super().__init__()
+        if products not in PRODUCTS:
+            raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
         self.stack = stack
+        self.bf16, self.products = bf16, products
         # the network's own Embeddings (a shared submodule: copies and pickles keep one), when the C call can run
         # them and the pooling is the mean alone
         tables = (None if embeddings is None
@@ -140,15 +155,14 @@ class FusedX86Stack(nn.Module):
             if not all(isinstance(linear, X86Int8Linear) for four in linears for linear in four):
                 raise TypeError("FusedX86Stack without fp32_weights runs a stack whose linear layers are all "
                                 "X86Int8Linear")
-            self.max_tokens = min(max_tokens, MAX_TEXT_TOKENS, *(linear.max_small_rows for four in linears
-                                                                for linear in four))
-            kernels = {linear.small for four in linears for linear in four}
+            self.max_tokens = max_tokens
+            kernels = {kernel for four in linears for linear in four for kernel in (linear.small, linear.large)}
             self.unavailable = "; ".join(filter(None, (kernel_unavailable(k) for k in sorted(kernels))))
             self.fp32 = None
         else:
             if fp32_kernel not in FP32_KERNELS:
                 raise ValueError(f"fp32_kernel must be one of {list(FP32_KERNELS)}, got {fp32_kernel!r}")
-            self.max_tokens = min(max_tokens, MAX_TEXT_TOKENS)
+            self.max_tokens = max_tokens
             self.unavailable = fp32_kernel_unavailable(fp32_kernel)
             masters = [projections(layer) for layer in fp32_weights.layer]
             if len(masters) != len(layers) or not all(isinstance(l, Linear) for four in masters for l in four):
@@ -169,7 +183,9 @@ class FusedX86Stack(nn.Module):
                       for pair in norms]
         self._specs = self._embedding = None  # the C descriptions, built on first use (pointers: never copied)
         self.routed = torch.zeros(len(layers), 4, dtype=torch.int64)  # the last fused call's rows routed to int16
-        self.position_biases: dict[int, torch.Tensor] = {}
+        # the relative position bias of every key-minus-query distance, all texts' (fixed at inference)
+        with torch.no_grad():
+            self.bias_table = stack.relative_attention_bias.by_distance(MAX_TEXT_TOKENS).float().contiguous()
 
     @property
     def layer(self) -> nn.ModuleList:
@@ -184,8 +200,8 @@ class FusedX86Stack(nn.Module):
                 linears = [[linear_spec(linear) for linear in projections(layer)] for layer in layers]
             else:
                 kernel = FP32_KERNELS[self.fp32_kernel].id
-                linears = [[LinearSpec(kernel, int(gelu), weight.data_ptr(), None, None, _pointer(bias), None,
-                                       weight.shape[1], weight.shape[0], weight.shape[1], 0.0)
+                linears = [[LinearSpec(kernel, int(gelu), kernel, 0, weight.data_ptr(), None, None, _pointer(bias),
+                                       None, weight.shape[1], weight.shape[0], weight.shape[1], 0.0)
                             for weight, bias, gelu in four] for four in self.fp32]
             self._specs = (LayerSpec * len(layers))(*[LayerSpec(*four, *(t.data_ptr() for t in norm))
                                                       for four, norm in zip(linears, self.norms)])
@@ -197,7 +213,7 @@ class FusedX86Stack(nn.Module):
             e = self.embeddings
             word, position = (t.weight.detach() for t in (e.word_embeddings, e.position_embeddings))
             self._embedding = EmbeddingSpec(word.data_ptr(), position.data_ptr(), int(word.dtype == torch.bfloat16),
-                                            word.shape[0], position.shape[0], e.pad_token_id + 1,
+                                            word.shape[0], position.shape[0], e.pad_token_id + 1, e.pad_token_id,
                                             *(t.data_ptr() for t in self.embedding_norm))
         return self._embedding
 
@@ -208,25 +224,22 @@ class FusedX86Stack(nn.Module):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_specs": None, "_embedding": None}
 
+    def takes(self, tokens: int, longest: int) -> bool:
+        """Whether a batch of `tokens` packed tokens, its longest text `longest`, runs in the C call."""
+        return (not self.unavailable and 0 < tokens and (self.max_tokens is None or tokens <= self.max_tokens)
+                and longest <= MAX_TEXT_TOKENS)
+
     def texts(self, x: torch.Tensor, layout: AttentionLayout) -> tuple[list[int], list[int]] | None:
         """(starts, lengths) of the batch's texts when it runs fused, else None."""
-        if (self.unavailable or not isinstance(layout, GroupedAttention) or x.shape[0] != layout.tokens
-                or not 0 < x.shape[0] <= self.max_tokens or x.device.type != "cpu"):
+        if (not isinstance(layout, GroupedAttention) or x.shape[0] != layout.tokens or x.device.type != "cpu"
+                or not self.takes(x.shape[0], max((g.length for g in layout.groups), default=0))):
             return None
         starts, lengths = [], []
         for g in layout.groups:
-            for i in range(g.blocks * g.rows_per_block):
+            for i in range(g.blocks):
                 starts.append(g.start + i * g.length)
                 lengths.append(g.length)
         return starts, lengths
-
-    def position_bias(self, length: int) -> torch.Tensor:
-        bias = self.position_biases.get(length)
-        if bias is None:  # fixed at inference: computed once per length
-            with torch.no_grad():
-                bias = self.stack.relative_attention_bias(length).float().contiguous()  # (H, L, L)
-            self.position_biases[length] = bias
-        return bias
 
     def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         texts = self.texts(x, layout)
@@ -247,11 +260,10 @@ class FusedX86Stack(nn.Module):
         or over-long text, no embeddings given, a token id or position the tables lack): run the model then."""
         lengths = [len(i) for i in ids]
         M = sum(lengths)
-        if (self.embedding is None or self.unavailable or not 0 < M <= self.max_tokens
-                or not 0 < min(lengths, default=0) <= max(lengths) <= MAX_TEXT_TOKENS):
+        if self.embedding is None or min(lengths, default=0) < 1 or not self.takes(M, max(lengths)):
             return None
-        flat = list(itertools.chain.from_iterable(ids))
-        if not 0 <= min(flat) <= max(flat) < self.embedding.vocab:  # also never wrapped into 32 bits
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=M)
+        if not 0 <= flat.min() <= flat.max() < self.embedding.vocab:  # also never wrapped into 32 bits
             return None
         C = self.embedding_width
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
@@ -261,24 +273,28 @@ class FusedX86Stack(nn.Module):
             check_finite(pooled)
         return pooled if status == 0 else None
 
-    def _call(self, x: torch.Tensor, starts: list[int], lengths: list[int], ids: list[int] | None = None,
+    def _call(self, x: torch.Tensor, starts: list[int], lengths: list[int], ids: np.ndarray | None = None,
               pooled: torch.Tensor | None = None, normalize: bool = False) -> int:
-        """allmpnet_x86_encoder on x (M, C) fp32, in place: from `ids` through the embeddings when given, each
-        text's mean row into `pooled` when given. Returns its status."""
+        """allmpnet_x86_encoder on x (M, C) fp32, in place: from `ids` (M,) through the embeddings when given,
+        each text's mean row into `pooled` when given. Returns its status."""
         (M, C), n = x.shape, len(starts)
         library = _library()[0]
         threads = torch.get_num_threads()
-        scratch = _scratch_buffer(library.allmpnet_x86_encoder_scratch_bytes(M, C, self.specs[0].up.N, threads))
-        biases = [self.position_bias(length) for length in lengths]
+        scratch = _scratch_buffer(library.allmpnet_x86_encoder_scratch_bytes(M, C, self.specs[0].up.N,
+                                                                             max(lengths), threads))
+        ids32 = None if ids is None else np.ascontiguousarray(ids, dtype=np.int32)
+        starts32, lengths32 = np.asarray(starts, dtype=np.int32), np.asarray(lengths, dtype=np.int32)
+        span = self.bias_table.shape[1] // 2 + 1
         return library.allmpnet_x86_encoder(
             self.specs, len(self.specs), None if ids is None else ctypes.byref(self.embedding),
-            None if ids is None else (ctypes.c_int32 * M)(*ids), x.data_ptr(), M, C, self.n_head, n,
-            (ctypes.c_int32 * n)(*starts), (ctypes.c_int32 * n)(*lengths),
-            (ctypes.c_void_p * n)(*[b.data_ptr() for b in biases]), self.eps,
-            None if pooled is None else pooled.data_ptr(), int(normalize), self.routed.data_ptr(),
-            scratch.data_ptr(), threads)
+            None if ids32 is None else ids32.ctypes.data, x.data_ptr(), M, C, self.n_head, n, starts32.ctypes.data,
+            lengths32.ctypes.data, self.bias_table.data_ptr(), span, self.eps, int(self.bf16),
+            PRODUCTS.index(self.products), None if pooled is None else pooled.data_ptr(), int(normalize),
+            self.routed.data_ptr(), scratch.data_ptr(), threads)
 
     def extra_repr(self) -> str:
         weights = "int8 layers" if self.fp32 is None else f"fp32 weights, {self.fp32_kernel}"
-        return f"one C call up to {self.max_tokens} tokens, {weights}" + (f" (off: {self.unavailable})"
-                                                                          if self.unavailable else "")
+        batches = "every batch" if self.max_tokens is None else f"up to {self.max_tokens} tokens"
+        storage = f", bf16 intermediates ({self.products} attention products)" if self.bf16 else ""
+        return f"one C call for {batches}, {weights}{storage}" + (f" (off: {self.unavailable})"
+                                                                  if self.unavailable else "")

@@ -131,9 +131,10 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
         swap_layer_norms(fast.network)
     # the int8 weights a query streams, on 2 MB pages in the order it reads them (encode/pages.py)
     move_to_huge_pages([m for m in fast.network.modules() if isinstance(m, X86Int8Linear)], STREAMED_BUFFERS)
-    if plan.fused_stack_tokens:
+    if plan.fused_stack_tokens != 0:
         fp32 = plan.fused_fp32_kernel is not None  # the fp32 model's weights as they are; else the int8 layers
         fast.network.encoder = FusedX86Stack(fast.network.encoder, plan.fused_stack_tokens,
                                              model.network.encoder if fp32 else None, plan.fused_fp32_kernel,
-                                             fast.network.embeddings, fast.pooling)
+                                             fast.network.embeddings, fast.pooling, bf16=plan.dtype == torch.bfloat16,
+                                             products=plan.block_attention_kernel or "fp32")
     return fast

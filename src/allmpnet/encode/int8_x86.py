@@ -117,9 +117,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     library.allmpnet_x86_kernel_supported.argtypes = [c_int]
     library.allmpnet_x86_kernel_supported.restype = c_int
     library.allmpnet_x86_encoder.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, i64, i64, pointer,
-                                             pointer, pointer, ctypes.c_float, pointer, c_int, pointer, pointer, c_int]
+                                             pointer, pointer, i64, ctypes.c_float, c_int, c_int, pointer, c_int,
+                                             pointer, pointer, c_int]
     library.allmpnet_x86_encoder.restype = i64
-    library.allmpnet_x86_encoder_scratch_bytes.argtypes = [i64, i64, i64, c_int]
+    library.allmpnet_x86_encoder_scratch_bytes.argtypes = [i64, i64, i64, i64, c_int]
     library.allmpnet_x86_encoder_scratch_bytes.restype = i64
     library.allmpnet_x86_attention.argtypes = [pointer, c_int, pointer, pointer, ctypes.c_float, i64, i64, i64, i64,
                                                c_int, pointer, c_int]

@@ -46,7 +46,7 @@
 // (benchmarks/int8_research/kernel_variants.py); large batches are unchanged.
 #define PREFETCH 16384
 #define PREFETCH_HINT _MM_HINT_T1
-#define MAX_FUSED_TEXT 64  // tokens of one text in allmpnet_x86_encoder (its attention keeps a row of weights on the stack)
+#define MAX_TEXT 512  // tokens of one text in allmpnet_x86_encoder (MPNet's 514 positions less the two padding slots)
 // A spiky row (int8 kernel, route > 0) keeps its entries above SPLIT_SHARE x route x its RMS aside, exact, when
 // there are at most MAX_SPLIT of them (int8_x86.py mirrors both): the rest of the row is int8 at a scale its own
 // values set, and each kept entry adds its value times its weight column at the block's end. More than MAX_SPLIT:
@@ -1162,8 +1162,8 @@ __attribute__((target(AVX512))) static void stage_pairs(const uint16_t *rows, in
 
 // one head of one block; qkv, out at the head's first column, row0 the block's first row
 __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
-    const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
-    float *work) {
+    const uint16_t *qkv, uint16_t *out, const float *bias, int64_t bias_step, float scale, int64_t row0, int64_t T,
+    int64_t C, float *work) {
     const int64_t padded = (T + 15) / 16 * 16, D = ATTENTION_D, P = D / 2;
     uint32_t *keys = (uint32_t *)work;                              // (P, padded) pairs
     uint16_t *values = (uint16_t *)(keys + P * padded);             // (padded / 2, D, 2)
@@ -1183,7 +1183,7 @@ __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
         for (int r = 0; r < ATTENTION_ROWS; r++) {
             const int64_t i = i0 + (r < rows_here ? r : 0);
             q[r] = (const uint32_t *)(rows + i * 3 * C);
-            b[r] = bias + i * T;
+            b[r] = bias + i * bias_step;
             top[r] = _mm512_set1_ps(-__builtin_inff());
         }
         SCORE_ROWS(score_tile_bf16, q);
@@ -1219,8 +1219,8 @@ __attribute__((target(AVX512 ",avx512bf16"))) static void attend_head_bf16(
 
 // the same in fp32 FMAs, from fp32 or bf16 q|k|v (widened as staged) into out of the same dtype
 __attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, int bf16, void *out,
-                                                             const float *bias, float scale, int64_t row0, int64_t T,
-                                                             int64_t C, float *work) {
+                                                             const float *bias, int64_t bias_step, float scale,
+                                                             int64_t row0, int64_t T, int64_t C, float *work) {
     const int64_t padded = (T + 15) / 16 * 16, D = ATTENTION_D, size = bf16 ? 2 : 4;
     float *keys = work;                              // (D, padded)
     float *values = keys + D * padded;               // (padded, D)
@@ -1239,7 +1239,7 @@ __attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, in
             const int64_t i = i0 + (r < rows_here ? r : 0);  // missing rows repeat the first: computed, never stored
             for (int v = 0; v < 4; v++)
                 _mm512_store_si512(queries + r * D + 16 * v, load16(rows, i * 3 * C + 16 * v, bf16));
-            b[r] = bias + i * T;
+            b[r] = bias + i * bias_step;
             top[r] = _mm512_set1_ps(-__builtin_inff());
         }
         SCORE_ROWS(score_tile_fp32, queries);
@@ -1281,8 +1281,8 @@ __attribute__((target(AVX512))) static void attend_head_fp32(const void *qkv, in
 // into rows padded with zeros; keys are padded to 32 (one A tile row of weights), the padding weighted 0 with zero
 // values. Tiles (configure_tiles(16, 16)): 0, 1 = A, 2, 3 = B, 4-7 = sums (scores in 4 and 5).
 __attribute__((target(AVX512 ",avx512bf16,amx-tile,amx-bf16"))) static void attend_head_amx(
-    const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t row0, int64_t T, int64_t C,
-    float *work) {
+    const uint16_t *qkv, uint16_t *out, const float *bias, int64_t bias_step, float scale, int64_t row0, int64_t T,
+    int64_t C, float *work) {
     const int64_t padded = (T + 31) / 32 * 32, D = ATTENTION_D, P = D / 2;
     uint32_t *keys = (uint32_t *)work;                       // (P, padded) pairs
     uint16_t *values = (uint16_t *)(keys + P * padded);      // (padded / 2, D, 2)
@@ -1326,7 +1326,7 @@ __attribute__((target(AVX512 ",avx512bf16,amx-tile,amx-bf16"))) static void atte
             __m512 top = _mm512_set1_ps(-__builtin_inff());
             for (int64_t j = 0; j < padded; j += 16) {
                 const __mmask16 real = keys_before(T, j);
-                const __m512 b = _mm512_maskz_loadu_ps(real, bias + i * T + j);
+                const __m512 b = _mm512_maskz_loadu_ps(real, bias + i * bias_step + j);
                 __m512 x = _mm512_fmadd_ps(_mm512_load_ps(row + j), by, b);
                 x = _mm512_mask_blend_ps(real, _mm512_set1_ps(-__builtin_inff()), x);
                 _mm512_store_ps(row + j, x);
@@ -1376,6 +1376,17 @@ static void prefetch_head(const char *qkv, int64_t size, int64_t row0, int64_t T
         }
 }
 
+// The products a block of T tokens runs on: the caller's choice (below), as far as the CPU and T go.
+static int products_for(int bf16, int products, int64_t T) {
+    if (!bf16 || products < 0) products = 0;
+    if (products >= 2 && !(allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16) && amx_ready(AMX_BF16_BIT)))
+        products = 1;
+    // below a tile of keys the tiles idle; on these CPUs the pair products run no faster than fp32 FMAs
+    else if (products >= 2 && T < AMX_MIN_TOKENS) products = 0;
+    if (products >= 1 && !allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16)) products = 0;
+    return products;
+}
+
 // products: 0 fp32 FMAs, 1 AVX512-BF16 pair dot products, 2 AMX-bf16 tiles: the caller's choice for bf16 q|k|v,
 // taken as far as the CPU goes (fp32 q|k|v: always 0). Returns the products used (0-2); -1 for a bad shape
 // (nothing computed); -2 without AVX512.
@@ -1384,12 +1395,7 @@ int64_t allmpnet_x86_attention(const void *qkv, int bf16, void *out, const float
     if (!allmpnet_x86_kernel_supported(KERNEL_AVX512_F32)) return -2;
     if (T < 1 || H < 1 || blocks < 0 || start < 0) return -1;
     const int64_t C = H * ATTENTION_D, per_thread = allmpnet_x86_attention_scratch_bytes(T, 1) / 4;
-    if (!bf16 || products < 0) products = 0;
-    if (products >= 2 && !(allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16) && amx_ready(AMX_BF16_BIT)))
-        products = 1;
-    // below a tile of keys the tiles idle; on these CPUs the pair products run no faster than fp32 FMAs
-    else if (products >= 2 && T < AMX_MIN_TOKENS) products = 0;
-    if (products >= 1 && !allmpnet_x86_kernel_supported(KERNEL_AVX512_BF16)) products = 0;
+    products = products_for(bf16, products, T);
     if (threads < 1) threads = 1;
     _Pragma("omp parallel num_threads(threads)")
     {
@@ -1409,13 +1415,13 @@ int64_t allmpnet_x86_attention(const void *qkv, int bf16, void *out, const float
             // the head's columns: q at h*D, k at C + h*D, v at 2C + h*D of each row; out at h*D
             if (products == 2)
                 attend_head_amx((const uint16_t *)qkv + h * ATTENTION_D, (uint16_t *)out + h * ATTENTION_D,
-                                bias + h * T * T, scale, start + b * T, T, C, work);
+                                bias + h * T * T, T, scale, start + b * T, T, C, work);
             else if (products == 1)
                 attend_head_bf16((const uint16_t *)qkv + h * ATTENTION_D, (uint16_t *)out + h * ATTENTION_D,
-                                 bias + h * T * T, scale, start + b * T, T, C, work);
+                                 bias + h * T * T, T, scale, start + b * T, T, C, work);
             else
                 attend_head_fp32((const char *)qkv + h * ATTENTION_D * (bf16 ? 2 : 4), bf16,
-                                 (char *)out + h * ATTENTION_D * (bf16 ? 2 : 4), bias + h * T * T, scale,
+                                 (char *)out + h * ATTENTION_D * (bf16 ? 2 : 4), bias + h * T * T, T, scale,
                                  start + b * T, T, C, work);
         }
         if (products == 2) release_tiles();
@@ -1458,14 +1464,22 @@ int64_t allmpnet_x86_layer_norm(const uint16_t *x, uint16_t *y, const float *wei
     return 0;
 }
 
-// ---------------------------------------------------------------- the whole layer stack in one call
-// For a few rows (a query) each layer's seven steps are microseconds of work; run one by one from Python they
-// cost more in calls than in arithmetic (48 projections, 24 LayerNorms, 12 attentions). Here one team of threads
-// runs them all, in fp32, with a barrier between steps. The layer is the model's (model/mpnet.py):
+// ---------------------------------------------------------------- the whole forward pass in one call
+// One team of threads runs every layer's seven steps, with a barrier between steps, from the token ids to the
+// pooled vectors. A query's steps are microseconds of work each: run one by one from Python they cost more in
+// calls than in arithmetic (48 projections, 24 LayerNorms, 12 attentions). A large batch gains the same way, and
+// one code path serves every batch: each step is computed per row (projections, LayerNorms) or per text
+// (embeddings, attention, pooling), the same whatever else the batch holds, and a projection's small- and
+// large-batch kernels give the same bits, so a text's vector does not depend on its batch. The layer is the
+// model's (model/mpnet.py):
 //   a = LN1(x + o(attention(qkv(x)))),  x' = LN2(a + down(GELU(up(a)))).
+// The residual stream (x, a) stays fp32. With `bf16` the wide outputs that feed one step each (q|k|v, the
+// attention's output, the FFN's hidden layer) are stored in bf16: half their traffic, and the attention's bf16
+// products read them as they are.
 
-typedef struct {  // one int8 linear layer: the arrays of allmpnet_x86_linear
-    int32_t kernel, gelu;
+typedef struct {  // one linear layer: the arrays of allmpnet_x86_linear; batches of more than small_rows rows run
+                  // large_kernel (vnni-a8's rows on the AMX tiles: the same sums, the same bits)
+    int32_t kernel, gelu, large_kernel, small_rows;
     const int8_t *packed;
     const float *scales;
     const float *compensation;
@@ -1479,13 +1493,17 @@ typedef struct {
     const float *norm1_weight, *norm1_bias, *norm2_weight, *norm2_bias;
 } x86_layer_spec;
 
-static void bind_linear(linear_args *a, const x86_linear_spec *s, const float *x, const float *residual, float *y,
-                        int64_t M, char *scratch) {
-    const linear_args bound = {x, 0, s->smooth, s->packed, s->scales, s->compensation, s->group, s->bias, residual,
-                               y, 0, M, s->N, s->K, s->gelu, int8_activations(s->kernel) ? s->route : 0.0f,
-};
-    *a = bound;
-    place_scratch(a, s->kernel, scratch);
+static int spec_kernel(const x86_linear_spec *s, int64_t M) { return M > s->small_rows ? s->large_kernel : s->kernel; }
+
+// y = act(x W^T + b) [+ residual] for the M rows, by the team (no barrier at the end); residual has y's dtype.
+// Returns the rows routed to int16.
+static int64_t linear_rows(const x86_linear_spec *s, const void *x, int x_bf16, const void *residual, void *y,
+                           int y_bf16, int64_t M, char *scratch, float *buffer) {
+    const int kernel = spec_kernel(s, M);
+    linear_args a = {x, x_bf16, s->smooth, s->packed, s->scales, s->compensation, s->group, s->bias, residual,
+                     y, y_bf16, M, s->N, s->K, s->gelu, int8_activations(kernel) ? s->route : 0.0f};
+    place_scratch(&a, kernel, scratch);
+    return linear_by_team(kernel, &a, buffer);
 }
 
 // request_share for the layer's weights (int8 packed, or the fp32 ones of the F32W kernels), by the team,
@@ -1513,23 +1531,37 @@ __attribute__((target(AVX2))) static void layer_norm_by_team(float *x, int64_t M
     }
 }
 
-// softmax(q k^T / sqrt(D) + bias) v per text and head, from qkv (M, 3C) into out (M, C), by the team.
-__attribute__((target(AVX2))) static void attention_by_team(const float *qkv, float *out, int64_t C, int64_t H,
-                                                            int64_t texts, const int32_t *start,
-                                                            const int32_t *length, const float *const *bias) {
+// The relative position bias of head h for query row 0 of a text: row i's starts `i` entries before it (stride
+// -1), as the bias depends on j - i alone; bias_table (H, 2 span - 1), entry span - 1 + j - i.
+static inline const float *bias_rows(const float *bias_table, int64_t span, int64_t h) {
+    return bias_table + h * (2 * span - 1) + span - 1;
+}
+
+static inline __attribute__((always_inline)) float element(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_load((const uint16_t *)p + i) : ((const float *)p)[i];
+}
+
+// softmax(q k^T / sqrt(D) + bias) v per text and head, from qkv (M, 3C) into out (M, C), both fp32 or both bf16
+// (`bf16`), heads of any size (D <= K), by the team (tasks to whichever thread is free: texts of different
+// lengths differ in cost; each is computed whole by one thread); sums: this thread's row of K floats.
+__attribute__((target(AVX2))) static void attention_by_team(const void *qkv, void *out, int bf16, int64_t C,
+                                                            int64_t H, int64_t texts, const int32_t *start,
+                                                            const int32_t *length, const float *bias_table,
+                                                            int64_t span, float *sums) {
     const int64_t D = C / H;
     const float scale = 1.0f / __builtin_sqrtf((float)D);
-    _Pragma("omp for schedule(static)") for (int64_t th = 0; th < texts * H; th++) {
-        const int64_t t = th / H, h = th % H, L = length[t];
-        const float *rows = qkv + (int64_t)start[t] * 3 * C;
-        float weights[MAX_FUSED_TEXT] __attribute__((aligned(64)));
+    _Pragma("omp for schedule(dynamic)") for (int64_t th = 0; th < texts * H; th++) {
+        const int64_t t = th / H, h = th % H, L = length[t], first = (int64_t)start[t] * 3 * C;
+        float weights[MAX_TEXT] __attribute__((aligned(64)));
         for (int64_t i = 0; i < L; i++) {
-            const float *q = rows + i * 3 * C + h * D, *b = bias[t] + (h * L + i) * L;
+            const int64_t q = first + i * 3 * C + h * D;
+            const float *b = bias_rows(bias_table, span, h) - i;
             float top = -3.0e38f, total = 0.0f;
             for (int64_t j = 0; j < L; j++) {
-                const float *k = rows + j * 3 * C + C + h * D;
+                const int64_t k = first + j * 3 * C + C + h * D;
                 float dot = 0.0f;
-                _Pragma("omp simd reduction(+:dot)") for (int64_t d = 0; d < D; d++) dot += q[d] * k[d];
+                _Pragma("omp simd reduction(+:dot)") for (int64_t d = 0; d < D; d++)
+                    dot += element(qkv, q + d, bf16) * element(qkv, k + d, bf16);
                 weights[j] = dot * scale + b[j];
                 top = weights[j] > top ? weights[j] : top;
             }
@@ -1537,34 +1569,57 @@ __attribute__((target(AVX2))) static void attention_by_team(const float *qkv, fl
                 weights[j] = exp_nonpositive(weights[j] - top);
                 total += weights[j];
             }
-            float *o = out + (start[t] + i) * C + h * D;
-            _Pragma("omp simd") for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            _Pragma("omp simd") for (int64_t d = 0; d < D; d++) sums[d] = 0.0f;
             for (int64_t j = 0; j < L; j++) {
-                const float *v = rows + j * 3 * C + 2 * C + h * D, p = weights[j] / total;
-                _Pragma("omp simd") for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
+                const int64_t v = first + j * 3 * C + 2 * C + h * D;
+                const float p = weights[j] / total;
+                _Pragma("omp simd") for (int64_t d = 0; d < D; d++) sums[d] += p * element(qkv, v + d, bf16);
             }
+            const int64_t o = (start[t] + i) * C + h * D;
+            if (bf16)
+                for (int64_t d = 0; d < D; d++) ((uint16_t *)out)[o + d] = bf16_round(sums[d]);
+            else
+                for (int64_t d = 0; d < D; d++) ((float *)out)[o + d] = sums[d];
         }
     }
 }
 
-// The same for heads of ATTENTION_D with AVX512: attend_head_fp32 per (text, head), half the time (an 11-token
-// query: 11 -> 6 us a layer, barrier included); work: this thread's
-// allmpnet_x86_attention_scratch_bytes(MAX_FUSED_TEXT, 1).
-static void heads_by_team(const float *qkv, float *out, int64_t C, int64_t H, int64_t texts, const int32_t *start,
-                          const int32_t *length, const float *const *bias, float *work) {
+// The same for heads of ATTENTION_D with AVX512 (attend_head_*, half the time of the above on an 11-token query),
+// q|k|v and out fp32 or bf16; a bf16 text of T tokens on products_for(1, products, T), taken here as `shorter`
+// below AMX_MIN_TOKENS and `longer` from there (products_for asks the CPU, which a VM may trap). work: this
+// thread's allmpnet_x86_attention_scratch_bytes(longest text, 1).
+static void heads_by_team(const void *qkv, void *out, int bf16, int shorter, int longer, int64_t C, int64_t H,
+                          int64_t texts, const int32_t *start, const int32_t *length, const float *bias_table,
+                          int64_t span, float *work) {
     const float scale = 1.0f / __builtin_sqrtf((float)ATTENTION_D);
-    _Pragma("omp for schedule(static)") for (int64_t th = 0; th < texts * H; th++) {
+    const int64_t size = bf16 ? 2 : 4;
+    int tiles = 0;
+    _Pragma("omp for schedule(dynamic) nowait") for (int64_t th = 0; th < texts * H; th++) {
         const int64_t t = th / H, h = th % H, L = length[t];
-        attend_head_fp32(qkv + h * ATTENTION_D, 0, out + h * ATTENTION_D, bias[t] + h * L * L, scale, start[t], L, C,
-                         work);
+        const float *bias = bias_rows(bias_table, span, h);
+        const char *in = (const char *)qkv + h * ATTENTION_D * size;
+        char *to = (char *)out + h * ATTENTION_D * size;
+        const int products = L < AMX_MIN_TOKENS ? shorter : longer;
+        if (products == 2) {
+            if (!tiles) configure_tiles(16, 16);
+            tiles = 1;
+            attend_head_amx((const uint16_t *)in, (uint16_t *)to, bias, -1, scale, start[t], L, C, work);
+        } else if (products == 1) {
+            attend_head_bf16((const uint16_t *)in, (uint16_t *)to, bias, -1, scale, start[t], L, C, work);
+        } else {
+            attend_head_fp32(in, bf16, to, bias, -1, scale, start[t], L, C, work);
+        }
     }
+    if (tiles) release_tiles();
+    _Pragma("omp barrier")
 }
 
-// The embeddings (model/mpnet.py Embeddings): x = LN(word[id] + position[offset + p]) for a text's p-th token;
-// tables (rows x C) bf16 or fp32.
+// The embeddings (model/mpnet.py Embeddings): x = LN(word[id] + position[offset + p]) for a text's p-th token not
+// counting the tokens whose id is pad_id, which take position[offset - 1] (MPNet's absolute positions skip the pad
+// id even where the text itself holds it); tables (rows x C) bf16 or fp32.
 typedef struct {
     const void *word, *position;
-    int64_t bf16, vocab, positions, offset;
+    int64_t bf16, vocab, positions, offset, pad_id;
     const float *norm_weight, *norm_bias;
 } x86_embedding_spec;
 
@@ -1573,8 +1628,10 @@ __attribute__((target(AVX2))) static void embed_by_team(const x86_embedding_spec
                                                         int64_t C, int64_t texts, const int32_t *start,
                                                         const int32_t *length) {
     _Pragma("omp for schedule(static)") for (int64_t t = 0; t < texts; t++) {
+        int64_t counted = 0;  // the text's tokens so far that are not pad_id
         for (int64_t p = 0; p < length[t]; p++) {
-            const int64_t m = start[t] + p, w = (int64_t)ids[m] * C, q = (e->offset + p) * C;
+            const int64_t m = start[t] + p, w = (int64_t)ids[m] * C;
+            const int64_t q = (ids[m] == e->pad_id ? e->offset - 1 : e->offset + counted++) * C;
             float *row = x + m * C;
             if (e->bf16) {
                 const uint16_t *word = (const uint16_t *)e->word + w, *position = (const uint16_t *)e->position + q;
@@ -1614,24 +1671,28 @@ __attribute__((target(AVX2))) static void pool_by_team(const float *x, int64_t C
     }
 }
 
-// Bytes of scratch allmpnet_x86_encoder needs for M rows, hidden size C, intermediate size I.
-int64_t allmpnet_x86_encoder_scratch_bytes(int64_t M, int64_t C, int64_t I, int threads) {
+// Bytes of scratch allmpnet_x86_encoder needs for M rows, hidden size C, intermediate size I, texts of at most
+// `longest` tokens.
+int64_t allmpnet_x86_encoder_scratch_bytes(int64_t M, int64_t C, int64_t I, int64_t longest, int threads) {
     const int64_t widest = I > 3 * C ? I : 3 * C, K = I > C ? I : C;
     return aligned(M * widest * 4) + 2 * aligned(M * C * 4) + widest_linear_scratch_bytes(M, K)
-           + (int64_t)(threads < 1 ? 1 : threads) * (K * 4 + allmpnet_x86_attention_scratch_bytes(MAX_FUSED_TEXT, 1));
+           + (int64_t)(threads < 1 ? 1 : threads) * (K * 4 + allmpnet_x86_attention_scratch_bytes(longest, 1));
 }
 
-// x (M, C) fp32, in place: through `count` layers. The texts lie at rows start[t] .. start[t] + length[t] (each at
-// most MAX_FUSED_TEXT tokens), bias[t] (H, L, L) fp32 their position bias; eps the LayerNorms'. With `embedding`,
-// x is first filled from the rows' token ids (ids, M) through the embeddings; with `pooled` (texts, C), each
-// text's mean row (unit length when `normalize`) is written there: a query's whole forward pass in one call.
-// routed (count x 4) or NULL: each projection's rows routed to int16 (int8 kernel). Returns 0, or with `pooled`
-// the number of texts whose mean holds NaN or inf; -1 or -2 as allmpnet_x86_linear for a layer it refuses
-// (nothing computed); -3 for texts out of range, -4 for token ids or positions outside the embedding tables.
+// x (M, C) fp32, in place: through `count` layers. The texts lie at rows start[t] .. start[t] + length[t], each of
+// at most `span` <= MAX_TEXT tokens; bias_table (H, 2 span - 1) fp32 the relative position bias by distance
+// (bias_rows); eps the LayerNorms'. bf16: the wide intermediates in bf16, the attention of heads of ATTENTION_D
+// on `products` (0-2, as allmpnet_x86_attention's). With `embedding`, x is first filled from the
+// rows' token ids (ids, M) through the embeddings; with `pooled` (texts, C), each text's mean row (unit length
+// when `normalize`) is written there: a batch's whole forward pass in one call. routed (count x 4) or NULL: each
+// projection's rows routed to int16 (int8 kernel). Returns 0, or with `pooled` the number of texts whose mean
+// holds NaN or inf; -1 or -2 as allmpnet_x86_linear for a layer it refuses (nothing computed); -3 for texts out of
+// range, -4 for token ids or positions outside the embedding tables.
 int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const x86_embedding_spec *embedding,
                              const int32_t *ids, float *x, int64_t M, int64_t C, int64_t H, int64_t texts,
-                             const int32_t *start, const int32_t *length, const float *const *bias, float eps,
-                             float *pooled, int normalize, int64_t *routed, void *scratch, int threads) {
+                             const int32_t *start, const int32_t *length, const float *bias_table, int64_t span,
+                             float eps, int bf16, int products, float *pooled, int normalize, int64_t *routed,
+                             void *scratch, int threads) {
     if (M <= 0 || C <= 0 || H <= 0 || C % H || count < 0) return -1;
     int64_t I = 0;
     for (int64_t l = 0; l < count; l++) {
@@ -1641,74 +1702,81 @@ int64_t allmpnet_x86_encoder(const x86_layer_spec *layers, int64_t count, const 
         for (int p = 0; p < 4; p++) {
             const x86_linear_spec *s = specs[p];
             if (s->N != shapes[p][0] || s->K != shapes[p][1] || (l && I != layers[0].up.N)) return -1;
-            const int64_t refused = check_linear(s->kernel, s->compensation, s->group, M, s->N, s->K, s->route);
+            const int64_t kernel = spec_kernel(s, M);
+            const int64_t refused = check_linear(kernel, s->compensation, s->group, M, s->N, s->K, s->route);
             if (refused) return refused;
         }
     }
-    for (int64_t t = 0; t < texts; t++)
-        if (start[t] < 0 || length[t] < 1 || length[t] > MAX_FUSED_TEXT || start[t] + length[t] > M) return -3;
+    if (span < 1 || span > MAX_TEXT) return -3;
+    int64_t longest = 0;
+    for (int64_t t = 0; t < texts; t++) {
+        if (start[t] < 0 || length[t] < 1 || length[t] > span || start[t] + length[t] > M) return -3;
+        longest = length[t] > longest ? length[t] : longest;
+    }
     if (embedding) {
         for (int64_t t = 0; t < texts; t++) {
-            if (embedding->offset < 0 || embedding->offset + length[t] > embedding->positions) return -4;
+            if (embedding->offset < 1 || embedding->offset + length[t] > embedding->positions) return -4;
             for (int64_t m = start[t]; m < start[t] + length[t]; m++)
                 if (ids[m] < 0 || ids[m] >= embedding->vocab) return -4;
         }
     }
-    if (threads < 1) threads = 1;
-    char *at = (char *)scratch;
-    float *qkv = (float *)at;  // also the intermediate (M, I): never alive at once
-    at += aligned(M * (I > 3 * C ? I : 3 * C) * 4);
-    float *mixed = (float *)at, *attended = (float *)(at + aligned(M * C * 4));
-    at += 2 * aligned(M * C * 4);
-    const int64_t K = I > C ? I : C;
-    // per thread: its attention's work (64-byte aligned: a multiple of 64 bytes each), then a row of K floats
-    const int64_t work_floats = allmpnet_x86_attention_scratch_bytes(MAX_FUSED_TEXT, 1) / 4;
-    float *works = (float *)(at + widest_linear_scratch_bytes(M, K)), *buffers = works + threads * work_floats;
     // the AVX512 attention where the caller's layer kernels are AVX512 ones (so it takes AVX512, and the CPU has it)
     const int32_t first = count ? layers[0].qkv.kernel : 0;
     const int heads_kernel = C / H == ATTENTION_D && !avx2_kernel(first)
                              && allmpnet_x86_kernel_supported(KERNEL_AVX512_F32);
+    const int shorter = products_for(bf16, products, 1), longer = products_for(bf16, products, MAX_TEXT);
+    if (threads < 1) threads = 1;
+    char *at = (char *)scratch;
+    void *wide = at;  // q|k|v, then the FFN's hidden layer (M, I): never alive at once
+    at += aligned(M * (I > 3 * C ? I : 3 * C) * 4);
+    float *mixed = (float *)at;
+    void *attended = at + aligned(M * C * 4);
+    at += 2 * aligned(M * C * 4);
+    const int64_t K = I > C ? I : C;
+    // per thread: its attention's work (64-byte aligned: a multiple of 64 bytes each), then a row of K floats
+    const int64_t work_floats = allmpnet_x86_attention_scratch_bytes(longest, 1) / 4;
+    float *works = (float *)(at + widest_linear_scratch_bytes(M, K)), *buffers = works + threads * work_floats;
     int64_t bad = 0;
     _Pragma("omp parallel num_threads(threads)") {
+        // texts whose keys score far apart give weights that underflow to denormals, which Intel cores compute in
+        // microcode assists: flushed to zero instead (FTZ, DAZ), as in allmpnet_x86_attention; restored after
+        const unsigned int control = _mm_getcsr();
+        _mm_setcsr(control | 0x8040);
         float *buffer = buffers + (int64_t)omp_get_thread_num() * K;
         float *work = works + (int64_t)omp_get_thread_num() * work_floats;
         const int lead = omp_get_thread_num() == 0;
-        linear_args a;  // each thread binds its own copy of the same arguments
         if (embedding) {
             embed_by_team(embedding, ids, x, C, texts, start, length);
             layer_norm_by_team(x, M, C, embedding->norm_weight, embedding->norm_bias, eps);
         }
         for (int64_t l = 0; l < count; l++) {
             const x86_layer_spec *layer = layers + l;
-            int64_t n;
-            bind_linear(&a, &layer->qkv, x, NULL, qkv, M, at);
-            n = linear_by_team(layer->qkv.kernel, &a, buffer);
+            int64_t n = linear_rows(&layer->qkv, x, 0, NULL, wide, bf16, M, at, buffer);
             if (lead && routed) routed[4 * l] = n;
             request_linear(&layer->o);  // each thread's share of the next projection, as its part of this one ends
             _Pragma("omp barrier")
             if (heads_kernel)
-                heads_by_team(qkv, attended, C, H, texts, start, length, bias, work);
+                heads_by_team(wide, attended, bf16, shorter, longer, C, H, texts, start, length, bias_table, span,
+                              work);
             else
-                attention_by_team(qkv, attended, C, H, texts, start, length, bias);
-            bind_linear(&a, &layer->o, attended, x, mixed, M, at);
-            n = linear_by_team(layer->o.kernel, &a, buffer);
+                attention_by_team(wide, attended, bf16, C, H, texts, start, length, bias_table, span, buffer);
+            n = linear_rows(&layer->o, attended, bf16, x, mixed, 0, M, at, buffer);
             if (lead && routed) routed[4 * l + 1] = n;
             request_linear(&layer->up);
             _Pragma("omp barrier")
             layer_norm_by_team(mixed, M, C, layer->norm1_weight, layer->norm1_bias, eps);
-            bind_linear(&a, &layer->up, mixed, NULL, qkv, M, at);
-            n = linear_by_team(layer->up.kernel, &a, buffer);
+            n = linear_rows(&layer->up, mixed, 0, NULL, wide, bf16, M, at, buffer);
             if (lead && routed) routed[4 * l + 2] = n;
             request_linear(&layer->down);
             _Pragma("omp barrier")
-            bind_linear(&a, &layer->down, qkv, mixed, x, M, at);
-            n = linear_by_team(layer->down.kernel, &a, buffer);
+            n = linear_rows(&layer->down, wide, bf16, mixed, x, 0, M, at, buffer);
             if (lead && routed) routed[4 * l + 3] = n;
             if (l + 1 < count) request_linear(&layer[1].qkv);
             _Pragma("omp barrier")
             layer_norm_by_team(x, M, C, layer->norm2_weight, layer->norm2_bias, eps);
         }
         if (pooled) pool_by_team(x, C, texts, start, length, normalize, pooled, &bad);
+        _mm_setcsr(control);
     }
     return bad;
 }

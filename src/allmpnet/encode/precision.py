@@ -26,8 +26,9 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 # weights are half the bytes (2 AMX cores: ~4 vs ~9 ms for a query's 48 projections, still 20% faster at 512
 # rows); oneDNN's bf16 wins from ~1k rows, where the maths dominates
 INT8_SMALL_BATCH_TOKENS = 512
-# batches of at most this many tokens (a query, a few) run all layers in one call (encode/fused_x86.py): a 9-token
-# query spent ~3 ms in Python and per-call overhead around ~5 ms of int8 kernels, 2 Zen 4 cores
+# fp32: batches of at most this many tokens (a query, a few) run all layers in one call on the fp32 weights
+# (encode/fused_x86.py): a 9-token query spent ~3 ms in Python and per-call overhead around ~5 ms of kernels, 2 Zen
+# 4 cores. int8-x86 plans run every batch there (batch-invariant vectors).
 FUSED_STACK_TOKENS = 64
 
 # linear layer kinds (encode/inference.py builds them):
@@ -142,8 +143,9 @@ class PrecisionPlan:
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
     int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
     int8_large_kernel: str | None = None  # theirs for large batches, when another (AMX_INT8_KERNEL)
-    fused_stack_tokens: int = 0  # batches of at most this many tokens run the layer stack in one C call (int8-x86,
-    #                              or fp32 with fused_fp32_kernel on the model's own weights: encode/fused_x86.py)
+    # batches of at most this many tokens run the whole forward pass in one C call (encode/fused_x86.py): int8-x86
+    # plans every batch (None), fp32 with fused_fp32_kernel the small ones on the model's own weights; 0: never
+    fused_stack_tokens: int | None = 0
     fused_fp32_kernel: str | None = None
     guard_fallback: str | None = None  # auto's int8-x86: checked against fp32 on the calibration texts on first
     #                                    use (encode/calibration.py); below guard_min_cosine, this precision instead
@@ -176,13 +178,16 @@ class PrecisionPlan:
         attention = self.attention + (", our kernel for a lone short block" if self.short_attention_kernel else "")
         if self.block_attention_kernel:
             attention += f", our x86 kernel ({self.block_attention_kernel} products) for blocks up to 512 tokens"
-        if self.fused_stack_tokens:
+        if self.fused_stack_tokens is None:
+            attention += "; every batch's whole forward pass in one call (a text's vector the same in any batch)"
+        elif self.fused_stack_tokens:
             weights = f" ({self.fused_fp32_kernel})" if self.fused_fp32_kernel else ""
             attention += f"; the whole layer stack in one call{weights} up to {self.fused_stack_tokens} tokens"
         why = f" ({self.reason})" if self.reason else ""
         norm = "; LayerNorm our x86 kernel" if self.layer_norm_kernel else ""
+        apart = "" if self.exact else "; a text holding special tokens inside (a \"<s>\" it wrote) runs in fp32"
         return (f"{self.name}{why}: {str(self.dtype).removeprefix('torch.')} activations; linear {linear}; "
-                f"attention {attention}{norm}")
+                f"attention {attention}{norm}{apart}")
 
 
 def attention_products(caps: Capabilities) -> str:
@@ -307,7 +312,8 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         small, small_tokens = int8, INT8_SMALL_BATCH_TOKENS
     # one C call for the whole stack on small batches: int8-x86 layers, or fp32 on the model's own weights
     fp32_fused = caps.fp32_fused_kernel if name == "fp32" and large == "onednn" and small is None else None
-    fused = (large == "int8-x86" and small is None) or fp32_fused is not None
+    fused_tokens = (None if large == "int8-x86" and small is None else FUSED_STACK_TOKENS if fp32_fused is not None
+                    else 0)
     return PrecisionPlan(
         name=name, dtype=dtype, linear=large, small_linear=small, small_batch_tokens=small_tokens,
         attention="grouped" if cpu else "padded",
@@ -318,5 +324,5 @@ def _build(name: str, caps: Capabilities, requested: str, reason: str) -> Precis
         else None,
         layer_norm_kernel=cpu and dtype == torch.bfloat16 and caps.x86_layer_norm,
         bucket_rows=cpu and large != "int8-x86", int8_kernel=kernel, int8_large_kernel=large_kernel,
-        fused_stack_tokens=FUSED_STACK_TOKENS if fused else 0, fused_fp32_kernel=fp32_fused,
+        fused_stack_tokens=fused_tokens, fused_fp32_kernel=fp32_fused,
         guard_fallback=fallback, requested=requested, reason=reason)

@@ -8,6 +8,7 @@ whole text (see `TextTokenizer.__call__`).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,15 @@ class TextTokenizer:
             whole.no_padding()
             self._whole = whole
         return self._whole.encode_batch(list(texts), add_special_tokens=False)
+
+    @functools.cached_property
+    def inner_special_ids(self) -> frozenset[int]:
+        """The special tokens a text may hold inside as strings ("<s>", "</s>", "<pad>", "<mask>", "<unk>"), less
+        the word-piece model's own unknown token, which any emoji or unknown character becomes."""
+        unknown = getattr(self._tok.model, "unk_token", None)
+        unknown_id = None if unknown is None else self._tok.token_to_id(unknown)
+        return frozenset(i for i, token in self._tok.get_added_tokens_decoder().items()
+                         if token.special and i != unknown_id)
 
     @property
     def special_ids(self) -> tuple[list[int], list[int]]:

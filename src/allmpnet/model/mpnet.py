@@ -149,6 +149,12 @@ class RelativePositionBias(nn.Module):
         buckets = relative_position_bucket(idx[None, :] - idx[:, None], self.num_buckets, self.max_distance)
         return F.embedding(buckets, self.weight).permute(2, 0, 1)  # (H, T, T)
 
+    def by_distance(self, span: int) -> torch.Tensor:
+        """(H, 2 span - 1): the bias of each key-minus-query distance from -(span - 1) to span - 1, which is all
+        forward(length) depends on: its [h, i, j] is this [h, span - 1 + j - i], for lengths up to span."""
+        distance = torch.arange(1 - span, span, device=self.weight.device)
+        return F.embedding(relative_position_bucket(distance, self.num_buckets, self.max_distance), self.weight).t()
+
 
 class Embeddings(nn.Module):
     def __init__(self, cfg: MPNetConfig):
@@ -162,8 +168,26 @@ class Embeddings(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # MPNet numbers real tokens from pad_token_id + 1; filler rows (position -1) get the padding row itself
+        positions = skip_pad_positions(ids, positions, self.pad_token_id)
         x = self.word_embeddings(ids) + self.position_embeddings(positions + self.pad_token_id + 1)
         return self.dropout(self.LayerNorm(x))  # (N, C)
+
+
+def skip_pad_positions(ids: torch.Tensor, positions: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """The absolute positions MPNet was trained with (fairseq's `make_positions`, transformers'
+    `create_position_ids_from_input_ids`): a token whose id is the pad id, even one the text itself holds (the
+    string "<pad>"), takes the padding slot (-1 here) and is not counted; the tokens after it move up one. The
+    token is still attended to and pooled: only its absolute position changes.
+
+    ids, positions: (N',) packed, positions counting every token of its text from 0 (-1 for filler rows)."""
+    is_pad = ids == pad_token_id
+    if not torch.jit.is_tracing() and not bool(is_pad.any()):  # almost every batch: nothing to move
+        return positions
+    index = torch.arange(ids.shape[0], device=ids.device)
+    start = (index - positions).clamp(max=ids.shape[0] - 1)  # each token's text's first row (filler: masked below)
+    pads = is_pad.long().cumsum(0)  # pads up to and including each row
+    pads_in_text_before = pads - is_pad.long() - (pads[start] - is_pad[start].long())
+    return torch.where(is_pad | (positions < 0), torch.full_like(positions, -1), positions - pads_in_text_before)
 
 
 class SelfAttention(nn.Module):

@@ -156,8 +156,8 @@ def test_isa_limit_hides_the_higher_levels_flags():
 
 def test_isa_limit_reaches_our_kernels():
     """ALLMPNET_MAX_ISA / ONEDNN_MAX_CPU_ISA=avx2 leaves only the AVX2 kernels, whatever this CPU has."""
-    from allmpnet.encode.int8_x86 import KERNELS, kernel_unavailable
-    from allmpnet.encode.kernels import cpu_flags
+    from allmpnet.backends.cpu.int8 import KERNELS, kernel_unavailable
+    from allmpnet.backends.cpu.library import cpu_flags
     capped = limit_isa(frozenset(cpu_flags()), "avx2")
     runnable = {name for name in KERNELS if not kernel_unavailable(name, capped)}
     assert runnable <= {"avx2-a16", "avx2-f32"}

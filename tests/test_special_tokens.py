@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from allmpnet import Encoder
-from allmpnet.encode.int8_x86 import KERNELS
-from allmpnet.encode.kernels import cpu_flags
+from allmpnet.backends.cpu.int8 import KERNELS
+from allmpnet.backends.cpu.library import cpu_flags
 from allmpnet.encode.precision import plan_precision
 from allmpnet.model.packing import PackedBatch
 from conftest import int8_plan

@@ -7,12 +7,10 @@ concurrent threads.
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import warnings
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -20,14 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from allmpnet.encode import attention_x86, kernels
+from allmpnet.backends import cpu as cpu_backend
 from allmpnet.encode.batching import (SORT_WINDOW, TokenBudget, check_finite, default_batch_tokens, embed_in_batches,
                                      prefetched, windows)
-from allmpnet.encode.calibration import cached_calibration, calibration_texts, min_cosine
+from allmpnet.encode.calibration import calibration_texts
 from allmpnet.encode.documents import ChunkSettings, DocumentChunks, chunk_token_ranges
-from allmpnet.encode.fused_x86 import FusedX86Stack
-from allmpnet.encode.inference import inference_model
-from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS
+from allmpnet.encode.inference import build_inference
 from allmpnet.encode.precision import Capabilities, PrecisionPlan, plan_precision
 from allmpnet.encode.quantize import Quantizer, resolve as resolve_quantizer
 from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
@@ -68,7 +64,7 @@ class Encoder:
             raise ValueError(f"max_batch_tokens must be at least 1 or None, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
         self._inference: SentenceModel | None = None
-        self._exact: tuple[FusedX86Stack | None] | None = None  # (_exact_stack's stack,) once built
+        self._exact: tuple[cpu_backend.FusedX86Stack | None] | None = None  # (_exact_stack's,) once built
         self._lock = threading.Lock()
         self.sort_window = SORT_WINDOW  # texts tokenized and length-sorted together
 
@@ -119,34 +115,9 @@ class Encoder:
         return model
 
     def _build_inference(self) -> SentenceModel:
-        plan = self.plan
-        if "int8-x86" not in (plan.linear, plan.small_linear):
-            return inference_model(self.model, plan, self.device)
-        w8a8 = X86_KERNELS[plan.int8_kernel].activations == "int8"
-        if not w8a8 and plan.guard_fallback is None:  # int16 activations need no ranges, and nothing is checked
-            return inference_model(self.model, plan, self.device)
-        ids = self.tokenizer(calibration_texts()).ids
-        calibration = cached_calibration(self.model, ids, self.device)
-        fast = inference_model(self.model, plan, self.device, calibration)
-        if plan.guard_fallback is None:
-            return fast
-        kernels = plan.int8_kernel + (f"+{plan.int8_large_kernel}" if plan.int8_large_kernel else "")
-        cosine = calibration.guard_results.get(kernels)
-        if cosine is None:
-            cosine = min_cosine(fast, [self.pack(ids[i:i + 32]) for i in range(0, len(ids), 32)],
-                                calibration.reference)
-            calibration.record_guard(kernels, cosine)
-        if cosine >= plan.guard_min_cosine:
-            why = plan.reason.split("; quality guard")[0]  # a refresh checks again: one verdict, the latest
-            self.plan = replace(plan, reason=f"{why}; quality guard passed: min cosine {cosine:.4f} to fp32 "
-                                             f"on {len(ids)} calibration texts")
-            return fast
-        fallback = plan_precision(plan.guard_fallback, self.device)
-        self.plan = replace(fallback, requested=plan.requested, reason=(
-            f"int8 ({plan.int8_kernel}) failed the quality guard: min cosine {cosine:.4f} < {plan.guard_min_cosine} to "
-            f"fp32 on {len(ids)} calibration texts"))
-        warnings.warn(f"precision 'auto': {self.plan.reason}; using {fallback.name}", RuntimeWarning, stacklevel=4)
-        return inference_model(self.model, self.plan, self.device)
+        model, self.plan = build_inference(self.model, self.plan, self.device,
+                                           lambda: self.tokenizer(calibration_texts()).ids, self.pack)
+        return model
 
     def refresh(self) -> None:
         """Rebuild the inference copy from the model's current weights on next use: call it after changing them
@@ -179,23 +150,16 @@ class Encoder:
         return [i for i, t in enumerate(self.tokenize(texts).truncated) if t]
 
     def pack(self, ids: Sequence[Sequence[int]], for_training: bool = False) -> PackedBatch:
-        """Ragged token ids -> a packed batch on this encoder's device, laid out as the plan says."""
+        """Ragged token ids -> a packed batch on this encoder's device, laid out as the plan says (training: the
+        plain layout, with no kernel of ours, which have no backward pass)."""
         plan = self.plan
         cfg = self.model.network.cfg
-        short = (not for_training and plan.short_attention_kernel
-                 and kernels.short_attention_supported(cfg.hidden_size // cfg.num_attention_heads))
         # rows are bucketed for oneDNN's per-shape caches; a batch the fused stack takes needs no filler
         bucket = (plan.bucket_rows and not for_training and plan.fused_stack_tokens is not None
                   and sum(map(len, ids)) > plan.fused_stack_tokens)
-        block = (not for_training and plan.block_attention_kernel
-                 and cfg.hidden_size == cfg.num_attention_heads * attention_x86.HEAD_DIM)
-        return PackedBatch.from_ids(ids, self.device, plan.attention, bucket_rows=bucket,
-                                    short_kernel=kernels.short_attention if short else None,
-                                    short_kernel_max_tokens=kernels.MAX_BLOCK_TOKENS,
-                                    block_kernel=functools.partial(attention_x86.block_attention,
-                                                                   products=plan.block_attention_kernel)
-                                    if block else None,
-                                    block_kernel_max_tokens=attention_x86.MAX_TOKENS)
+        kernels = {} if for_training or self.device.type != "cpu" else cpu_backend.attention_options(
+            plan.short_attention_kernel, plan.block_attention_kernel, cfg.hidden_size, cfg.num_attention_heads)
+        return PackedBatch.from_ids(ids, self.device, plan.attention, bucket_rows=bucket, **kernels)
 
     @torch.inference_mode()
     def embed_ids(self, ids: Sequence[Sequence[int]], normalize: bool | None = None) -> torch.Tensor:
@@ -238,25 +202,22 @@ class Encoder:
         check_finite(vectors[exact_rows])
         return vectors
 
-    def _exact_stack(self) -> FusedX86Stack | None:
+    def _exact_stack(self) -> cpu_backend.FusedX86Stack | None:
         """The fused call on the fp32 model's own weights, for texts that run in fp32 apart (None where no
         fp32-weight kernel runs); built on first use."""
         if self._exact is None:
             with self._lock:
                 if self._exact is None:
-                    kernel = Capabilities.detect(self.device).fp32_fused_kernel if self.device.type == "cpu" else None
-                    network = self.model.network
-                    self._exact = (None,) if kernel is None else (FusedX86Stack(
-                        network.encoder, None, network.encoder, kernel, network.embeddings, self.model.pooling),)
+                    kernel = (Capabilities.detect(self.device, "fp32").fp32_fused_kernel
+                              if self.device.type == "cpu" else None)
+                    self._exact = (cpu_backend.exact_stack(self.model, kernel),)
         return self._exact[0]
 
     def _embed_planned(self, ids: Sequence[Sequence[int]], normalize: bool | None) -> torch.Tensor:
         model = self.inference_model()
-        stack = model.network.encoder
-        # a small batch (a query) as token ids straight into the fused stack's one C call (which also checks the
+        # token ids straight into the fused forward pass's one C call where the copy has it (which also checks the
         # vectors are finite): no packed batch
-        vectors = (stack.sentence_vectors(ids, model.normalize if normalize is None else normalize)
-                   if isinstance(stack, FusedX86Stack) else None)
+        vectors = cpu_backend.sentence_vectors(model, ids, model.normalize if normalize is None else normalize)
         if vectors is None:
             vectors = model(self.pack(ids), normalize).float().cpu()
             check_finite(vectors)

@@ -4,15 +4,17 @@ the precision plan's kinds (gpt-fast style: each speed-up is a module swap, not 
 - "onednn": the weight is reordered once by oneDNN into its blocked (on AMX: tile) layout, and the bias, GELU or
   residual add are applied while the output is still in cache instead of in separate passes over memory. In
   fp32 too: F.linear re-packs the weight on every call, which a query's few rows cannot amortise.
-- "int8-amx": our kernel (kernels.py), int8 weights widened to bf16 on the AMX tiles.
-- "int8-x86": our kernels for CPUs without AMX (int8_x86.py): W8A8 on VNNI with the calibrated outlier
-  treatment, int16 activations elsewhere; built from the fp32 master weights, not the cast copy's, and their
-  streamed buffers then moved onto 2 MB pages in the order a query reads them (pages.py).
+- "int8-amx": the CPU backend's AMX kernel (backends/cpu/amx.py), int8 weights widened to bf16 on the tiles.
+- "int8-x86": the CPU backend's x86 kernels (backends/cpu/int8.py): W8A8 on VNNI (or AMX-int8 for large batches)
+  with the calibrated outlier treatment, int16 activations elsewhere; built from the fp32 master weights, not the
+  cast copy's, and their streamed buffers then moved onto 2 MB pages in the order a query reads them.
 - a small-batch kind beside a large-batch one: `RowSwitchedLinear` keeps both forms and picks per call.
-- LayerNorms in bf16 on x86 CPUs with AVX512-BF16: our kernel (norm_x86.py), where the plan says so.
-- with int8-x86 linears, and in fp32 on x86 CPUs, the layer stack itself is swapped for `FusedX86Stack`
-  (encode/fused_x86.py): small batches run all layers in one C call (in fp32 on the model's own weights), and
-  Encoder.embed_ids sends them there as token ids, embeddings and pooling included.
+- LayerNorms in bf16 on x86 CPUs with AVX512-BF16: the backend's kernel, where the plan says so.
+- with int8-x86 linears, and in fp32 on x86 CPUs, the layer stack itself is swapped for the backend's
+  `FusedX86Stack`: every int8 batch (and an fp32 query) runs the whole forward pass in one C call, which
+  Encoder.embed_ids reaches with token ids, embeddings and pooling included.
+
+`build_inference` makes the copy a plan asks for, calibrating W8A8 and checking auto's int8 against fp32 first.
 
 In fp32 with torch's linears the copy is the model itself; otherwise it is a frozen deep copy cast to the plan's
 dtype (in fp32 sharing every tensor but the swapped linears'), so the fp32 master weights (training, saving) are
@@ -21,20 +23,22 @@ never touched.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from allmpnet.encode.calibration import Calibration
-from allmpnet.encode.fused_x86 import FusedX86Stack
-from allmpnet.encode.int8_x86 import STREAMED_BUFFERS, X86Int8Linear, recipe_layer
-from allmpnet.encode.kernels import Int8Linear
-from allmpnet.encode.norm_x86 import swap_layer_norms
-from allmpnet.encode.pages import move_to_huge_pages
-from allmpnet.encode.precision import PrecisionPlan
+from allmpnet.backends.cpu.amx import Int8Linear
+from allmpnet.backends.cpu.fused import FusedX86Stack
+from allmpnet.backends.cpu.int8 import KERNELS as X86_KERNELS, STREAMED_BUFFERS, X86Int8Linear, recipe_layer
+from allmpnet.backends.cpu.layer_norm import swap_layer_norms
+from allmpnet.backends.cpu.pages import move_to_huge_pages
+from allmpnet.encode.calibration import Calibration, cached_calibration, calibration_texts, min_cosine
+from allmpnet.encode.precision import PrecisionPlan, plan_precision
 from allmpnet.model.mpnet import Linear
+from allmpnet.model.packing import PackedBatch
 from allmpnet.model.sentence import SentenceModel
 
 
@@ -129,7 +133,7 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
     swap_linears(fast.network, linear_factory(plan, model, calibration))
     if plan.layer_norm_kernel:
         swap_layer_norms(fast.network)
-    # the int8 weights a query streams, on 2 MB pages in the order it reads them (encode/pages.py)
+    # the int8 weights a query streams, on 2 MB pages in the order it reads them (backends/cpu/pages.py)
     move_to_huge_pages([m for m in fast.network.modules() if isinstance(m, X86Int8Linear)], STREAMED_BUFFERS)
     if plan.fused_stack_tokens != 0:
         fp32 = plan.fused_fp32_kernel is not None  # the fp32 model's weights as they are; else the int8 layers
@@ -138,3 +142,37 @@ def inference_model(model: SentenceModel, plan: PrecisionPlan, device: torch.dev
                                              fast.network.embeddings, fast.pooling, bf16=plan.dtype == torch.bfloat16,
                                              products=plan.block_attention_kernel or "fp32")
     return fast
+
+
+def build_inference(model: SentenceModel, plan: PrecisionPlan, device: torch.device,
+                    calibration_ids: Callable[[], list[list[int]]],
+                    pack: Callable[[Sequence[Sequence[int]]], PackedBatch]) -> tuple[SentenceModel, PrecisionPlan]:
+    """The inference copy for `plan`, and the plan it ended up with. W8A8 layers are built from the calibration
+    texts' ranges (`calibration_ids()`: their token ids); auto's int8-x86 copy (plan.guard_fallback) is checked
+    against fp32 on them (batches made by `pack`) and, below the quality contract, replaced by the fallback's,
+    with a warning."""
+    if "int8-x86" not in (plan.linear, plan.small_linear):
+        return inference_model(model, plan, device), plan
+    w8a8 = X86_KERNELS[plan.int8_kernel].activations == "int8"
+    if not w8a8 and plan.guard_fallback is None:  # int16 activations need no ranges, and nothing is checked
+        return inference_model(model, plan, device), plan
+    ids = calibration_ids()
+    calibration = cached_calibration(model, ids, device)
+    fast = inference_model(model, plan, device, calibration)
+    if plan.guard_fallback is None:
+        return fast, plan
+    kernels = plan.int8_kernel + (f"+{plan.int8_large_kernel}" if plan.int8_large_kernel else "")
+    cosine = calibration.guard_results.get(kernels)
+    if cosine is None:
+        cosine = min_cosine(fast, [pack(ids[i:i + 32]) for i in range(0, len(ids), 32)], calibration.reference)
+        calibration.record_guard(kernels, cosine)
+    if cosine >= plan.guard_min_cosine:
+        why = plan.reason.split("; quality guard")[0]  # a refresh checks again: one verdict, the latest
+        return fast, replace(plan, reason=f"{why}; quality guard passed: min cosine {cosine:.4f} to fp32 on "
+                                          f"{len(ids)} calibration texts")
+    fallback = plan_precision(plan.guard_fallback, device)
+    fallback = replace(fallback, requested=plan.requested, reason=(
+        f"int8 ({plan.int8_kernel}) failed the quality guard: min cosine {cosine:.4f} < {plan.guard_min_cosine} to "
+        f"fp32 on {len(ids)} calibration texts"))
+    warnings.warn(f"precision 'auto': {fallback.reason}; using {fallback.name}", RuntimeWarning, stacklevel=5)
+    return inference_model(model, fallback, device), fallback

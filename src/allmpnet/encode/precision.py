@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from allmpnet.encode.int8_x86 import KERNELS as X86_KERNELS, PREFERENCE as X86_PREFERENCE
-from allmpnet.encode.int8_x86 import kernel_unavailable as x86_kernel_unavailable
-from allmpnet.encode.attention_x86 import attention_unavailable
-from allmpnet.encode.norm_x86 import layer_norm_unavailable
-from allmpnet.encode.fused_x86 import pick_fp32_kernel
-from allmpnet.encode.kernels import cpu_flags, kernels_unavailable
+from allmpnet.backends.cpu.amx import kernels_unavailable
+from allmpnet.backends.cpu.attention import attention_unavailable
+from allmpnet.backends.cpu.fused import pick_fp32_kernel
+from allmpnet.backends.cpu.int8 import KERNELS as X86_KERNELS, PREFERENCE as X86_PREFERENCE
+from allmpnet.backends.cpu.int8 import kernel_unavailable as x86_kernel_unavailable
+from allmpnet.backends.cpu.layer_norm import layer_norm_unavailable
+from allmpnet.backends.cpu.library import cpu_flags, library_unavailable
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "bf16+int8")
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,7 +29,7 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 # rows); oneDNN's bf16 wins from ~1k rows, where the maths dominates
 INT8_SMALL_BATCH_TOKENS = 512
 # fp32: batches of at most this many tokens (a query, a few) run all layers in one call on the fp32 weights
-# (encode/fused_x86.py): a 9-token query spent ~3 ms in Python and per-call overhead around ~5 ms of kernels, 2 Zen
+# (backends/cpu/fused.py): a 9-token query spent ~3 ms in Python and per-call overhead around ~5 ms of kernels, 2 Zen
 # 4 cores. int8-x86 plans run every batch there (batch-invariant vectors).
 FUSED_STACK_TOKENS = 64
 
@@ -35,12 +37,12 @@ FUSED_STACK_TOKENS = 64
 #   "torch"     F.linear in the plan's dtype
 #   "onednn"    oneDNN's prepacked linear (fp32 or bf16), bias/GELU/residual fused (CPU)
 #   "int8-amx"  our int8-weight kernel on AMX tiles (CPU with AMX)
-#   "int8-x86"  our int8-weight kernels for x86 CPUs (plan.int8_kernel names which: int8_x86.KERNELS; on AMX
+#   "int8-x86"  our int8-weight kernels for x86 CPUs (plan.int8_kernel names which: backends/cpu/int8.py KERNELS; on AMX
 #               plan.int8_large_kernel takes the large batches)
 # the int8-x86 kernels in the order "int8" prefers them: W8A8 on VNNI (calibrated, twice bf16's rate), else int16
 # activations (weight-only int8 quality; vpmaddwd runs at twice the fp32 FMA rate, AVX2 included)
 X86_INT8_KERNELS = tuple(X86_PREFERENCE["int8"] + X86_PREFERENCE["int16"])
-# where it runs, "int8" gives the layers' large batches (over int8_x86.MAX_SMALL_ROWS rows) to AMX-int8's tiles:
+# where it runs, "int8" gives the layers' large batches (over int8.MAX_SMALL_ROWS rows) to AMX-int8's tiles:
 # the same W8A8 sums as vnni-a8's, which keeps the small ones (a query streams its weights better there)
 AMX_INT8_KERNEL = "amx-a8"
 
@@ -53,10 +55,10 @@ class Capabilities:
     onednn_dtypes: frozenset[str] = frozenset()  # dtypes ("fp32", "bf16") oneDNN's prepacked linear runs in here
     amx_kernels: str = "not checked"  # "" when our AMX kernels compiled and passed their self-test; else why not
     cuda_bf16: bool = False
-    x86_kernels: frozenset[str] = frozenset()  # int8_x86 kernels that built and passed their self-test here
-    fp32_fused_kernel: str | None = None  # the fused stack's fp32-weight kernel that runs here (fused_x86.py)
-    x86_attention: bool = False  # our x86 attention kernel runs here (attention_x86.py)
-    x86_layer_norm: bool = False  # our bf16 LayerNorm kernel runs here (norm_x86.py)
+    x86_kernels: frozenset[str] = frozenset()  # x86 int8 kernels that loaded and passed their self-test here
+    fp32_fused_kernel: str | None = None  # the fused stack's fp32-weight kernel that runs here (backends/cpu/fused.py)
+    x86_attention: bool = False  # our x86 attention kernel runs here (backends/cpu/attention.py)
+    x86_layer_norm: bool = False  # our bf16 LayerNorm kernel runs here (backends/cpu/layer_norm.py)
 
     @property
     def native_bf16(self) -> bool:
@@ -65,8 +67,10 @@ class Capabilities:
         return self.device_type == "cpu" and bool({"amx_bf16", "avx512_bf16"} & self.cpu_flags)
 
     @classmethod
-    def detect(cls, device: torch.device | str) -> "Capabilities":
-        return _detect(torch.device(device).type)
+    def detect(cls, device: torch.device | str, precision: str | None = None) -> "Capabilities":
+        """This machine's capabilities, as far as `precision` needs them (None or "auto": all): an fp32 or bf16
+        plan neither loads nor self-tests the int8 kernels it will not use."""
+        return _detect(torch.device(device).type, DETECTION_SCOPES.get(precision or "auto", "all"))
 
 
 # instruction-set levels, each adding CPU flags to the ones below it (oneDNN's names, lower-cased)
@@ -99,20 +103,31 @@ def max_isa_from_env() -> str | None:
     return os.environ.get("ALLMPNET_MAX_ISA") or os.environ.get("ONEDNN_MAX_CPU_ISA")
 
 
+# what each precision's plan reads of the capabilities: "flags" (the CPU's flags, oneDNN), "fp32" (+ the fused fp32
+# kernel), "bf16" (+ our attention, LayerNorm and AMX kernels), "all" (+ the int8 kernels)
+DETECTION_SCOPES = {"fp32": "fp32", "fp16": "flags", "bf16": "bf16", "int8": "all", "bf16+int8": "all",
+                    "auto": "all", "training": "flags"}
+
+
 @functools.lru_cache(maxsize=None)
-def _detect(device_type: str) -> Capabilities:
+def _detect(device_type: str, scope: str = "all") -> Capabilities:
     if device_type == "cuda":
         return Capabilities("cuda", cuda_bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device_type != "cpu":
         return Capabilities(device_type)
     flags = limit_isa(frozenset(cpu_flags()), max_isa_from_env())
-    amx = kernels_unavailable() if {"amx_tile", "amx_bf16"} <= flags else "this CPU has no AMX bf16 units"
     onednn = frozenset(name for name in ("fp32", "bf16") if onednn_linear_available(COMPUTE_DTYPES[name]))
-    # only the kernels a plan can name: each one checked here is built and self-tested at start-up
-    x86 = frozenset(name for name in X86_INT8_KERNELS + (AMX_INT8_KERNEL,) if not x86_kernel_unavailable(name, flags))
-    return Capabilities("cpu", flags, onednn, amx, x86_kernels=x86, fp32_fused_kernel=pick_fp32_kernel(flags),
-                        x86_attention=not attention_unavailable(flags),
-                        x86_layer_norm=not layer_norm_unavailable(flags))
+    caps = Capabilities("cpu", flags, onednn)
+    if scope in ("fp32", "all"):
+        caps = replace(caps, fp32_fused_kernel=pick_fp32_kernel(flags))
+    if scope in ("bf16", "all"):
+        amx = kernels_unavailable() if {"amx_tile", "amx_bf16"} <= flags else "this CPU has no AMX bf16 units"
+        caps = replace(caps, amx_kernels=amx, x86_attention=not attention_unavailable(flags),
+                       x86_layer_norm=not layer_norm_unavailable(flags))
+    if scope == "all":  # only the kernels a plan can name: each one checked here is loaded and self-tested
+        caps = replace(caps, x86_kernels=frozenset(name for name in X86_INT8_KERNELS + (AMX_INT8_KERNEL,)
+                                                   if not x86_kernel_unavailable(name, flags)))
+    return caps
 
 
 def onednn_linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -136,14 +151,14 @@ class PrecisionPlan:
     small_batch_tokens: int = 0
     attention: str = "grouped"  # "grouped" (CPU: SDPA per equal-length group) or "padded" (GPU: one call)
     short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
-    # every group of blocks up to 512 tokens through our x86 kernel, with these products (attention_x86.PRODUCTS:
+    # every group of blocks up to 512 tokens through our x86 kernel, with these products (backends/cpu/attention.py PRODUCTS:
     # "amx", "bf16" or "fp32", as far as the CPU goes); None: SDPA
     block_attention_kernel: str | None = None
-    layer_norm_kernel: bool = False  # bf16 LayerNorms through our x86 kernel (norm_x86.py)
+    layer_norm_kernel: bool = False  # bf16 LayerNorms through our x86 kernel (backends/cpu/layer_norm.py)
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
-    int8_kernel: str | None = None  # the int8_x86 kernel of "int8-x86" linears
+    int8_kernel: str | None = None  # the x86 int8 kernel of "int8-x86" linears (backends/cpu/int8.py)
     int8_large_kernel: str | None = None  # theirs for large batches, when another (AMX_INT8_KERNEL)
-    # batches of at most this many tokens run the whole forward pass in one C call (encode/fused_x86.py): int8-x86
+    # batches of at most this many tokens run the whole forward pass in one C call (backends/cpu/fused.py): int8-x86
     # plans every batch (None), fp32 with fused_fp32_kernel the small ones on the model's own weights; 0: never
     fused_stack_tokens: int | None = 0
     fused_fp32_kernel: str | None = None
@@ -217,9 +232,10 @@ def plan_precision(request: str, device: torch.device | str, capabilities: Capab
     request the hardware cannot run raises ValueError saying why; "auto" never does.
     """
     device = torch.device(device)
-    caps = capabilities or Capabilities.detect(device)
+    caps = capabilities or Capabilities.detect(device, request)
     if request == "auto":
-        name, reason = _choose(caps)
+        lost = library_unavailable() if capabilities is None and device.type == "cpu" else ""
+        name, reason = _choose(caps, lost)
     else:
         name, reason = check_precision_name(request), "as requested"
         why_not = _unavailable(name, caps)
@@ -235,24 +251,31 @@ def plan_training_precision(request: str, device: torch.device | str, capabiliti
     if request in ("int8", "bf16+int8"):
         raise ValueError(f"precision {request!r} is for inference only: train in fp32, bf16 or auto")
     device = torch.device(device)
-    caps = capabilities or Capabilities.detect(device)
     if request != "auto":
-        return plan_precision(request, device, caps)
+        return plan_precision(request, device, capabilities)
+    caps = capabilities or Capabilities.detect(device, "training")
     name = ("bf16" if caps.native_bf16 else "fp16" if caps.device_type == "cuda" else "fp32")
-    return _build(name, caps, "auto", "training: the fastest float precision here")
+    return _build(name, capabilities or Capabilities.detect(device, name), "auto",
+                  "training: the fastest float precision here")
 
 
 def x86_int8_kernel(caps: Capabilities) -> str | None:
-    """The int8_x86 kernel "int8" runs on this CPU (None: none runs here)."""
+    """The x86 int8 kernel "int8" runs on this CPU (None: none runs here)."""
     return next((name for name in X86_INT8_KERNELS if name in caps.x86_kernels), None)
 
 
-def _choose(caps: Capabilities) -> tuple[str, str]:
+def _choose(caps: Capabilities, lost: str = "") -> tuple[str, str]:
+    """auto's precision for these capabilities, and why; `lost`: why this machine has no library of our kernels
+    ("" where it has one, or where the capabilities were given)."""
     if caps.device_type == "cuda":
         return ("bf16", "GPU computes bf16 natively") if caps.cuda_bf16 else ("fp16", "GPU without native bf16")
     if caps.device_type != "cpu":
         return "fp32", f"no faster path tested on {caps.device_type}"
     kernel = x86_int8_kernel(caps)
+    if lost and "avx2" in caps.cpu_flags:  # this machine could run our kernels but has no library of them
+        name, reason = _choose_without_kernels(caps)
+        warn_unavailable(lost)
+        return name, f"without allmpnet's CPU kernels ({lost}); {reason}"
     if not caps.amx_kernels:
         if _amx_int8(caps):
             return "int8", "AMX-int8: W8A8 on the tiles, twice the rate of bf16"
@@ -266,6 +289,21 @@ def _choose(caps: Capabilities) -> tuple[str, str]:
     if kernel is not None:
         return "int8", "no native bf16 or VNNI: int8 weights with int16 activations beat fp32"
     return "fp32", "this CPU has no native bf16 (AMX or AVX512-BF16) and none of our int8 kernels runs here"
+
+
+def _choose_without_kernels(caps: Capabilities) -> tuple[str, str]:
+    if caps.native_bf16:
+        return "bf16", "native bf16 through oneDNN"
+    return "fp32", "this CPU has no native bf16 (AMX or AVX512-BF16)"
+
+
+@functools.lru_cache(maxsize=None)
+def warn_unavailable(why: str) -> None:
+    """Once per process: what auto loses on a machine without our kernels' library, and how to get it."""
+    warnings.warn(f"precision 'auto' runs without allmpnet's CPU kernels here ({why}): no int8 path, several times "
+                  "slower than with them. Install allmpnet from a wheel (`pip install allmpnet-*.whl`, which carries "
+                  "them built) or put a C/C++ compiler on PATH (CC, CXX) so they are built on first use; "
+                  "`allmpnet info --precision auto` shows the plan", RuntimeWarning, stacklevel=4)
 
 
 def _amx_int8(caps: Capabilities) -> bool:

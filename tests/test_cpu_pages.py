@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from allmpnet.encode.pages import HUGE_PAGE, huge_page_region, move_to_huge_pages
+from allmpnet.backends.cpu.pages import HUGE_PAGE, huge_page_region, move_to_huge_pages
 from conftest import int8_plan
 
 
@@ -66,7 +66,7 @@ def test_buffers_move_in_order_keep_their_values_and_stay_registered():
 
 def test_the_int8_copy_reads_its_weights_from_one_region_in_layer_order(tiny_model_dir, tmp_path, monkeypatch):
     from allmpnet import Encoder
-    from allmpnet.encode.int8_x86 import STREAMED_BUFFERS, X86Int8Linear, pick_kernel
+    from allmpnet.backends.cpu.int8 import STREAMED_BUFFERS, X86Int8Linear, pick_kernel
     kernel = pick_kernel("int8") or pick_kernel("int16")  # "int8"'s own order of preference
     if kernel is None:
         pytest.skip("no x86 int8 kernel runs on this CPU")

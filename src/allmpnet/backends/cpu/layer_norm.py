@@ -1,4 +1,4 @@
-"""LayerNorm of bf16 rows for x86 CPUs with AVX512-BF16 (`allmpnet_x86_layer_norm` in kernels_x86.c): fp32 mean and
+"""LayerNorm of bf16 rows for x86 CPUs with AVX512-BF16 (`allmpnet_x86_layer_norm`, csrc/layer_norm*.c): fp32 mean and
 variance, bf16 in and out, as torch's; the same values but where a rounding tie falls the other way.
 
 Why: torch's bf16 LayerNorm took 1.2 ms for a 3,825 x 768 batch on 2 AMX Xeon cores, ours 0.6 ms; a batch of
@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allmpnet.encode.int8_x86 import KERNELS, _library, loaded_for
+from allmpnet.backends.cpu.int8 import KERNELS, loaded_for
+from allmpnet.backends.cpu.library import load
 
 
 @functools.lru_cache(maxsize=None)
 def layer_norm_unavailable(capabilities: frozenset[str] | None = None) -> str:
     """Why the kernel cannot run on a CPU with these flags (this CPU's by default; "" when it can)."""
-    library, why = loaded_for(KERNELS["avx512-bf16"], capabilities)  # the same instructions
-    return why if library is None else ""
+    return loaded_for(KERNELS["avx512-bf16"], capabilities)  # the same instructions
 
 
 class X86LayerNorm(nn.LayerNorm):
@@ -52,7 +52,7 @@ class X86LayerNorm(nn.LayerNorm):
         self.calls[0] += 1
         x = x.contiguous()
         y = torch.empty_like(x)
-        status = _library()[0].allmpnet_x86_layer_norm(x.data_ptr(), y.data_ptr(), self.weight.data_ptr(),
+        status = load().allmpnet_x86_layer_norm(x.data_ptr(), y.data_ptr(), self.weight.data_ptr(),
                                                        self.bias.data_ptr(), self.eps, x.shape[0], C,
                                                        torch.get_num_threads())
         if status != 0:

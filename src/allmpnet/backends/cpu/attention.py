@@ -1,13 +1,13 @@
-"""Attention over blocks of equal length for x86 CPUs with AVX512 (`allmpnet_x86_attention` in kernels_x86.c):
+"""Attention over blocks of equal length for x86 CPUs with AVX512 (`allmpnet_x86_attention`, csrc/attention*.c):
 softmax(q k^T / sqrt(D) + bias) v per block and head of 64, with fp32 scores and softmax; the products of bf16
 blocks on the AMX-bf16 tiles where the CPU has them, else in AVX512-BF16 pair dot products (twice the FMA rate),
 else (and for fp32 blocks) in fp32 FMAs.
 
 Why: torch's SDPA runs this model's bf16 attention at ~40-115 GFLOP/s on 2 Zen 4 cores (a quarter of a 256-token
 passage's time), where ours runs it at 2.5-6x that on 9- to 384-token blocks; and at ~230 GFLOP/s on 2 AMX Xeon
-cores (a fifth of a passage's time under auto), where ours on the tiles runs it at several times that
-(benchmarks/int8_research/attention.py). The packed batch sends it every group whose blocks are at most
-MAX_TOKENS long (model/packing.py, GroupedAttention), with the same call as the AMX short kernel.
+cores (a fifth of a passage's time under auto), where ours on the tiles runs it at several times that. The packed
+batch sends it every group whose blocks are at most MAX_TOKENS long (model/packing.py, GroupedAttention), with the
+same call as the AMX short kernel.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import functools
 
 import torch
 
-from allmpnet.encode.int8_x86 import KERNELS, _library, _scratch_buffer, loaded_for
-from allmpnet.encode.kernels import short_attention_reference as reference  # the same maths by SDPA, in fp32
+from allmpnet.backends.cpu.amx import short_attention_reference as reference  # the same maths by SDPA, in fp32
+from allmpnet.backends.cpu.int8 import KERNELS, loaded_for
+from allmpnet.backends.cpu.library import HEAD_DIM, library_unavailable, load, scratch_buffer
 
-HEAD_DIM = 64  # the head size the kernel is written for (all-mpnet-base-v2's)
 MAX_TOKENS = 512  # longest block it takes (its per-thread buffers grow with it: ~0.3 MB at 512)
 PRODUCTS = ("fp32", "bf16", "amx")  # how bf16 blocks are multiplied, each taken only as far as the CPU goes
 
@@ -27,22 +27,23 @@ PRODUCTS = ("fp32", "bf16", "amx")  # how bf16 blocks are multiplied, each taken
 def attention_unavailable(capabilities: frozenset[str] | None = None) -> str:
     """Why the kernel cannot run on a CPU with these flags (this CPU's by default; "" when it can: built,
     supported and checked against SDPA)."""
-    library, why = loaded_for(KERNELS["avx512-f32"], capabilities)  # the same instructions: AVX512 F/BW/VL/DQ
-    if library is None:
+    why = loaded_for(KERNELS["avx512-f32"], capabilities)  # the same instructions: AVX512 F/BW/VL/DQ
+    if why:
         return why
     generator = torch.Generator().manual_seed(0)
     qkv = torch.randn(2 * 7, 3 * 2 * HEAD_DIM, generator=generator)  # 2 blocks of 7 tokens, 2 heads
     bias = torch.randn(2, 7, 7, generator=generator)
     out = torch.zeros(2 * 7, 2 * HEAD_DIM)
-    if _run(library, qkv, out, bias, 0, 2, 7, 2) < 0:
+    if _run(qkv, out, bias, 0, 2, 7, 2) < 0:
         return "this CPU lacks an instruction set it needs"
     expected = reference(qkv, bias, 0, 2, 7, 2)
     return "" if torch.allclose(out, expected, atol=1e-5, rtol=1e-4) else "the attention kernel failed its self-test"
 
 
-def _run(library, qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
+def _run(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
          block_tokens: int, n_head: int, products: str = "amx") -> int:
-    scratch = _scratch_buffer(library.allmpnet_x86_attention_scratch_bytes(block_tokens, torch.get_num_threads()))
+    library = load()
+    scratch = scratch_buffer(library.allmpnet_x86_attention_scratch_bytes(block_tokens, torch.get_num_threads()))
     return library.allmpnet_x86_attention(qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), out.data_ptr(),
                                           bias.data_ptr(), HEAD_DIM ** -0.5, start, blocks, block_tokens, n_head,
                                           PRODUCTS.index(products), scratch.data_ptr(), torch.get_num_threads())
@@ -62,8 +63,8 @@ def block_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, st
             and C == n_head * HEAD_DIM and bias.shape == (n_head, block_tokens, block_tokens)
             and 0 < block_tokens <= MAX_TOKENS and start + blocks * block_tokens <= min(qkv.shape[0], out.shape[0])):
         raise ValueError("block_attention: inputs of the wrong dtype, layout or shape")
-    library, why = _library()
-    used = -1 if library is None else _run(library, qkv, out, bias, start, blocks, block_tokens, n_head, products)
+    why = library_unavailable()
+    used = -1 if why else _run(qkv, out, bias, start, blocks, block_tokens, n_head, products)
     if used < 0:
         raise RuntimeError(f"the x86 attention kernel cannot run here: {why or 'it refused the call'}")
     return PRODUCTS[used]

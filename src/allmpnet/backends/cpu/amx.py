@@ -1,5 +1,4 @@
-"""Our CPU kernels (`kernels.c`, for CPUs with AMX): weight-only int8 linear layers, and attention over short
-blocks.
+"""Our AMX-bf16 kernels (for CPUs with AMX): weight-only int8 linear layers, and attention over short blocks.
 
 int8 linear layers: int8 weights with a scale per output channel and group of 128 inputs, bf16 maths. A short
 query is memory-bound: it reads every weight once for about a dozen rows, so its floor is the weights' bytes
@@ -10,108 +9,61 @@ widened to bf16 in L1 and multiplied on the AMX tiles. Why groups: with one scal
 large weights in the 3072-input projections coarsen the grid for all the others (STSBenchmark sentences: min
 cosine to fp32 0.975); a scale per 128 inputs gives 0.999.
 
-Short attention: blocks of at most 32 tokens, where SDPA's CPU kernel is all fixed cost (see kernels.c).
+Short attention: blocks of at most 32 tokens, where SDPA's CPU kernel is all fixed cost (csrc/amx_bf16.c).
 
-The library is compiled with the system C compiler on first use and cached, then checked against torch;
-where there is no compiler, no AMX or the check fails, `kernels_unavailable()` says why and callers stay on
-torch's ops.
+Both live in the CPU backend's library (csrc/amx_bf16.c); where the CPU has no AMX, the library is missing, or
+their self-test fails, `kernels_unavailable()` says why and callers stay on torch's ops.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allmpnet.weights import cache_root
+from allmpnet.backends.cpu.int8 import quantize
+from allmpnet.backends.cpu.library import cpu_flags, library_unavailable, load
 
-SOURCE = Path(__file__).with_name("kernels.c")
-COMPILE_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile",
-                 "-mamx-bf16"]
 BLOCK = 32  # output channels and inputs per packed block (the kernel's tile geometry)
 GROUP = 128  # inputs sharing one scale (per output channel)
 
 
-def compiled_library(source: Path, flags: list[str]) -> Path:
-    """`source` built with `flags` by the system C compiler, once per content of it and of the headers beside it
-    (which it may include), into the cache (atomically: parallel processes may race to build it)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the source includes
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"{source.stem}-{key}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            run = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError(f"compiling {source.name} failed: {run.stderr.strip()[-500:]}")
-            os.replace(built, target)
-    return target
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux; empty elsewhere, which keeps callers on the portable paths)."""
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return set()
-
-
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
     return {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= cpu_flags()
 
 
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """(library, "") when the kernel runs here and passes its self-test, else (None, why not)."""
-    if not _cpu_has_amx():
-        return None, "this CPU has no AMX bf16 units"
-    try:
-        library = ctypes.CDLL(str(compiled_library(SOURCE, COMPILE_FLAGS)))
-    except (OSError, RuntimeError) as error:
-        return None, str(error)
-    if library.allmpnet_request_amx() != 0:
-        return None, "the kernel refused AMX state to this process"
-    pointer = ctypes.c_void_p
-    library.allmpnet_int8_linear.argtypes = ([pointer] * 3 + [ctypes.c_int64] + [pointer] * 3
-                                             + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2)
-    library.allmpnet_int8_linear.restype = ctypes.c_int
-    library.allmpnet_short_attention.argtypes = ([pointer] * 3 + [ctypes.c_float] + [ctypes.c_int64] * 5
-                                                 + [ctypes.c_int])
-    library.allmpnet_short_attention.restype = None
-    if not _self_test(library):
-        return None, "the kernels' self-test gave wrong results"
-    return library, ""
+def kernels_unavailable() -> str:
+    """Why our AMX kernels cannot run here ("" when they can: the library loaded, the CPU has AMX-bf16 and granted
+    its tile state, and their self-test passed)."""
+    if not cpu_has_amx():
+        return "this CPU has no AMX bf16 units"
+    why = library_unavailable()
+    if why:
+        return why
+    if not _self_test():
+        return "the kernels' self-test gave wrong results, or the tile state was refused"
+    return ""
 
 
-def _self_test(library: ctypes.CDLL) -> bool:
+def _self_test() -> bool:
     generator = torch.Generator().manual_seed(0)
     layer = Int8Linear(torch.randn(64, 96, generator=generator), torch.randn(64, generator=generator), "gelu")
     x = torch.randn(37, 96, generator=generator).bfloat16()  # two chunks of rows, one partial
     expected = F.gelu(F.linear(x.float(), layer.dequantized().bfloat16().float(), layer.bias))
-    linear_ok = torch.allclose(layer.run(library, x, None).float(), expected, atol=0.05, rtol=0.02)
+    try:
+        got = layer.run(x, None)
+    except RuntimeError:  # the library refused: no AMX-bf16 here after all, or no tile state
+        return False
+    linear_ok = torch.allclose(got.float(), expected, atol=0.05, rtol=0.02)
     qkv = torch.randn(2 * 5, 3 * 2 * 16, generator=generator).bfloat16()  # 2 blocks of 5 tokens, 2 heads of 16
     bias = torch.randn(2, 5, 5, generator=generator)
     expected = short_attention_reference(qkv, bias, 0, 2, 5, 2)
     got = torch.zeros(10, 32, dtype=torch.bfloat16)
-    _short_attention(library, qkv, got, bias, 0, 2, 5, 2)
+    if _short_attention(qkv, got, bias, 0, 2, 5, 2) != 0:
+        return False
     return bool(linear_ok and torch.allclose(got.float(), expected, atol=0.02, rtol=0.02))
-
-
-def kernels_unavailable() -> str:
-    """Why our kernels cannot run here ("" when they can)."""
-    return _load()[1]
 
 
 # ---------------------------------------------------------------- attention over short blocks
@@ -133,14 +85,14 @@ def short_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, st
                     block_tokens: int, n_head: int) -> None:
     """Rows [start, start + blocks x block_tokens) of packed (N, 3C) bf16 q|k|v -> the same rows of out (N, C):
     softmax(q k^T / sqrt(D) + bias) v per block and head; bias (H, T, T) fp32."""
-    library, why = _load()
-    if library is None:
+    why = kernels_unavailable()
+    if why:
         raise RuntimeError(f"our kernels cannot run here: {why}")
-    _short_attention(library, qkv, out, bias, start, blocks, block_tokens, n_head)
+    _short_attention(qkv, out, bias, start, blocks, block_tokens, n_head)
 
 
-def _short_attention(library: ctypes.CDLL, qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int,
-                     blocks: int, block_tokens: int, n_head: int) -> None:
+def _short_attention(qkv: torch.Tensor, out: torch.Tensor, bias: torch.Tensor, start: int, blocks: int,
+                     block_tokens: int, n_head: int) -> int:
     head_dim = out.shape[1] // n_head
     if not (qkv.dtype == out.dtype == torch.bfloat16 and bias.dtype == torch.float32 and qkv.is_contiguous()
             and out.is_contiguous() and bias.is_contiguous() and qkv.shape[1] == 3 * out.shape[1]
@@ -148,8 +100,9 @@ def _short_attention(library: ctypes.CDLL, qkv: torch.Tensor, out: torch.Tensor,
             and head_dim * n_head == out.shape[1] and _head_dim_fits(head_dim)
             and start + blocks * block_tokens <= min(qkv.shape[0], out.shape[0])):
         raise ValueError("short_attention: inputs of the wrong dtype, layout or shape")
-    library.allmpnet_short_attention(qkv.data_ptr(), out.data_ptr(), bias.data_ptr(), head_dim ** -0.5, start,
-                                     blocks, block_tokens, n_head, head_dim, torch.get_num_threads())
+    return load().allmpnet_amx_short_attention(qkv.data_ptr(), out.data_ptr(), bias.data_ptr(), head_dim ** -0.5,
+                                               start, blocks, block_tokens, n_head, head_dim,
+                                               torch.get_num_threads())
 
 
 def short_attention_reference(qkv: torch.Tensor, bias: torch.Tensor, start: int, blocks: int, block_tokens: int,
@@ -168,14 +121,6 @@ def short_attention_reference(qkv: torch.Tensor, bias: torch.Tensor, start: int,
 def group_size(in_features: int) -> int:
     """GROUP where it divides the inputs, else the kernel's step (small test models)."""
     return GROUP if in_features % GROUP == 0 else BLOCK
-
-
-def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> int8 values and fp32 scales (N, K / group): symmetric, absmax / 127 per group."""
-    N, K = weight.shape
-    groups = weight.detach().float().view(N, K // group, group)
-    scale = groups.abs().amax(dim=2).clamp_min(1e-12) / 127  # (N, K / group)
-    return torch.round(groups / scale[..., None]).to(torch.int8).view(N, K), scale
 
 
 def pack_weight(quantized: torch.Tensor) -> torch.Tensor:
@@ -222,12 +167,12 @@ class Int8Linear(nn.Module):
         return (quantized.view(N, -1, self.group) * scale[..., None]).view(N, K)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        library, why = _load()
-        if library is None:
+        why = kernels_unavailable()
+        if why:
             raise RuntimeError(f"the int8 kernel cannot run here: {why}")
-        return self.run(library, x, residual)
+        return self.run(x, residual)
 
-    def run(self, library: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Int8Linear takes (rows, {self.in_features}) bf16 CPU inputs, "
                              f"got {tuple(x.shape)} {x.dtype} on {x.device}")
@@ -241,10 +186,13 @@ class Int8Linear(nn.Module):
             residual = residual.contiguous()
         x = x.contiguous()
         y = torch.empty(M, self.out_features, dtype=torch.bfloat16)
-        if M and library.allmpnet_int8_linear(
-                x.data_ptr(), self.packed.data_ptr(), self.scales.data_ptr(), self.group,
-                None if self.bias is None else self.bias.data_ptr(),
-                None if residual is None else residual.data_ptr(), y.data_ptr(),
-                M, self.out_features, self.in_features, int(self.activation == "gelu"), torch.get_num_threads()) != 0:
+        status = 0 if not M else load().allmpnet_amx_bf16_linear(
+            x.data_ptr(), self.packed.data_ptr(), self.scales.data_ptr(), self.group,
+            None if self.bias is None else self.bias.data_ptr(), None if residual is None else residual.data_ptr(),
+            y.data_ptr(), M, self.out_features, self.in_features, int(self.activation == "gelu"),
+            torch.get_num_threads())
+        if status == -2:
+            raise RuntimeError("the AMX int8 kernel cannot run on this CPU (no AMX-bf16, or the tile state refused)")
+        if status != 0:
             raise MemoryError("the int8 kernel could not allocate its weight buffer")
         return y

@@ -1,6 +1,7 @@
-// Our CPU kernels (compiled and loaded by kernels.py):
+// AMX-bf16 kernels (built with AVX-512, -mavx512bf16, -mamx-tile, -mamx-bf16; their entry points in linear.c and
+// attention.c check the CPU first):
 //
-// allmpnet_int8_linear: weight-only int8 linear layer on Intel AMX: y = act(x W^T + b) [+ residual], W = int8
+// amx_bf16_linear: weight-only int8 linear layer on Intel AMX: y = act(x W^T + b) [+ residual], W = int8
 // values x one scale per output channel and group of inputs; act is none or GELU (erf); x, y, residual bf16.
 // Why: a short query is memory-bound (each weight byte is read once for a dozen rows), so weights stored in
 // int8 halve the bytes of bf16. Each step of weights is widened to bf16 (value x its group's scale) in L1 and
@@ -10,7 +11,7 @@
 //   scales [N/32][K/group][2][32] fp32: per block, group and tile, the scale of each lane of a widened row
 //          (lane j belongs to output j / 2), so widening is one multiply per 16 weights.
 //
-// allmpnet_short_attention: softmax(q k^T * scale + bias) v for blocks of at most 32 tokens, one head at a time,
+// amx_short_attention: softmax(q k^T * scale + bias) v for blocks of at most 32 tokens, one head at a time,
 // in fp32 registers. Why: for such blocks SDPA's CPU kernel is all fixed cost (~60 us a layer for one query,
 // against ~14 us here), and a single query runs 12 of them.
 #include <immintrin.h>
@@ -19,6 +20,7 @@
 #include <string.h>
 
 #include "amx_tiles.h"
+#include "internal.h"
 #include "simd_math.h"
 
 #define STEP_K 32     // inputs per B tile (16 rows of bf16 pairs)
@@ -27,14 +29,11 @@
 #define BLOCK_M 256   // rows whose activations stay in L2 while a block's widened weights are reused
 #define PREFETCH_AHEAD 4096  // bytes of packed weights requested ahead of the step being widened (4 steps)
 
-// Linux hands out the AMX register state only on request, once per process.
-int allmpnet_request_amx(void) { return request_amx_state(); }
-
 // Tiles (amx_tiles.h): A = x rows, B = widened weights of 16 outputs each, 4 sums.
 
 // GELU(v) = v / 2 (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7; the result
 // is rounded to bf16, ~4e-3 relative, anyway)
-static inline __m512 gelu(__m512 v) {
+static inline __m512 gelu16(__m512 v) {
     const __m512 x = _mm512_abs_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.707106781f)));
     const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(x, _mm512_set1_ps(0.3275911f),
                                                                          _mm512_set1_ps(1.0f)));
@@ -77,12 +76,12 @@ typedef struct {
     uint16_t *y;
     int64_t M, N, K, group;
     int gelu;
-} linear_args;
+} amx_linear_args;
 
 // Rows [m0, m0 + rows) x block nb's 32 outputs. widen: 0 = the block's weights are already widened in `panel`;
 // 1 = widen them step by step into `panel` for later chunks to reuse; 2 = widen each step into a small buffer
 // (no later chunk: the step stays in L1 instead of spilling the whole panel to L2).
-static void multiply_chunk(const linear_args *a, int64_t nb, uint16_t *panel, int widen, int64_t m0, int rows) {
+static void multiply_chunk(const amx_linear_args *a, int64_t nb, uint16_t *panel, int widen, int64_t m0, int rows) {
     const int64_t K = a->K, n0 = nb * BLOCK_N;
     const int8_t *block = a->packed + nb * K * BLOCK_N;
     const float *block_scales = a->scales + nb * (K / a->group) * 64;
@@ -116,7 +115,7 @@ static void multiply_chunk(const linear_args *a, int64_t nb, uint16_t *panel, in
     for (int m = 0; m < rows; m++) {
         __m512 v0 = _mm512_add_ps(_mm512_load_ps(sums[m]), b0);
         __m512 v1 = _mm512_add_ps(_mm512_load_ps(sums[m] + 16), b1);
-        if (a->gelu) { v0 = gelu(v0); v1 = gelu(v1); }
+        if (a->gelu) { v0 = gelu16(v0); v1 = gelu16(v1); }
         const int64_t at = (m0 + m) * a->N + n0;
         if (a->residual) {
             const __m512i r = _mm512_loadu_si512((const void *)(a->residual + at));
@@ -142,10 +141,10 @@ static uint16_t *thread_panel(size_t weights) {
 
 // x (M, K), packed, scales, bias (N,) fp32 or NULL, residual (M, N) or NULL -> y (M, N); gelu: 0 or 1. N and K
 // are multiples of 32, K of group, group of 32. Returns 0, or -1 when a thread could not get its panel buffer.
-int allmpnet_int8_linear(const uint16_t *x, const int8_t *packed, const float *scales, int64_t group,
+int amx_bf16_linear(const uint16_t *x, const int8_t *packed, const float *scales, int64_t group,
                          const float *bias, const uint16_t *residual, uint16_t *y, int64_t M, int64_t N, int64_t K,
                          int gelu, int threads) {
-    const linear_args args = {x, packed, scales, bias, residual, y, M, N, K, group, gelu};
+    const amx_linear_args args = {x, packed, scales, bias, residual, y, M, N, K, group, gelu};
     int failed = 0;
     for (int64_t mb = 0; mb < M; mb += BLOCK_M) {
         const int64_t mb_rows = M - mb < BLOCK_M ? M - mb : BLOCK_M;
@@ -171,13 +170,13 @@ int allmpnet_int8_linear(const uint16_t *x, const int8_t *packed, const float *s
     return failed ? -1 : 0;
 }
 
-#define MAX_BLOCK_TOKENS 32
-#define MAX_HEAD_DIM 128
+#define MAX_BLOCK_TOKENS ALLMPNET_AMX_MAX_BLOCK_TOKENS
+#define MAX_HEAD_DIM ALLMPNET_AMX_MAX_HEAD_DIM
 
 // qkv (N, 3 H D) and out (N, H D) bf16, packed rows; a group of `blocks` blocks of T <= 32 tokens from row
 // `start` on; bias (H, T, T) fp32 (the position bias, -1e30-like between rows sharing a block). D: a multiple
 // of 16, at most 128.
-void allmpnet_short_attention(const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t start,
+void amx_short_attention(const uint16_t *qkv, uint16_t *out, const float *bias, float scale, int64_t start,
                               int64_t blocks, int64_t T, int64_t H, int64_t D, int threads) {
     const int64_t C = H * D;
     const __mmask16 valid0 = (__mmask16)(T >= 16 ? 0xFFFF : (1u << T) - 1);

@@ -3,7 +3,7 @@
 A query's 9-15 tokens make each of a layer's seven steps (q|k|v, attention, o + residual, LayerNorm, up + GELU,
 down + residual, LayerNorm) a few microseconds of arithmetic; run from Python, one module and one ctypes call at
 a time, the 12 layers' 48 projections, 12 attentions and 24 LayerNorms cost ~3 ms of calls around ~5 ms of
-kernels (2 Zen 4 cores). `allmpnet_x86_encoder` (kernels_x86.c) runs them all in one team of threads: so a
+kernels (2 Zen 4 cores). `allmpnet_x86_encoder` (csrc/encoder.c) runs them all in one team of threads: so a
 swapped module, `FusedX86Stack`, takes the place of the inference copy's `LayerStack` and sends batches of at
 most `max_tokens` tokens there, larger ones to the stack it wraps.
 
@@ -11,7 +11,7 @@ With int8 layers it takes every batch (max_tokens None): each step is computed p
 projection's small- and large-batch kernels give the same bits, so a text's vector is the same bits alone, in a
 batch of 4 or of 4,000 (what caching, deduplication and a served query against an index built in bulk need).
 The residual stream is fp32; with `bf16` the wide intermediates (q|k|v, the attention's output, the FFN's hidden
-layer) are stored in bf16 and the attention uses bf16 products (`products`, as attention_x86's).
+layer) are stored in bf16 and the attention uses bf16 products (`products`, as attention.py's).
 
 For fp32 its projections are the model's own fp32 weights as they lie (kernels "avx512-f32w" / "avx2-f32w": no
 copy, exact up to the order of the sums), for a query only, where its ~340 MB of weights are streamed once and
@@ -29,38 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allmpnet.encode.attention_x86 import PRODUCTS
+from allmpnet.backends.cpu.attention import PRODUCTS
+from allmpnet.backends.cpu.int8 import AVX2, AVX512, KERNELS, Kernel, X86Int8Linear, kernel_unavailable, loaded_for
+from allmpnet.backends.cpu.library import (KERNEL_IDS, MAX_TEXT, EmbeddingSpec, LayerSpec, LinearSpec, load,
+                                           scratch_buffer)
 from allmpnet.encode.batching import check_finite
-from allmpnet.encode.int8_x86 import (AVX2, AVX512, KERNELS, Kernel, X86Int8Linear, _library, _scratch_buffer,
-                                      kernel_unavailable, loaded_for)
 from allmpnet.model.mpnet import Embeddings, LayerStack, Linear
 from allmpnet.model.packing import AttentionLayout, GroupedAttention
 from allmpnet.model.pooling import Pooling
 
-MAX_TEXT_TOKENS = 512  # MAX_TEXT in kernels_x86.c
+MAX_TEXT_TOKENS = MAX_TEXT  # longest text the call takes
 # fp32-weight kernels (the model's (N, K) weights as they are), in the order preferred
-FP32_KERNELS = {"avx512-f32w": Kernel(8, AVX512, "fp32"), "avx2-f32w": Kernel(9, AVX2, "fp32")}
-
-
-class LinearSpec(ctypes.Structure):  # x86_linear_spec
-    _fields_ = [("kernel", ctypes.c_int32), ("gelu", ctypes.c_int32), ("large_kernel", ctypes.c_int32),
-                ("small_rows", ctypes.c_int32), ("packed", ctypes.c_void_p),
-                ("scales", ctypes.c_void_p), ("compensation", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("smooth", ctypes.c_void_p), ("group", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
-                ("route", ctypes.c_float)]
-
-
-class EmbeddingSpec(ctypes.Structure):  # x86_embedding_spec
-    _fields_ = [("word", ctypes.c_void_p), ("position", ctypes.c_void_p), ("bf16", ctypes.c_int64),
-                ("vocab", ctypes.c_int64), ("positions", ctypes.c_int64), ("offset", ctypes.c_int64),
-                ("pad_id", ctypes.c_int64),
-                ("norm_weight", ctypes.c_void_p), ("norm_bias", ctypes.c_void_p)]
-
-
-class LayerSpec(ctypes.Structure):  # x86_layer_spec
-    _fields_ = [("qkv", LinearSpec), ("o", LinearSpec), ("up", LinearSpec), ("down", LinearSpec),
-                ("norm1_weight", ctypes.c_void_p), ("norm1_bias", ctypes.c_void_p),
-                ("norm2_weight", ctypes.c_void_p), ("norm2_bias", ctypes.c_void_p)]
+FP32_KERNELS = {"avx512-f32w": Kernel(KERNEL_IDS["avx512-f32w"], AVX512, "fp32"),
+                "avx2-f32w": Kernel(KERNEL_IDS["avx2-f32w"], AVX2, "fp32")}
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -89,13 +70,13 @@ def linear_spec(layer: X86Int8Linear) -> LinearSpec:
 def fp32_kernel_unavailable(name: str, capabilities: frozenset[str] | None = None) -> str:
     """Why fp32-weight kernel `name` cannot run on a CPU with these flags (this CPU's by default; "" when it can:
     built, supported, and its check against F.linear passed)."""
-    library, why = loaded_for(FP32_KERNELS[name], capabilities)
-    if library is None:
+    why = loaded_for(FP32_KERNELS[name], capabilities)
+    if why:
         return why
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(72, 64, generator=generator), torch.randn(72, generator=generator)
     x, residual = torch.randn(13, 64, generator=generator), torch.randn(13, 72, generator=generator)
-    got = fp32_linear(library, name, x, weight, bias, residual, gelu=True)
+    got = fp32_linear(name, x, weight, bias, residual, gelu=True)
     expected = F.gelu(F.linear(x, weight, bias)) + residual
     return "" if torch.allclose(got, expected, atol=1e-4, rtol=1e-4) else f"kernel {name} failed its self-test"
 
@@ -104,13 +85,14 @@ def pick_fp32_kernel(capabilities: frozenset[str] | None = None) -> str | None:
     return next((name for name in FP32_KERNELS if not fp32_kernel_unavailable(name, capabilities)), None)
 
 
-def fp32_linear(library: ctypes.CDLL, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def fp32_linear(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
     """act(x W^T + b) [+ residual] by fp32-weight kernel `name` (fp32 tensors; its self-test and tests)."""
     (M, K), N = x.shape, weight.shape[0]
     y = torch.empty(M, N)
     kernel = FP32_KERNELS[name].id
-    scratch = _scratch_buffer(library.allmpnet_x86_scratch_bytes(kernel, M, K, 1))
+    library = load()
+    scratch = scratch_buffer(library.allmpnet_x86_scratch_bytes(kernel, M, K, 1))
     status = library.allmpnet_x86_linear(kernel, x.contiguous().data_ptr(), 0, None, weight.contiguous().data_ptr(),
                                          None, None, K, _pointer(bias), _pointer(residual), y.data_ptr(), 0, M, N, K,
                                          int(gelu), 0.0, scratch.data_ptr(), 1)
@@ -278,9 +260,9 @@ class FusedX86Stack(nn.Module):
         """allmpnet_x86_encoder on x (M, C) fp32, in place: from `ids` (M,) through the embeddings when given,
         each text's mean row into `pooled` when given. Returns its status."""
         (M, C), n = x.shape, len(starts)
-        library = _library()[0]
+        library = load()
         threads = torch.get_num_threads()
-        scratch = _scratch_buffer(library.allmpnet_x86_encoder_scratch_bytes(M, C, self.specs[0].up.N,
+        scratch = scratch_buffer(library.allmpnet_x86_encoder_scratch_bytes(M, C, self.specs[0].up.N,
                                                                              max(lengths), threads))
         ids32 = None if ids is None else np.ascontiguousarray(ids, dtype=np.int32)
         starts32, lengths32 = np.asarray(starts, dtype=np.int32), np.asarray(lengths, dtype=np.int32)

@@ -1,4 +1,4 @@
-"""int8-weight linear layers for x86 CPUs (`kernels_x86.c`): AVX512-VNNI, AVX-VNNI, AVX512-BF16, AVX512 and AVX2,
+"""int8-weight linear layers for x86 CPUs (csrc/linear*): AVX512-VNNI, AVX-VNNI, AVX512-BF16, AVX512 and AVX2,
 and W8A8 on AMX-int8 tiles for large batches.
 
 A layer keeps one int8 copy of its weight (a scale per output channel and group of 128 inputs, the AMX kernel's
@@ -17,29 +17,21 @@ in one of these forms, picked per call by the number of rows:
 Small batches (a query's dozen rows) are memory-bound, so any form that streams the int8 weights at the memory's
 speed wins; large ones are compute-bound and want the fastest multiply that keeps quality.
 
-The library is compiled with the system C compiler on first use into the cache, each kernel checked against torch
-before it is used; `kernel_unavailable(name)` says why one cannot run here ("" when it can).
+`kernel_unavailable(name)` says why a kernel cannot run here ("" when it can: the library loaded, the CPU has its
+instructions, and its self-test against torch passed).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allmpnet.encode.kernels import compiled_library, cpu_flags, quantize
+from allmpnet.backends.cpu.library import KERNEL_IDS, MAX_SPLIT, SPLIT_SHARE, cpu_flags, library_unavailable, load
+from allmpnet.backends.cpu.library import scratch_buffer
 
-SOURCE = Path(__file__).with_name("kernels_x86.c")
-# no -m flags: each kernel carries its own target attribute, so the library loads on any x86-64 CPU and the
-# dispatch decides what runs. Without -fno-gcse -fno-tree-pre, GCC 12 stored the micro-kernels' 24 sums to the
-# stack on every step (2.5x slower int8 kernel).
-COMPILE_FLAGS = ["-O3", "-fno-gcse", "-fno-tree-pre", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]
 BLOCK_N = 64  # outputs per packed block
 STEP_K = 4  # inputs per packed step
 GROUP = 128  # inputs sharing one weight scale (per output channel)
@@ -52,25 +44,25 @@ AVX_VNNI = "avx_vnni"  # /proc/cpuinfo's name for AVX-VNNI (VEX-encoded vpdpbusd
 
 @dataclass(frozen=True)
 class Kernel:
-    id: int  # the C enum
+    id: int  # the C enum (allmpnet_cpu.h)
     flags: frozenset  # /proc/cpuinfo flags it needs
     activations: str  # "int8", "int16", "bf16" or "fp32"
 
 
 KERNELS = {
-    "vnni-a8": Kernel(7, AVX512 | {"avx512_vnni"}, "int8"),
-    "avxvnni-a8": Kernel(10, AVX2 | {AVX_VNNI}, "int8"),
+    "vnni-a8": Kernel(KERNEL_IDS["vnni-a8"], AVX512 | {"avx512_vnni"}, "int8"),
+    "avxvnni-a8": Kernel(KERNEL_IDS["avxvnni-a8"], AVX2 | {AVX_VNNI}, "int8"),
     # avxvnni-a8's code in AVX512-VNNI's encoding of the same instruction, so that CPUs with AVX-512 but not
     # AVX-VNNI (Zen 4, where the tests ran) run and test that code; its outputs equal vnni-a8's to the bit
-    "vnni256-a8": Kernel(11, AVX512 | {"avx512_vnni"}, "int8"),
+    "vnni256-a8": Kernel(KERNEL_IDS["vnni256-a8"], AVX512 | {"avx512_vnni"}, "int8"),
     # vnni-a8's rows on AMX-int8 tiles (Sapphire Rapids on): large batches (the same sums, in the same order)
-    "amx-a8": Kernel(12, AVX512 | {"avx512_vnni", "amx_tile", "amx_int8"}, "int8"),
-    "vnni-a16": Kernel(6, AVX512 | {"avx512_vnni"}, "int16"),
-    "avx512-bf16": Kernel(5, AVX512 | {"avx512_bf16"}, "bf16"),
-    "avx512-a16": Kernel(4, AVX512, "int16"),
-    "avx512-f32": Kernel(3, AVX512, "fp32"),
-    "avx2-a16": Kernel(2, AVX2, "int16"),
-    "avx2-f32": Kernel(1, AVX2, "fp32"),
+    "amx-a8": Kernel(KERNEL_IDS["amx-a8"], AVX512 | {"avx512_vnni", "amx_tile", "amx_int8"}, "int8"),
+    "vnni-a16": Kernel(KERNEL_IDS["vnni-a16"], AVX512 | {"avx512_vnni"}, "int16"),
+    "avx512-bf16": Kernel(KERNEL_IDS["avx512-bf16"], AVX512 | {"avx512_bf16"}, "bf16"),
+    "avx512-a16": Kernel(KERNEL_IDS["avx512-a16"], AVX512, "int16"),
+    "avx512-f32": Kernel(KERNEL_IDS["avx512-f32"], AVX512, "fp32"),
+    "avx2-a16": Kernel(KERNEL_IDS["avx2-a16"], AVX2, "int16"),
+    "avx2-f32": Kernel(KERNEL_IDS["avx2-f32"], AVX2, "fp32"),
 }
 MAX_SMALL_ROWS = 64  # X86Int8Linear's default: batches of at most this many rows run its `small` kernel
 KERNEL_GROUP_STEP = {"amx-a8": 64}  # kernels that take only groups of a multiple of this many inputs (a tile row)
@@ -96,55 +88,22 @@ def pick_kernel(form: str, capabilities: frozenset[str] | None = None) -> str | 
     return None
 
 
-# ---------------------------------------------------------------- the library
+# ---------------------------------------------------------------- whether a kernel runs here
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    if os.uname().machine not in ("x86_64", "AMD64"):
-        return None, f"not an x86-64 CPU ({os.uname().machine})"
-    try:
-        library = ctypes.CDLL(str(compiled_library(SOURCE, COMPILE_FLAGS)))
-    except (OSError, RuntimeError) as error:
-        return None, str(error)
-    pointer, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    library.allmpnet_x86_linear.argtypes = [c_int, pointer, c_int, pointer, pointer, pointer, pointer, i64,
-                                            pointer, pointer, pointer, c_int, i64, i64, i64, c_int, ctypes.c_float,
-                                            pointer, c_int]
-    library.allmpnet_x86_linear.restype = i64
-    library.allmpnet_x86_scratch_bytes.argtypes = [c_int, i64, i64, c_int]
-    library.allmpnet_x86_scratch_bytes.restype = i64
-    library.allmpnet_x86_kernel_supported.argtypes = [c_int]
-    library.allmpnet_x86_kernel_supported.restype = c_int
-    library.allmpnet_x86_encoder.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, i64, i64, pointer,
-                                             pointer, pointer, i64, ctypes.c_float, c_int, c_int, pointer, c_int,
-                                             pointer, pointer, c_int]
-    library.allmpnet_x86_encoder.restype = i64
-    library.allmpnet_x86_encoder_scratch_bytes.argtypes = [i64, i64, i64, i64, c_int]
-    library.allmpnet_x86_encoder_scratch_bytes.restype = i64
-    library.allmpnet_x86_attention.argtypes = [pointer, c_int, pointer, pointer, ctypes.c_float, i64, i64, i64, i64,
-                                               c_int, pointer, c_int]
-    library.allmpnet_x86_attention.restype = i64
-    library.allmpnet_x86_attention_scratch_bytes.argtypes = [i64, c_int]
-    library.allmpnet_x86_attention_scratch_bytes.restype = i64
-    library.allmpnet_x86_layer_norm.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_float, i64, i64, c_int]
-    library.allmpnet_x86_layer_norm.restype = i64
-    return library, ""
-
-
-def loaded_for(kernel: Kernel, capabilities: frozenset[str] | None = None) -> tuple[ctypes.CDLL | None, str]:
-    """(the library, "") when a CPU with these flags (this CPU's by default) has what `kernel` needs, the library
-    built, and it agrees that this CPU runs the kernel; else (None, why not). Self-tests come after."""
+def loaded_for(kernel: Kernel, capabilities: frozenset[str] | None = None) -> str:
+    """"" when a CPU with these flags (this CPU's by default) has what `kernel` needs, the library loaded, and it
+    agrees that this CPU runs the kernel; else why not. Self-tests come after."""
     capabilities = frozenset(cpu_flags()) if capabilities is None else capabilities
     missing = sorted(kernel.flags - capabilities)
     if missing:
-        return None, f"this CPU lacks {', '.join(missing)}"
-    library, why = _library()
-    if library is None:
-        return None, why
-    if not library.allmpnet_x86_kernel_supported(kernel.id):
-        return None, "this CPU lacks an instruction set it needs"
-    return library, ""
+        return f"this CPU lacks {', '.join(missing)}"
+    why = library_unavailable()
+    if why:
+        return why
+    if not load().allmpnet_x86_kernel_supported(kernel.id):
+        return "this CPU lacks an instruction set it needs (or this build of the library left the kernel out)"
+    return ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,19 +112,19 @@ def kernel_unavailable(name: str, capabilities: frozenset[str] | None = None) ->
     supported, and its self-test passed)."""
     if name not in KERNELS:
         return f"unknown kernel {name!r}; known: {sorted(KERNELS)}"
-    library, why = loaded_for(KERNELS[name], capabilities)
-    if library is None:
+    why = loaded_for(KERNELS[name], capabilities)
+    if why:
         return why
-    return "" if _self_test(library, name) else f"kernel {name} gave wrong results in its self-test"
+    return "" if _self_test(name) else f"kernel {name} gave wrong results in its self-test"
 
 
-def _self_test(library: ctypes.CDLL, name: str) -> bool:
+def _self_test(name: str) -> bool:
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(96, 256, generator=generator), torch.randn(96, generator=generator)
     layer = X86Int8Linear(weight, bias, "gelu", group=64, small=name, large=name,
                           smooth=torch.rand(256, generator=generator) + 0.5)
     x = torch.randn(13, 256, generator=generator)  # two row chunks, one partial; N: one block, one partial
-    got = layer.run(library, name, x, None)
+    got = layer.run(name, x, None)
     return bool(torch.allclose(got, layer.reference(x, form=KERNELS[name].activations), atol=2e-3, rtol=2e-3))
 
 
@@ -223,9 +182,6 @@ def smoothing_factors(activation_absmax: torch.Tensor, weight: torch.Tensor, alp
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(1e-2, 1e2)
 
 
-SPLIT_SHARE, MAX_SPLIT = 0.6, 8  # kernels_x86.c's: a spiky row's entries above 0.6 route x RMS, if at most 8
-
-
 def spiky_rows(v: torch.Tensor, route: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the int8 kernel does with rows whose largest |v| exceeds route x their RMS: (kept, split, routed):
     kept (M, K) the entries a split row keeps aside (exact, else 0), split (M,) the rows that do, routed (M,) the
@@ -236,6 +192,14 @@ def spiky_rows(v: torch.Tensor, route: float) -> tuple[torch.Tensor, torch.Tenso
     routed = above.sum(1) > MAX_SPLIT
     split = spiky & ~routed
     return torch.where(above & split[:, None], v, torch.zeros_like(v)), split, routed
+
+
+def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 values and fp32 scales (N, K / group): symmetric, absmax / 127 per group."""
+    N, K = weight.shape
+    groups = weight.detach().float().view(N, K // group, group)
+    scale = groups.abs().amax(dim=2).clamp_min(1e-12) / 127  # (N, K / group)
+    return torch.round(groups / scale[..., None]).to(torch.int8).view(N, K), scale
 
 
 def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,15 +213,6 @@ def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
 # ---------------------------------------------------------------- the layer
 
 STREAMED_BUFFERS = ("packed", "scales", "compensation")  # what a few rows read from memory, in the order they do
-
-_scratch = threading.local()  # per Python thread: concurrent calls never share a buffer
-
-
-def _scratch_buffer(size: int) -> torch.Tensor:
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < size:
-        buffer = _scratch.buffer = torch.empty(max(size, 1 << 20), dtype=torch.uint8)
-    return buffer
 
 
 class X86Int8Linear(nn.Module):
@@ -329,9 +284,10 @@ class X86Int8Linear(nn.Module):
         why = kernel_unavailable(name)
         if why:
             raise RuntimeError(f"int8 kernel {name} cannot run here: {why}")
-        return self.run(_library()[0], name, x, residual)
+        return self.run(name, x, residual)
 
-    def run(self, library: ctypes.CDLL, name: str, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def run(self, name: str, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The layer by kernel `name` (which must run here: kernel_unavailable)."""
         if (x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or x.dim() != 2
                 or x.shape[1] != self.in_features):
             raise ValueError(f"X86Int8Linear takes (rows, {self.in_features}) fp32 or bf16 CPU inputs, "
@@ -345,7 +301,8 @@ class X86Int8Linear(nn.Module):
         x = x.contiguous()
         y = torch.empty(M, N, dtype=x.dtype)
         kernel, threads = KERNELS[name].id, torch.get_num_threads()
-        scratch = _scratch_buffer(library.allmpnet_x86_scratch_bytes(kernel, M, K, threads))
+        library = load()
+        scratch = scratch_buffer(library.allmpnet_x86_scratch_bytes(kernel, M, K, threads))
         status = library.allmpnet_x86_linear(
             kernel, x.data_ptr(), int(x.dtype == torch.bfloat16),
             None if self.inverse_smooth is None else self.inverse_smooth.data_ptr(),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from allmpnet.encode.attention_x86 import HEAD_DIM, attention_unavailable, block_attention, reference
-from allmpnet.encode.kernels import cpu_flags
+from allmpnet.backends.cpu.attention import HEAD_DIM, attention_unavailable, block_attention, reference
+from allmpnet.backends.cpu.library import cpu_flags
 from allmpnet.encode.precision import Capabilities, limit_isa, plan_precision
 from allmpnet.model import MPNetConfig
 from allmpnet.testing import build_random_model

@@ -1,5 +1,4 @@
-// Vector maths shared by our two kernel libraries (kernels.c: AMX bf16; kernels_x86.c: the other x86 kernels), each
-// of which includes this file once. compiled_library (kernels.py) hashes it with the source it builds.
+// AVX-512 vector maths shared by the files built for AVX-512.
 #ifndef ALLMPNET_SIMD_MATH_H
 #define ALLMPNET_SIMD_MATH_H
 #include <immintrin.h>

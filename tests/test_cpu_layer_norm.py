@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allmpnet.encode.norm_x86 import X86LayerNorm, layer_norm_unavailable, swap_layer_norms
+from allmpnet.backends.cpu.layer_norm import X86LayerNorm, layer_norm_unavailable, swap_layer_norms
 from allmpnet.encode.precision import Capabilities, plan_precision
 from allmpnet.model import MPNetConfig
 from allmpnet.testing import build_random_model

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from allmpnet.encode import int8_x86
-from allmpnet.encode.int8_x86 import (AVX2, KERNEL_GROUP_STEP, KERNELS, X86Int8Linear, compensation, group_size,
+from allmpnet.backends.cpu import int8 as int8_x86
+from allmpnet.backends.cpu.library import library_unavailable, load as load_library
+from allmpnet.backends.cpu.int8 import (AVX2, KERNEL_GROUP_STEP, KERNELS, X86Int8Linear, compensation, group_size,
                                       kernel_unavailable, pack_groups, pack_weight, pick_kernel, quantize_rows,
                                       smoothing_factors)
-from allmpnet.encode.kernels import cpu_flags, quantize as quantize_weight
+from allmpnet.backends.cpu.amx import cpu_flags, quantize as quantize_weight
 from conftest import int8_plan
 
 CPU = frozenset(cpu_flags())
@@ -128,9 +129,10 @@ def test_dispatch_picks_only_kernels_the_given_capabilities_allow():
 
 
 def test_the_library_refuses_unknown_kernels_and_bad_groups():
-    library, why = int8_x86._library()
-    if library is None:
+    why = library_unavailable()
+    if why:
         pytest.skip(why)
+    library = load_library()
     args = [None, 0, None, None, None, None, 128, None, None, None, 0, 1, 64, 256, 0, 0.0, None, 1]
     assert library.allmpnet_x86_linear(99, *args) == -2
     name = pick_kernel("weight-only")
@@ -346,9 +348,10 @@ def test_a_kernel_the_cpu_lacks_is_named_with_what_it_lacks():
 
 
 def test_library_signatures_are_declared():
-    library, why = int8_x86._library()
-    if library is None:
+    why = library_unavailable()
+    if why:
         pytest.skip(why)
+    library = load_library()
     assert library.allmpnet_x86_linear.restype is ctypes.c_int64
     assert library.allmpnet_x86_scratch_bytes(KERNELS["vnni-a8"].id, 7, 128, 2) >= 7 * 128 * 3 + 3 * 7 * 4 + 2 * 128 * 4
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from allmpnet.encode import int8_x86
-from allmpnet.encode.fused_x86 import (FP32_KERNELS, MAX_TEXT_TOKENS, EmbeddingSpec, FusedX86Stack,
+from allmpnet.backends.cpu import int8 as int8_x86
+from allmpnet.backends.cpu.library import library_unavailable, load as load_library
+from allmpnet.backends.cpu.fused import (FP32_KERNELS, MAX_TEXT_TOKENS, EmbeddingSpec, FusedX86Stack,
                                        fp32_kernel_unavailable, fp32_linear)
 from allmpnet.encode.precision import FUSED_STACK_TOKENS
-from allmpnet.encode.int8_x86 import KERNELS
-from allmpnet.encode.kernels import cpu_flags
+from allmpnet.backends.cpu.int8 import KERNELS
+from allmpnet.backends.cpu.library import cpu_flags
 from allmpnet.model.packing import PackedBatch
 from allmpnet.model.pooling import Pooling
 from conftest import int8_plan
@@ -217,10 +218,11 @@ def test_a_vector_with_nan_or_inf_is_an_error_from_the_one_call(tiny_model_dir, 
 
 
 def test_the_library_refuses_bad_texts_and_shapes():
-    library, why = int8_x86._library()
-    if library is None:
+    why = library_unavailable()
+    if why:
         pytest.skip(why)
-    from allmpnet.encode.fused_x86 import LayerSpec
+    library = load_library()
+    from allmpnet.backends.cpu.fused import LayerSpec
     specs = (LayerSpec * 1)()
     x = torch.zeros(70, 32)
     scratch = torch.empty(library.allmpnet_x86_encoder_scratch_bytes(70, 32, 64, 70, 1), dtype=torch.uint8)
@@ -254,10 +256,11 @@ def test_the_library_refuses_bad_texts_and_shapes():
 
 def test_the_embeddings_skip_the_pad_id_in_positions_as_mpnet_does():
     # word row r and position row r hold r: a token's row is word id + position row, before the LayerNorm
-    library, why = int8_x86._library()
-    if library is None:
+    why = library_unavailable()
+    if why:
         pytest.skip(why)
-    from allmpnet.encode.fused_x86 import LayerSpec
+    library = load_library()
+    from allmpnet.backends.cpu.fused import LayerSpec
     ids = [0, 7, 1, 9, 1, 1, 8, 2]  # <s> w <pad> w <pad> <pad> w </s>, pad id 1
     M, C, span = len(ids), 16, 8
     tables = torch.arange(100, dtype=torch.float32)[:, None].repeat(1, C)
@@ -294,22 +297,23 @@ def test_fp32_weight_kernel_matches_torch(name, M, N, K):
     generator = torch.Generator().manual_seed(M)
     x, weight, bias = torch.randn(M, K, generator=generator), torch.randn(N, K, generator=generator), torch.randn(N)
     residual = torch.randn(M, N, generator=generator)
-    library = int8_x86._library()[0]
-    torch.testing.assert_close(fp32_linear(library, name, x, weight, bias), F.linear(x, weight, bias),
+    library = load_library()
+    torch.testing.assert_close(fp32_linear(name, x, weight, bias), F.linear(x, weight, bias),
                                atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(fp32_linear(library, name, x, weight, bias, residual, gelu=True),
+    torch.testing.assert_close(fp32_linear(name, x, weight, bias, residual, gelu=True),
                                F.gelu(F.linear(x, weight, bias)) + residual, atol=1e-4, rtol=1e-5)
 
 
 def test_fp32_weight_kernels_refuse_shapes_they_do_not_step_over():
-    library, why = int8_x86._library()
-    if library is None:
+    why = library_unavailable()
+    if why:
         pytest.skip(why)
+    library = load_library()
     x, weight = torch.randn(3, 36), torch.randn(8, 36)  # 36 inputs: not whole steps of 16 (AVX512) or 8 (AVX2)
     for name in FP32_KERNELS:
         if not fp32_kernel_unavailable(name):
             with pytest.raises(RuntimeError, match="refused"):
-                fp32_linear(library, name, x, weight, None)
+                fp32_linear(name, x, weight, None)
 
 
 @pytest.mark.parametrize("name", FP32_PARAMS)

@@ -1,5 +1,4 @@
-// AMX set-up shared by our two kernel libraries (kernels.c: bf16 tiles; kernels_x86.c: int8 tiles), each of which
-// includes this file once. compiled_library (kernels.py) hashes it with the source it builds.
+// AMX set-up shared by the files that use the tiles (linear_amx.cpp: int8; attention_amx.c, amx_bf16.c: bf16).
 #ifndef ALLMPNET_AMX_TILES_H
 #define ALLMPNET_AMX_TILES_H
 #include <immintrin.h>
@@ -19,7 +18,7 @@ typedef struct {
     uint8_t rows[16];
 } amx_tile_config;
 
-// Both libraries' layout, 2 x 2 tiles: 0, 1 = A rows 0-15 and 16-31 (rows0, rows1 of them: a chunk's last rows);
+// The layout all three use, 2 x 2 tiles: 0, 1 = A rows 0-15 and 16-31 (rows0, rows1 of them: a chunk's last rows);
 // 2, 3 = B, 16 outputs each; 4, 5 = sums of A0 B2, A0 B3; 6, 7 = sums of A1 B2, A1 B3. Rows of 64 bytes.
 static inline __attribute__((target("amx-tile"))) void configure_tiles(int rows0, int rows1) {
     amx_tile_config config;

@@ -160,6 +160,44 @@ def test_unexpected_errors_are_one_line_with_a_hint(monkeypatch, capsys):
     assert "internal error: RuntimeError: something internal with a second line" in line and "--debug" in line
 
 
+@pytest.mark.parametrize("error, code", [(TypeError("an internal slip"), 1), (ValueError("an internal slip"), 1),
+                                         (KeyError("an internal slip"), 1)])
+def test_a_plain_python_error_is_ours_not_the_users(monkeypatch, capsys, error, code):
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr("allmpnet.cli.core.cmd_info", broken)
+    assert main(["info"]) == code
+    line = one_error_line(capsys)
+    assert f"internal error: {type(error).__name__}" in line and "--debug" in line
+
+
+def test_every_error_a_user_can_cause_shares_one_base_class(monkeypatch, capsys):
+    import allmpnet
+    from allmpnet.bulk.job import BadRowsError
+    from allmpnet.errors import AllmpnetError
+    from allmpnet.evaluate.data import DatasetError
+    from allmpnet.search.index import IndexMismatchError
+    from allmpnet.search.storage import IndexFormatError
+    from allmpnet.train.data import DataError
+    user_errors = [allmpnet.ModelFileError, allmpnet.WeightsError, allmpnet.ChecksumError, allmpnet.ModelNotFoundError,
+                   allmpnet.NonFiniteOutputError, allmpnet.InvalidInput, allmpnet.InvalidInputType,
+                   allmpnet.PrecisionUnavailable, BadRowsError, DatasetError, IndexMismatchError, IndexFormatError,
+                   DataError]
+    assert all(issubclass(e, AllmpnetError) for e in user_errors)
+    for error in user_errors:
+        def broken(args, error=error):
+            raise error("data.tsv", "the user's mistake") if error is DatasetError else error("the user's mistake")
+        monkeypatch.setattr("allmpnet.cli.core.cmd_info", broken)
+        assert main(["info"]) == 2, error
+        assert "the user's mistake" in one_error_line(capsys)
+    with pytest.raises(allmpnet.PrecisionUnavailable, match="not available"):
+        from allmpnet.encode.precision import Capabilities, plan_precision
+        plan_precision("int8", "cpu", Capabilities("cpu"))
+    with pytest.raises(allmpnet.InvalidInputType, match=r"texts\[1\]"):
+        allmpnet.Encoder.encode(None, ["fine", 3])
+
+
 def test_serve_on_a_taken_port_is_one_line_before_the_model_loads(tiny_model_dir, capsys, monkeypatch):
     import socket
     monkeypatch.setattr("allmpnet.cli.core.load_encoder", lambda args: pytest.fail("the model was loaded"))

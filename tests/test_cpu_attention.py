@@ -1,5 +1,6 @@
-"""Our x86 attention kernel (attention_x86.py, allmpnet_x86_attention in kernels_x86.c) against torch's SDPA in
-fp32, with each kind of products the CPU has, alone and inside an encoder, and where the plan uses it."""
+"""Our x86 attention kernel (backends/cpu/attention.py; allmpnet_x86_attention, csrc/attention*.c) against
+torch's SDPA in fp32, with each kind of products the CPU has, alone and inside an encoder, and where the plan uses
+it."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""The fused layer stack (encode/fused_x86.py, allmpnet_x86_encoder in kernels_x86.c): the same layers as the
+"""The fused layer stack (backends/cpu/fused.py, allmpnet_x86_encoder in csrc/encoder.c): the same layers as the
 module-by-module stack, in one C call: every batch with int8 layers (a text's vector the same bits in any batch),
 small ones with the fp32 model's own weights; everything else still runs the modules."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Our x86 int8 kernels (int8_x86.py, kernels_x86.c): quantization and layout against plain torch, and every
+"""Our x86 int8 kernels (backends/cpu/int8.py, csrc/linear*): quantization and layout against plain torch, and every
 kernel this CPU can run against the torch reference of its own maths, on small random shapes. A kernel whose
 instructions this CPU lacks is skipped with the reason; one it has that fails to build or load is a failure."""
 from __future__ import annotations

@@ -25,8 +25,7 @@ EXPECTED = {
     "avx512_core_bf16": ("vnni-a8", "bfloat16"),
     "avx512_core_amx": ("vnni-a8", "bfloat16"),
 }
-ONEDNN = {"avx2": "AVX2", "avx2_vnni": "AVX2_VNNI", "avx512_core": "AVX512_CORE", "avx512_core_vnni": "AVX512_CORE_VNNI",
-          "avx512_core_bf16": "AVX512_CORE_BF16", "avx512_core_amx": "AVX512_CORE_AMX"}
+ONEDNN = {level: level.upper() for level in ISA_LEVELS}  # oneDNN's own names for the same levels
 
 SCRIPT = r"""
 import json, sys, warnings

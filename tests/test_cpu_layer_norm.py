@@ -1,5 +1,5 @@
-"""Our bf16 LayerNorm kernel (norm_x86.py, allmpnet_x86_layer_norm in kernels_x86.c) against torch's, alone and
-inside an encoder, and where the plan uses it."""
+"""Our bf16 LayerNorm kernel (backends/cpu/layer_norm.py; allmpnet_x86_layer_norm, csrc/layer_norm*.c) against
+torch's, alone and inside an encoder, and where the plan uses it."""
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ same plan with no compiler in reach, and where no library can be had, `auto` say
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import subprocess
@@ -117,3 +118,25 @@ def test_without_a_library_auto_says_what_it_lost(monkeypatch, tmp_path):
     finally:
         for cache in caches:
             cache.cache_clear()
+
+
+def test_an_fp32_or_bf16_encoder_does_not_self_test_int8_kernels(tiny_model_dir):
+    # a fresh process: the int8 kernels each precision's Encoder self-tests while it starts and answers a query
+    probe = f"""
+import json
+from allmpnet import Encoder
+from allmpnet.backends.cpu import int8
+tested, self_test = [], int8._self_test
+int8._self_test = lambda name: tested.append(name) or self_test(name)
+report = {{}}
+for precision in ("fp32", "bf16", "auto"):
+    Encoder({str(tiny_model_dir)!r}, device="cpu", precision=precision).encode("a query")
+    report[precision], tested[:] = list(tested), []
+print(json.dumps(report))
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tested = json.loads(run.stdout.strip().splitlines()[-1])
+    assert tested["fp32"] == [] and tested["bf16"] == []
+    if os.uname().machine == "x86_64" and "avx2" in library.cpu_flags():
+        assert tested["auto"]  # auto does: it chooses among them

@@ -1,4 +1,4 @@
-"""The int8 copy's weights on 2 MB pages (encode/pages.py): aligned, asked for huge pages, in the order a query
+"""The int8 copy's weights on 2 MB pages (backends/cpu/pages.py): aligned, asked for huge pages, in the order a query
 reads them, and the layers compute the same."""
 from __future__ import annotations
 

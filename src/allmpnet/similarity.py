@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from allmpnet.errors import InvalidInput
+
 Array = np.ndarray | torch.Tensor
 
 
@@ -49,5 +51,5 @@ def pairwise_dot_score(a: Array, b: Array) -> Array:
 def _check_pairs(a: Array, b: Array) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = _as_2d(a), _as_2d(b)
     if x.shape != y.shape:
-        raise ValueError(f"pairwise scores need equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise InvalidInput(f"pairwise scores need equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
     return x, y

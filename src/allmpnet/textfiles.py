@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from allmpnet.errors import InvalidInput
+
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer physical line is reported as bad, never read into memory whole
 
 
@@ -35,7 +37,7 @@ def check_input_file(path: Path) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file (.txt, .jsonl or .csv)")
     if not path.is_file():
-        raise ValueError(f"{path} is not a regular file")
+        raise InvalidInput(f"{path} is not a regular file")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{path}: permission denied (not readable)")
 
@@ -56,4 +58,4 @@ def bad_rows_error(path: Path, bad: list[tuple[int, str]]) -> ValueError:
     """One error naming the first few bad rows by line, and how to go on without them."""
     shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5])
     more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-    return ValueError(f"{path}: {len(bad)} bad row(s): {shown}{more}; pass --skip-bad to skip and count them")
+    return InvalidInput(f"{path}: {len(bad)} bad row(s): {shown}{more}; pass --skip-bad to skip and count them")

@@ -19,15 +19,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from allmpnet.errors import AllmpnetError, InvalidInput
+
 STAMP = ".allmpnet-verified.json"
 WEIGHTS = "model.safetensors"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(AllmpnetError, FileNotFoundError):
     """No model directory could be found or fetched for the given name."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(AllmpnetError, ValueError):
     """A weights file that differs from the one that was verified."""
 
 
@@ -214,7 +216,7 @@ def _extract_model_dir(archive: Path, dest: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         top = {Path(n).parts[0] for n in zf.namelist()}
         if len(top) != 1:
-            raise ValueError(f"expected one model folder in the archive, found {sorted(top)}")
+            raise InvalidInput(f"expected one model folder in the archive, found {sorted(top)}")
         root = top.pop()
         for info in zf.infolist():
             rel = Path(info.filename).relative_to(root) if info.filename.rstrip("/") != root else Path()

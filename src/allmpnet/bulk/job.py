@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from allmpnet.bulk.plan import ShardSpec, find_inputs, plan_shards
 from allmpnet.bulk.readers import read_shard
 from allmpnet.bulk.shards import JOB, SUMMARY, OutputDir, shard_table
+from allmpnet.errors import AllmpnetError, InvalidInput
 from allmpnet.weights import DEFAULT_MODEL
 
 ON_BAD = ("fail", "skip")
@@ -45,16 +46,16 @@ class BulkConfig:
 
     def check(self) -> None:
         if self.on_bad not in ON_BAD:
-            raise ValueError(f"on_bad must be one of {ON_BAD}, got {self.on_bad!r}")
+            raise InvalidInput(f"on_bad must be one of {ON_BAD}, got {self.on_bad!r}")
         for name in ("shard_rows", "batch_size", "workers"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise InvalidInput(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
-            raise ValueError("cpus_per_worker must be positive and gpus_per_worker not negative")
+            raise InvalidInput("cpus_per_worker must be positive and gpus_per_worker not negative")
         from allmpnet.encode.precision import check_precision_name  # torch stays out of the driver's imports
         check_precision_name(self.precision)
         if self.id_field == self.text_field or {"id", "embedding"} & set(self.keep):
-            raise ValueError("the id and text fields must differ, and kept columns cannot be named id or embedding")
+            raise InvalidInput("the id and text fields must differ, and kept columns cannot be named id or embedding")
 
 
 @dataclass
@@ -72,7 +73,7 @@ class BulkResult:
     workers: dict[str, dict] = field(default_factory=dict)
 
 
-class BadRowsError(ValueError):
+class BadRowsError(AllmpnetError, ValueError):
     """Bad rows under on_bad="fail"; the message lists their locations."""
 
 
@@ -132,9 +133,9 @@ def _claim(out: OutputDir, job: dict, overwrite: bool) -> None:
     if previous is not None and previous != job:
         if not overwrite:
             changed = [k for k in ("inputs", "model", "settings", "shards") if previous.get(k) != job.get(k)]
-            raise ValueError(f"{out.uri} holds a run over different {', '.join(changed)}; resume needs the same "
-                             "inputs and settings. Use another output directory, or overwrite=True "
-                             "(--overwrite) to replace it")
+            raise InvalidInput(f"{out.uri} holds a run over different {', '.join(changed)}; resume needs the same "
+                               "inputs and settings. Use another output directory, or overwrite=True "
+                               "(--overwrite) to replace it")
         out.remove_outputs()
     elif previous is not None and overwrite:
         out.remove_outputs()
@@ -223,7 +224,7 @@ def _check_resources(available: dict, config: BulkConfig, strict: bool) -> None:
         message = (f"{config.workers} workers need {' and '.join(short)}; lower workers or the per-worker "
                    "resources")
         if strict:
-            raise ValueError(message)
+            raise InvalidInput(message)
         warnings.warn(message + "; waiting for the cluster to provide them", RuntimeWarning, stacklevel=3)
 
 
@@ -232,6 +233,7 @@ class ShardWorker:
 
     def __init__(self, config: dict, out_uri: str):
         import torch
+
         from allmpnet.encode import Encoder
         self.config = BulkConfig(**config)
         self.config.keep = tuple(self.config.keep)

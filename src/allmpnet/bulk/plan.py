@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from allmpnet.errors import InvalidInput
+
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 SCAN_CHUNK = 16 << 20
 NEWLINE, QUOTE = 10, 34
@@ -75,14 +77,14 @@ def find_inputs(inputs: list[str]) -> list[InputFile]:
                               if e.type == pafs.FileType.File and _format(e.path, strict=False)),
                              key=lambda e: e.path)
             if not entries:
-                raise ValueError(f"{given}: no {', '.join(sorted(FORMATS))} files in this directory")
+                raise InvalidInput(f"{given}: no {', '.join(sorted(FORMATS))} files in this directory")
         else:
             entries = [info]
         for e in entries:
             found.append(InputFile(uri=_uri(str(given), e.path), format=_format(e.path), size=e.size,
                                    mtime_ns=e.mtime_ns))
     if len({f.uri for f in found}) != len(found):
-        raise ValueError("an input file is named more than once")
+        raise InvalidInput("an input file is named more than once")
     return found
 
 
@@ -93,7 +95,7 @@ def _format(path: str, strict: bool = True) -> str | None:
             return fmt
     if strict:
         hint = " (decompress it first)" if name.endswith((".gz", ".bz2", ".zst", ".xz")) else ""
-        raise ValueError(f"{path}: unsupported input{hint}; expected one of {', '.join(sorted(FORMATS))}")
+        raise InvalidInput(f"{path}: unsupported input{hint}; expected one of {', '.join(sorted(FORMATS))}")
     return None
 
 
@@ -101,7 +103,7 @@ def plan_shards(files: list[InputFile], shard_rows: int, id_field: str, text_fie
                 keep: tuple[str, ...] = ()) -> list[ShardSpec]:
     """Every file cut into runs of shard_rows records; columns the job needs are checked here, once per file."""
     if shard_rows < 1:
-        raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
+        raise InvalidInput(f"shard_rows must be at least 1, got {shard_rows}")
     shards: list[ShardSpec] = []
     for index, f in enumerate(files):
         if f.format == "parquet":
@@ -125,12 +127,12 @@ def _plan_parquet(index: int, f: InputFile, shard_rows: int, id_field: str, text
         schema = meta.schema.to_arrow_schema()
     for column in (id_field, text_field, *keep):
         if column not in schema.names:
-            raise ValueError(f"{f.uri}: no column {column!r} (columns: {schema.names})")
+            raise InvalidInput(f"{f.uri}: no column {column!r} (columns: {schema.names})")
     id_type, text_type = schema.field(id_field).type, schema.field(text_field).type
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-        raise ValueError(f"{f.uri}: id column {id_field!r} is {id_type}, expected integers or strings")
+        raise InvalidInput(f"{f.uri}: id column {id_field!r} is {id_type}, expected integers or strings")
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise ValueError(f"{f.uri}: text column {text_field!r} is {text_type}, expected strings")
+        raise InvalidInput(f"{f.uri}: text column {text_field!r} is {text_type}, expected strings")
     return [ShardSpec(shard_name(index, start, min(start + shard_rows, meta.num_rows)), f.uri, f.format,
                       start, min(start + shard_rows, meta.num_rows), first_line=start + 1)
             for start in range(0, meta.num_rows, shard_rows)]
@@ -167,8 +169,8 @@ def _plan_text(index: int, f: InputFile, shard_rows: int, id_field: str, text_fi
             if quoted and records == 0:
                 head += chunk
                 if len(head) > 4 * SCAN_CHUNK:
-                    raise ValueError(f"{f.uri}: no end to the CSV header in its first {len(head) >> 20} MiB "
-                                     "(an unclosed quote?)")
+                    raise InvalidInput(f"{f.uri}: no end to the CSV header in its first {len(head) >> 20} MiB "
+                                       "(an unclosed quote?)")
             arr = np.frombuffer(chunk, dtype=np.uint8)
             positions, ordinals, parity = record_ends(arr, quoted, parity)
             if len(positions):
@@ -184,11 +186,11 @@ def _plan_text(index: int, f: InputFile, shard_rows: int, id_field: str, text_fi
     header: list[str] = []
     if quoted:
         if offset == 0:
-            raise ValueError(f"{f.uri}: empty CSV file (no header)")
+            raise InvalidInput(f"{f.uri}: empty CSV file (no header)")
         header = _csv_header(head[:data_start] if records else head, f.uri)
         for column in (id_field, text_field, *keep):
             if column not in header:
-                raise ValueError(f"{f.uri}: no column {column!r} in the header {header}")
+                raise InvalidInput(f"{f.uri}: no column {column!r} in the header {header}")
         if records:
             records -= 1
         else:
@@ -207,8 +209,8 @@ def _csv_header(raw: bytes, uri: str) -> list[str]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{uri}: the CSV header is not valid UTF-8 ({e.reason})") from None
+        raise InvalidInput(f"{uri}: the CSV header is not valid UTF-8 ({e.reason})") from None
     header = next(csv.reader(io.StringIO(text, newline="")), [])
     if len(set(header)) != len(header):
-        raise ValueError(f"{uri}: repeated column names in the header {header}")
+        raise InvalidInput(f"{uri}: repeated column names in the header {header}")
     return header

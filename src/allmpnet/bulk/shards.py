@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from allmpnet.bulk.plan import filesystem
+from allmpnet.errors import InvalidInput
 
 MANIFEST = "_manifest"
 JOB = "_job.json"
@@ -125,7 +126,7 @@ def read_embeddings(out_dir: str, columns: list[str] | None = None) -> tuple[lis
     for shard in job["shards"]:
         entry = out.read_json(f"{MANIFEST}/{shard}.json")
         if entry is None:
-            raise ValueError(f"{out_dir}: shard {shard} is not finished; run embed-corpus again to complete it")
+            raise InvalidInput(f"{out_dir}: shard {shard} is not finished; run embed-corpus again to complete it")
         if not entry["bytes"]:
             continue
         with out.fs.open_input_file(out.join(shard)) as f:

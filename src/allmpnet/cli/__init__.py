@@ -1,8 +1,9 @@
 """The `allmpnet` command: a thin layer over the library. Each module here registers one group of subcommands.
 
-Errors a user can fix (a missing or damaged file, a bad value, an unusable device) print one line naming the
-file and what is wrong, and exit with 2; anything else prints one line too and exits with 1. `--debug`, before
-or after the command, adds the traceback.
+Errors a user can fix (allmpnet.errors.AllmpnetError: a missing or damaged file, a bad value, an unusable device or
+precision; and the operating system's errors on the user's files) print one line naming the file and what is
+wrong, and exit with 2; anything else is an internal error: one line that says to run again with --debug, exit 1.
+`--debug`, before or after the command, adds the traceback.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import argparse
 import sys
 import traceback
 from importlib import import_module
+
+from allmpnet.errors import AllmpnetError
 
 # one entry per command module; each defines register(subparsers)
 COMMAND_MODULES = ["allmpnet.cli.core", "allmpnet.cli.serve", "allmpnet.cli.search", "allmpnet.cli.bulk", "allmpnet.cli.evaluate", "allmpnet.cli.train", "allmpnet.cli.export", "allmpnet.cli.mining"]
@@ -38,8 +41,9 @@ def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPa
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Errors about the user's files, values or machine (every library error class derives from these)."""
-    return isinstance(error, (OSError, ValueError, TypeError))
+    """Errors about the user's input, files or machine: allmpnet's own (AllmpnetError), and the operating system's
+    (a file that cannot be read or written). A plain ValueError or TypeError is a defect of ours, not the user's."""
+    return isinstance(error, (AllmpnetError, OSError))
 
 
 def one_line(error: BaseException) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from allmpnet.errors import InvalidInput
 from allmpnet.weights import DEFAULT_MODEL, PUBLISHED, download
 
 DEMO_QUERIES = ["How do plants make their food?", "Which programming language is good for beginners?",
@@ -93,13 +94,13 @@ def cmd_encode(args: argparse.Namespace) -> None:
     from allmpnet.cli.outputs import replaced_on_success
     from allmpnet.encode.quantize import calibration_ranges, load_calibration, quantize_embeddings
     if args.calibration is not None and args.quantize not in ("int8", "uint8"):
-        raise ValueError("--calibration sets the ranges of --quantize int8 or uint8")
+        raise InvalidInput("--calibration sets the ranges of --quantize int8 or uint8")
     ranges = load_calibration(args.calibration) if args.calibration is not None else None
     with replaced_on_success(args.out) as out:  # an unusable --out fails here, before reading or encoding
         rows = read_texts(args.input, args.field, skip_bad=args.skip_bad)
         if not rows.texts:
-            raise ValueError(f"{args.input}: no text to encode ("
-                             f"{f'all {len(rows.bad)} rows were bad' if rows.bad else 'the file is empty'})")
+            raise InvalidInput(f"{args.input}: no text to encode ("
+                               f"{f'all {len(rows.bad)} rows were bad' if rows.bad else 'the file is empty'})")
         enc = load_encoder(args)
         vectors = enc.encode(rows.texts, batch_size=args.batch_size, show_progress_bar=True)
         if args.quantize is None:
@@ -139,7 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from allmpnet.similarity import cos_sim
     corpus = [t for t in read_texts(args.corpus).texts if t.strip()]
     if not corpus:
-        raise ValueError(f"{args.corpus} holds no text")
+        raise InvalidInput(f"{args.corpus} holds no text")
     enc = load_encoder(args)
     print(f"embedding {len(corpus)} passages from {args.corpus} with {enc.name} ({enc.dim}-d)")
     doc_vectors = enc.encode(corpus)

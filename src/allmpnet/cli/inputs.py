@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from allmpnet.errors import InvalidInput
 from allmpnet.textfiles import bad_rows_error, check_input_file, decoded_lines
 
 
@@ -70,7 +71,7 @@ def _read_csv(decoded: list[tuple[int, str]], column: str, rows: TextRows, path:
     reader = csv.reader(line for _, line in decoded)
     header = next(reader)
     if column not in header:
-        raise ValueError(f"{path}: no column {column!r} in the header {header}")
+        raise InvalidInput(f"{path}: no column {column!r} in the header {header}")
     index = header.index(column)
     # multi-line quoted cells make csv line numbers drift from file lines; track the reader's own count
     for record in reader:

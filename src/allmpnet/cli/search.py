@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from allmpnet.cli.core import PRECISION_HELP
+from allmpnet.errors import InvalidInput
 from allmpnet.weights import DEFAULT_MODEL
 
 SHOWN_CHARS = 160  # text shown per hit or example on the terminal; --json gives whole texts
@@ -122,7 +123,7 @@ def corpus_spec(args: argparse.Namespace, documents: bool = False):
     max_chars = args.max_chars if args.max_chars is not None else (DOCUMENT_MAX_CHARS if documents
                                                                    else PLAIN_MAX_CHARS)
     if max_chars < 1:
-        raise ValueError("--max-chars must be at least 1")
+        raise InvalidInput("--max-chars must be at least 1")
     return CorpusSpec(text_fields=split(args.text_field), id_field=args.id_field,
                       meta_fields=split(args.meta_fields) if args.meta_fields is not None else None,
                       max_chars=max_chars)
@@ -154,6 +155,7 @@ def read_corpus(args: argparse.Namespace, path: Path, existing_ids=frozenset(), 
 def append_corpus(writer, encoder, records, report, batch_size: int, vectors=None) -> int:
     """Encode and append the rows in chunks with one progress bar; returns how many texts were truncated."""
     from tqdm.auto import tqdm
+
     from allmpnet.encode import TruncationWarning
     truncated, done = 0, 0
     with tqdm(total=report.rows, desc="indexing", unit="row") as bar:
@@ -211,13 +213,14 @@ def report_read(report, truncated: int, encoder) -> None:
 
 def cmd_index_build(args: argparse.Namespace) -> None:
     import numpy as np
+
     from allmpnet.search import AnnConfig, Index, open_writer
     from allmpnet.search.index import check_build_target, model_signature
     ann = AnnConfig(dtype=args.dtype, connectivity=args.connectivity)
     if not args.chunk and (args.chunk_tokens is not None or args.overlap is not None):
-        raise ValueError("--chunk-tokens and --overlap shape a document index: add --chunk")
+        raise InvalidInput("--chunk-tokens and --overlap shape a document index: add --chunk")
     if args.chunk and args.vectors is not None:
-        raise ValueError("--vectors gives one vector per row; a document index (--chunk) embeds its chunks itself")
+        raise InvalidInput("--vectors gives one vector per row; a document index (--chunk) embeds its chunks itself")
     check_build_target(args.out, args.overwrite)  # before reading or embedding anything
     report, _, records = read_corpus(args, args.corpus, documents=args.chunk)
     encoder = load_encoder(args, args.model)
@@ -228,8 +231,8 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     if args.vectors is not None:
         vectors = np.load(args.vectors, mmap_mode="r")
         if vectors.ndim != 2 or vectors.shape != (report.rows, encoder.dim):
-            raise ValueError(f"{args.vectors} has shape {vectors.shape}; expected ({report.rows}, {encoder.dim}): "
-                             "one row per good corpus row from this model")
+            raise InvalidInput(f"{args.vectors} has shape {vectors.shape}; expected ({report.rows}, {encoder.dim}): "
+                               "one row per good corpus row from this model")
     with open_writer(args.out, dim=encoder.dim, model=model_signature(encoder), ann=ann,
                      overwrite=args.overwrite) as writer:
         truncated = append_corpus(writer, encoder, records, report, args.batch_size, vectors)
@@ -261,8 +264,8 @@ def open_for_text(args: argparse.Namespace, verify: bool = True):
     index = Index.open(args.index, verify=verify)
     signature = index.manifest["model"]
     if signature is None and args.model is None:
-        raise ValueError(f"{args.index} was built from vectors without a model; pass --model to embed queries "
-                         "(it is taken on trust: nothing records which model made the vectors)")
+        raise InvalidInput(f"{args.index} was built from vectors without a model; pass --model to embed queries "
+                           "(it is taken on trust: nothing records which model made the vectors)")
     index.use_encoder(load_encoder(args, args.model or signature["name"]))
     return index
 
@@ -310,7 +313,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             print(f"skipped {len(args.query) + len(from_file) - len(queries)} blank query line(s) of {args.queries}",
                   file=sys.stderr)
     if not queries:
-        raise ValueError("give at least one query (positional text or --queries FILE)")
+        raise InvalidInput("give at least one query (positional text or --queries FILE)")
     index = open_for_text(args, verify=not args.no_verify)
     results = index.search(queries, k=args.k, exact=args.exact)
     for query, hits in zip(queries, results):
@@ -347,6 +350,7 @@ def embed_file(args: argparse.Namespace):
 
 def cmd_cluster(args: argparse.Namespace) -> None:
     import numpy as np
+
     from allmpnet.search import community_detection, kmeans
     rows, vectors = embed_file(args)
     labels = np.full(len(rows), -1, dtype=np.int64)

@@ -5,6 +5,8 @@ import argparse
 import os
 from dataclasses import fields
 
+from allmpnet.errors import InvalidInput
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from allmpnet.train.trainer import TrainConfig  # dataclass only; torch loads lazily below
@@ -57,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.eval_task:
         evaluator = retrieval_evaluator(args.eval_task)
         if not cfg.eval_steps:
-            raise ValueError("--eval-task needs --eval-steps N")
+            raise InvalidInput("--eval-task needs --eval-steps N")
     out = train(cfg, evaluator)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
         print(f"trained model in {out}")

@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
+from allmpnet.errors import AllmpnetError, InvalidInput
+
 T = TypeVar("T")
 
 # padded tokens per batch: enough rows that each weight matrix, streamed from memory once per batch, is used for a
@@ -39,9 +41,9 @@ class TokenBudget:
 
     def __post_init__(self) -> None:
         if self.max_texts is not None and self.max_texts < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.max_texts}")
+            raise InvalidInput(f"batch_size must be at least 1, got {self.max_texts}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_tokens}")
+            raise InvalidInput(f"max_batch_tokens must be at least 1, got {self.max_tokens}")
 
     def fits(self, rows: int, longest: int) -> bool:
         """Whether a batch of `rows` texts, the longest `longest` tokens, is within the budget."""
@@ -62,10 +64,6 @@ class TokenBudget:
             start += rows
 
 
-class NonFiniteOutputError(ValueError):
-    """The model gave NaN or infinite values: damaged weights (or a precision overflow), never a silent result."""
-
-
 def check_finite(vectors: torch.Tensor | np.ndarray) -> None:
     """Raise NonFiniteOutputError when a (B, dim) batch of output vectors holds NaN or inf."""
     finite = torch.isfinite(vectors) if isinstance(vectors, torch.Tensor) else np.isfinite(vectors)
@@ -73,11 +71,7 @@ def check_finite(vectors: torch.Tensor | np.ndarray) -> None:
         return
     finite = finite.all(axis=1)
     if not bool(finite.all()):
-        bad = np.flatnonzero(~np.asarray(finite)).tolist()
-        raise NonFiniteOutputError(
-            f"the model produced NaN or infinite values for {len(bad)} of {len(finite)} texts in a batch (batch rows "
-            f"{bad[:5]}{' …' if len(bad) > 5 else ''}): its weights are damaged or the precision overflows; "
-            "no vectors were returned")
+        raise NonFiniteOutputError.for_rows(np.flatnonzero(~np.asarray(finite)).tolist(), len(finite))
 
 
 def embed_in_batches(ids: Sequence[Sequence[int]], embed: Callable[[list[Sequence[int]]], torch.Tensor | np.ndarray],

@@ -1,7 +1,7 @@
 """Calibration for the x86 int8 path, and its quality guard.
 
 W8A8 keeps this model's quality only with SmoothQuant factors taken from the largest |x| each linear layer's input
-channels see (docs/int8-research.md). They come from one fp32 pass over `calibration_texts.txt` (written for this
+channels see (docs/design/cpu-backend.md). They come from one fp32 pass over `calibration_texts.txt` (written for this
 repository: captions, news, questions, science, instructions, dialogue; no evaluation data). The same pass gives
 the fp32 vectors the int8 copy is then checked against: the guard. Both are cached per weights and recipe, so
 only the first start with a given model pays the fp32 pass (seconds on 2 cores).

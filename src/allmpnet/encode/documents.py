@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from allmpnet.errors import InvalidInput
+
 # break levels of the boundary before a word piece (see the module docstring)
 INSIDE_WORD, NO_SPACE, SPACE, SENTENCE, PARAGRAPH = range(5)
 SENTENCE_ENDS = ".!?…。！？"
@@ -38,16 +40,16 @@ class ChunkSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 8:
-            raise ValueError(f"chunk_tokens must be an integer of at least 8, got {self.chunk_tokens!r}")
+            raise InvalidInput(f"chunk_tokens must be an integer of at least 8, got {self.chunk_tokens!r}")
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 0:
-            raise ValueError(f"overlap must be a non-negative integer, got {self.overlap!r}")
+            raise InvalidInput(f"overlap must be a non-negative integer, got {self.overlap!r}")
 
     def text_tokens(self, special_tokens: int) -> int:
         """Word pieces of text a chunk holds once the model's special tokens are in."""
         room = self.chunk_tokens - special_tokens
         if self.overlap > room // 2:
-            raise ValueError(f"overlap ({self.overlap}) must be at most half of a chunk's {room} text word pieces "
-                             f"(chunk_tokens {self.chunk_tokens} less {special_tokens} special tokens)")
+            raise InvalidInput(f"overlap ({self.overlap}) must be at most half of a chunk's {room} text word pieces "
+                               f"(chunk_tokens {self.chunk_tokens} less {special_tokens} special tokens)")
         return room
 
     def as_dict(self) -> dict:
@@ -63,8 +65,8 @@ class ChunkSettings:
             overlap = min(DEFAULT_OVERLAP, max(0, (chunk_tokens - 2) // 4))
         settings = cls(chunk_tokens, overlap)
         if chunk_tokens > max_seq_length:
-            raise ValueError(f"chunk_tokens ({chunk_tokens}) is above the model's max_seq_length "
-                             f"({max_seq_length}): its chunks would be truncated")
+            raise InvalidInput(f"chunk_tokens ({chunk_tokens}) is above the model's max_seq_length "
+                               f"({max_seq_length}): its chunks would be truncated")
         return settings
 
 

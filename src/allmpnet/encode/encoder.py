@@ -27,6 +27,7 @@ from allmpnet.encode.inference import build_inference
 from allmpnet.encode.precision import Capabilities, PrecisionPlan, plan_precision
 from allmpnet.encode.quantize import Quantizer, resolve as resolve_quantizer
 from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
+from allmpnet.errors import InvalidInput, InvalidInputType
 from allmpnet.model import PackedBatch, Pooling, SentenceModel
 from allmpnet.weights import DEFAULT_MODEL, resolve, verify_weights
 
@@ -61,7 +62,7 @@ class Encoder:
         if max_batch_tokens is DEFAULT:
             max_batch_tokens = default_batch_tokens(self.device.type)
         if max_batch_tokens is not None and max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be at least 1 or None, got {max_batch_tokens}")
+            raise InvalidInput(f"max_batch_tokens must be at least 1 or None, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
         self._inference: SentenceModel | None = None
         self._exact: tuple[cpu_backend.FusedX86Stack | None] | None = None  # (_exact_stack's,) once built
@@ -255,7 +256,7 @@ class Encoder:
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
         if convert_to not in ("numpy", "torch"):
-            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
+            raise InvalidInput(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
         budget = self.budget(batch_size)
         show = len(texts) > 256 if show_progress_bar is None else show_progress_bar
         if len(texts) == 1 and not show:
@@ -328,9 +329,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {str(device)!r}: expected cpu, cuda or cuda:N") from None
+        raise InvalidInput(f"unknown device {str(device)!r}: expected cpu, cuda or cuda:N") from None
     if resolved.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise ValueError(f"device {str(device)!r}: allmpnet runs on cpu or cuda, not {resolved.type}")
+        raise InvalidInput(f"device {str(device)!r}: allmpnet runs on cpu or cuda, not {resolved.type}")
     return resolved
 
 
@@ -340,10 +341,10 @@ def require_device(device: torch.device) -> None:
         return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use --device cpu")
+        raise InvalidInput(f"device {str(device)!r}: CUDA is not available on this machine; use --device cpu")
     if device.index is not None and device.index >= count:
-        raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
-                         f"cuda:{count - 1}")
+        raise InvalidInput(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                           f"cuda:{count - 1}")
 
 
 def as_plan(precision: str | PrecisionPlan, device: torch.device) -> PrecisionPlan:
@@ -366,9 +367,9 @@ def document_windows(docs: Sequence[str], max_chars: int = 2_000_000) -> list[tu
 
 def check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):
-        raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
+        raise InvalidInputType(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
     texts = list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+            raise InvalidInputType(f"texts[{i}] is {type(text).__name__}, expected str")
     return texts

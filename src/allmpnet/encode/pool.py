@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from allmpnet.encode.encoder import TruncationWarning, check_texts
+from allmpnet.errors import InvalidInput
 from allmpnet.weights import DEFAULT_MODEL
 
 POLL_SECONDS = 0.5  # how often a waiting caller checks that every worker is still alive
@@ -59,7 +60,7 @@ class EncodePool:
                  factory: Callable = load_encoder):
         self.devices = list(devices) if devices is not None else default_devices()
         if not self.devices:
-            raise ValueError("devices is empty")
+            raise InvalidInput("devices is empty")
         context = mp.get_context("spawn")
         self.tasks = context.Queue()
         self.results = context.Queue()
@@ -101,7 +102,7 @@ class EncodePool:
             raise RuntimeError("this EncodePool is closed (a worker failed, or close() was called)")
         texts = check_texts(texts)
         if batch_size < 1 or chunk_size < 1:
-            raise ValueError(f"batch_size and chunk_size must be at least 1, got {batch_size} and {chunk_size}")
+            raise InvalidInput(f"batch_size and chunk_size must be at least 1, got {batch_size} and {chunk_size}")
         # longest first, by characters: a cheap stand-in for token counts that keeps each chunk's padding low
         order = np.argsort([-len(t) for t in texts], kind="stable")
         chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]

@@ -21,6 +21,7 @@ from allmpnet.backends.cpu.int8 import KERNELS as X86_KERNELS, PREFERENCE as X86
 from allmpnet.backends.cpu.int8 import kernel_unavailable as x86_kernel_unavailable
 from allmpnet.backends.cpu.layer_norm import layer_norm_unavailable
 from allmpnet.backends.cpu.library import cpu_flags, library_unavailable
+from allmpnet.errors import InvalidInput, PrecisionUnavailable
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "bf16+int8")
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -150,9 +151,9 @@ class PrecisionPlan:
     small_linear: str | None = None  # linear layers of batches of at most small_batch_tokens packed tokens
     small_batch_tokens: int = 0
     attention: str = "grouped"  # "grouped" (CPU: SDPA per equal-length group) or "padded" (GPU: one call)
-    short_attention_kernel: bool = False  # a lone block of <= 32 tokens (a single query) through our kernel
-    # every group of blocks up to 512 tokens through our x86 kernel, with these products (backends/cpu/attention.py PRODUCTS:
-    # "amx", "bf16" or "fp32", as far as the CPU goes); None: SDPA
+    short_attention_kernel: bool = False  # texts of <= 32 tokens through our AMX kernel
+    # every group of texts up to 512 tokens through our x86 kernel, with these products (backends/cpu/attention.py's
+    # PRODUCTS: "amx", "bf16" or "fp32", as far as the CPU goes); None: SDPA
     block_attention_kernel: str | None = None
     layer_norm_kernel: bool = False  # bf16 LayerNorms through our x86 kernel (backends/cpu/layer_norm.py)
     bucket_rows: bool = False  # round packed rows up to few shapes (oneDNN caches a kernel per shape; ours do not)
@@ -215,7 +216,7 @@ def attention_products(caps: Capabilities) -> str:
 def check_precision_name(request: str) -> str:
     """`request` if it names a precision (whether this machine can run it is for plan_precision to say)."""
     if request != "auto" and request not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {request!r}")
+        raise InvalidInput(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {request!r}")
     return request
 
 
@@ -240,7 +241,7 @@ def plan_precision(request: str, device: torch.device | str, capabilities: Capab
         name, reason = check_precision_name(request), "as requested"
         why_not = _unavailable(name, caps)
         if why_not:
-            raise ValueError(f"precision {name!r} is not available here: {why_not}")
+            raise PrecisionUnavailable(f"precision {name!r} is not available here: {why_not}")
     return _build(name, caps, request, reason)
 
 
@@ -249,7 +250,7 @@ def plan_training_precision(request: str, device: torch.device | str, capabiliti
     """The plan a trainer autocasts by: int8 paths are for inference only, so "auto" means the fastest float
     precision here (bf16 where native, fp16 on older GPUs, else fp32)."""
     if request in ("int8", "bf16+int8"):
-        raise ValueError(f"precision {request!r} is for inference only: train in fp32, bf16 or auto")
+        raise InvalidInput(f"precision {request!r} is for inference only: train in fp32, bf16 or auto")
     device = torch.device(device)
     if request != "auto":
         return plan_precision(request, device, capabilities)

@@ -23,6 +23,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from allmpnet.errors import InvalidInput, InvalidInputType
+
 QuantizedType = Literal["int8", "uint8", "binary", "ubinary"]
 QUANTIZED_TYPES: tuple[str, ...] = ("int8", "uint8", "binary", "ubinary")
 EMBEDDING_TYPES: tuple[str, ...] = ("float",) + QUANTIZED_TYPES  # what an output vector may be
@@ -32,7 +34,7 @@ BUCKETS = 255  # steps between a dimension's minimum and maximum
 
 def check_type(precision: str) -> str:
     if precision not in QUANTIZED_TYPES:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZED_TYPES)}, got {precision!r}")
+        raise InvalidInput(f"quantization must be one of {', '.join(QUANTIZED_TYPES)}, got {precision!r}")
     return precision
 
 
@@ -41,9 +43,9 @@ def as_float_matrix(embeddings: np.ndarray | torch.Tensor, name: str = "embeddin
         embeddings = embeddings.detach().float().cpu().numpy()
     array = np.asarray(embeddings)
     if array.dtype.kind not in "f":
-        raise TypeError(f"{name} must be float vectors to quantize, got dtype {array.dtype}")
+        raise InvalidInputType(f"{name} must be float vectors to quantize, got dtype {array.dtype}")
     if array.ndim not in (1, 2):
-        raise ValueError(f"{name} must be a vector or a (n, dim) matrix, got shape {array.shape}")
+        raise InvalidInput(f"{name} must be a vector or a (n, dim) matrix, got shape {array.shape}")
     return array.astype(np.float32, copy=False)
 
 
@@ -51,20 +53,20 @@ def calibration_ranges(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
     """(2, dim) per-dimension minimum and maximum of a sample of embeddings (at least 2 rows)."""
     sample = as_float_matrix(embeddings, "calibration embeddings")
     if sample.ndim != 2 or len(sample) < 2:
-        raise ValueError("calibration needs at least 2 embeddings (a (n, dim) matrix); one vector has no spread")
+        raise InvalidInput("calibration needs at least 2 embeddings (a (n, dim) matrix); one vector has no spread")
     if not np.isfinite(sample).all():
-        raise ValueError("calibration embeddings hold NaN or infinite values")
+        raise InvalidInput("calibration embeddings hold NaN or infinite values")
     return np.vstack((sample.min(axis=0), sample.max(axis=0)))
 
 
 def check_ranges(ranges: np.ndarray | torch.Tensor, dim: int) -> np.ndarray:
     ranges = as_float_matrix(ranges, "ranges")
     if ranges.shape != (2, dim):
-        raise ValueError(f"ranges must have shape (2, {dim}) (per-dimension minima, then maxima), got {ranges.shape}")
+        raise InvalidInput(f"ranges must have shape (2, {dim}) (per-dimension minima, then maxima), got {ranges.shape}")
     if not np.isfinite(ranges).all():
-        raise ValueError("ranges hold NaN or infinite values")
+        raise InvalidInput("ranges hold NaN or infinite values")
     if (ranges[1] < ranges[0]).any():
-        raise ValueError("ranges: a maximum is below its minimum (row 0 holds the minima, row 1 the maxima)")
+        raise InvalidInput("ranges: a maximum is below its minimum (row 0 holds the minima, row 1 the maxima)")
     return ranges
 
 
@@ -81,8 +83,8 @@ def quantize_embeddings(embeddings: np.ndarray | torch.Tensor, precision: Quanti
     if precision in SCALAR_TYPES:
         if ranges is None:
             if vectors.ndim == 1 or len(vectors) < 2:
-                raise ValueError(f"{precision} quantization needs calibration ranges: pass ranges= (see "
-                                 "calibration_ranges), or quantize at least 2 embeddings together")
+                raise InvalidInput(f"{precision} quantization needs calibration ranges: pass ranges= (see "
+                                   "calibration_ranges), or quantize at least 2 embeddings together")
             ranges = calibration_ranges(vectors)
         ranges = check_ranges(ranges, vectors.shape[-1])
         low = ranges[0]
@@ -117,8 +119,8 @@ class Quantizer:
 
     def __call__(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
         if self.ranges is not None and as_float_matrix(embeddings).shape[-1] != self.ranges.shape[1]:
-            raise ValueError(f"the calibration ranges are {self.ranges.shape[1]}-d; the embeddings are "
-                             f"{as_float_matrix(embeddings).shape[-1]}-d")
+            raise InvalidInput(f"the calibration ranges are {self.ranges.shape[1]}-d; the embeddings are "
+                               f"{as_float_matrix(embeddings).shape[-1]}-d")
         return quantize_embeddings(embeddings, self.precision, self.ranges)
 
 
@@ -130,8 +132,8 @@ def load_calibration(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"{path}: no such calibration file")
     array = np.load(path)
     if array.ndim != 2 or array.dtype.kind != "f":
-        raise ValueError(f"{path}: expected (2, dim) float ranges or (n, dim) float embeddings, got "
-                         f"{array.dtype} {array.shape}")
+        raise InvalidInput(f"{path}: expected (2, dim) float ranges or (n, dim) float embeddings, got "
+                           f"{array.dtype} {array.shape}")
     return check_ranges(array, array.shape[1]) if len(array) == 2 else calibration_ranges(array)
 
 
@@ -143,4 +145,5 @@ def resolve(quantize: str | Quantizer | None) -> Quantizer | None:
         return None
     if isinstance(quantize, str):
         return Quantizer(check_type(quantize))
-    raise TypeError(f"quantize must be None, one of {QUANTIZED_TYPES} or a Quantizer, got {type(quantize).__name__}")
+    raise InvalidInputType(f"quantize must be None, one of {QUANTIZED_TYPES} or a Quantizer, got "
+                           f"{type(quantize).__name__}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from allmpnet.errors import InvalidInput
 from allmpnet.model.files import ModelFileError
 from allmpnet.model.sentence import TOKENIZER_FILES
 
@@ -40,8 +41,8 @@ def check_encodable(texts: Sequence[str], field: str = "texts") -> None:
     for i, text in enumerate(texts):
         at = lone_surrogate_at(text)
         if at is not None:
-            raise ValueError(f"{field}[{i}] is not valid Unicode: a lone surrogate U+{ord(text[at]):04X} at character "
-                             f"{at} (UTF-8 cannot encode it)")
+            raise InvalidInput(f"{field}[{i}] is not valid Unicode: a lone surrogate U+{ord(text[at]):04X} at "
+                               f"character {at} (UTF-8 cannot encode it)")
 
 
 @dataclass
@@ -84,7 +85,7 @@ class TextTokenizer:
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
         if value < 2:
-            raise ValueError(f"max_seq_length must leave room for the two special tokens, got {value}")
+            raise InvalidInput(f"max_seq_length must leave room for the two special tokens, got {value}")
         self._max_seq_length = int(value)
         self._tok.enable_truncation(self._max_seq_length)
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from allmpnet.errors import InvalidInputType
 from allmpnet.weights import STAMP, WEIGHTS, cache_root, sha256_of
 
 WRITE_CHUNK = 512  # texts encoded and committed together (and the progress bar step)
@@ -45,8 +46,8 @@ def model_key(encoder) -> str:
     """What determines an allmpnet Encoder's vectors, hashed into a short file name."""
     for attr in ("model_dir", "precision", "max_seq_length", "normalize", "pooling"):
         if not hasattr(encoder, attr):
-            raise TypeError(f"cannot derive a cache key from {type(encoder).__name__} (no .{attr}); "
-                            "pass key= explicitly")
+            raise InvalidInputType(f"cannot derive a cache key from {type(encoder).__name__} (no .{attr}); "
+                                   "pass key= explicitly")
     parts = {"weights": weights_sha256(encoder.model_dir), "precision": encoder.precision,
              "max_seq_length": encoder.max_seq_length, "normalize": encoder.normalize,
              "pooling": list(encoder.pooling.modes)}

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from allmpnet.errors import InvalidInput
+
 # names the task.json files use (newer mteb) -> the names on the card (mteb 1.0)
 METRIC_ALIASES = {"cosine_spearman": "cos_sim_spearman", "cosine_pearson": "cos_sim_pearson", "cosine_ap": "cos_sim_ap",
                   "cosine_accuracy": "cos_sim_accuracy", "cosine_f1": "cos_sim_f1"}
@@ -28,11 +30,11 @@ def model_index_results(path: str | os.PathLike) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     match = re.match(r"\A---\s*\n(.*?)\n---\s*\n", text, re.S)
     if not match:
-        raise ValueError(f"{path}: no YAML front matter (a model card starts with a '---' block)")
+        raise InvalidInput(f"{path}: no YAML front matter (a model card starts with a '---' block)")
     try:
         meta = yaml.safe_load(match.group(1)) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: front matter is not valid YAML ({e})") from None
+        raise InvalidInput(f"{path}: front matter is not valid YAML ({e})") from None
     entries = []
     try:
         for model in meta.get("model-index") or []:
@@ -47,9 +49,9 @@ def model_index_results(path: str | os.PathLike) -> list[dict]:
                                             if "type" in m}})
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         # a hand-edited card: say where, not a traceback from deep inside the walk
-        raise ValueError(f"{path}: model-index is not in the expected form ({type(e).__name__}: {e})") from None
+        raise InvalidInput(f"{path}: model-index is not in the expected form ({type(e).__name__}: {e})") from None
     if not entries:
-        raise ValueError(f"{path}: front matter has no model-index results")
+        raise InvalidInput(f"{path}: front matter has no model-index results")
     return entries
 
 

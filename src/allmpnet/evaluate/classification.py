@@ -17,6 +17,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
+from allmpnet.errors import InvalidInput
 from allmpnet.evaluate.data import Task, read_classification
 
 # mteb's own per-task settings; anything else uses 8 (task.json's samples_per_label wins over both)
@@ -75,14 +76,15 @@ def evaluate_classification(encoder, train_texts: Sequence[str], train_labels: S
                             n_experiments: int = 10, max_iter: int = 100, seed: int = 42, batch_size: int = 32,
                             show_progress_bar: bool = False) -> dict[str, float]:
     if len(train_texts) != len(train_labels) or len(test_texts) != len(test_labels):
-        raise ValueError("every text needs exactly one label")
+        raise InvalidInput("every text needs exactly one label")
     if not train_texts or not test_texts:
-        raise ValueError("classification needs a non-empty train and test split")
+        raise InvalidInput("classification needs a non-empty train and test split")
     if len(set(train_labels)) < 2:
-        raise ValueError(f"classification needs at least two labels in the train split, got {sorted(set(train_labels))}")
+        raise InvalidInput("classification needs at least two labels in the train split, got "
+                           f"{sorted(set(train_labels))}")
     unseen = set(test_labels) - set(train_labels)
     if unseen:
-        raise ValueError(f"test labels never seen in training: {sorted(map(str, unseen))[:5]}")
+        raise InvalidInput(f"test labels never seen in training: {sorted(map(str, unseen))[:5]}")
     plan = undersample_plan(train_labels, samples_per_label, n_experiments, seed)
     # encode each sampled train text once, not once per experiment
     used = sorted({i for rows in plan for i in rows})

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import v_measure_score
 
+from allmpnet.errors import InvalidInput
 from allmpnet.evaluate.data import ClusteringSet, Task, read_clustering
 
 
@@ -30,14 +31,14 @@ def cluster_v_measure(vectors: np.ndarray, labels: Sequence, batch_size: int = 5
 def evaluate_clustering(encoder, sets: Sequence[ClusteringSet], batch_size: int = 32, seed: int = 42,
                         show_progress_bar: bool = False) -> dict[str, float]:
     if not sets:
-        raise ValueError("clustering needs at least one cluster set")
+        raise InvalidInput("clustering needs at least one cluster set")
     scores = []
     for cluster_set in sets:
         if not cluster_set.sentences:
-            raise ValueError("clustering got an empty cluster set")
+            raise InvalidInput("clustering got an empty cluster set")
         if len(cluster_set.sentences) != len(cluster_set.labels):
-            raise ValueError(f"a cluster set has {len(cluster_set.sentences)} sentences but "
-                             f"{len(cluster_set.labels)} labels")
+            raise InvalidInput(f"a cluster set has {len(cluster_set.sentences)} sentences but "
+                               f"{len(cluster_set.labels)} labels")
         vectors = np.asarray(encoder.encode(cluster_set.sentences, batch_size=batch_size,
                                             show_progress_bar=show_progress_bar))
         scores.append(cluster_v_measure(vectors, cluster_set.labels, seed=seed))

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from allmpnet.errors import AllmpnetError
+
 TASK_TYPES = ("STS", "Classification", "Clustering", "Retrieval", "Reranking", "PairClassification",
               "Summarization")
 
 
-class DatasetError(ValueError):
+class DatasetError(AllmpnetError, ValueError):
     """A dataset folder or file that does not match the expected layout."""
 
     def __init__(self, path: Path | str, message: str, line: int | None = None):

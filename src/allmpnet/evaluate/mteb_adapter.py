@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from allmpnet.errors import InvalidInput
 from allmpnet.weights import ALL_MPNET, DEFAULT_MODEL
 
 
@@ -39,13 +40,13 @@ class MtebModel:
         """(N, D) float32 vectors for every text the DataLoader yields, in its order."""
         precision = kwargs.get("precision")
         if precision not in (None, "float32"):
-            raise ValueError(f"MtebModel returns float32 vectors; mteb asked for {precision!r} embeddings. Choose "
-                             "the model's own precision instead: MtebModel(precision='bf16'), or drop the "
-                             "'precision' encode kwarg")
+            raise InvalidInput(f"MtebModel returns float32 vectors; mteb asked for {precision!r} embeddings. Choose "
+                               "the model's own precision instead: MtebModel(precision='bf16'), or drop the "
+                               "'precision' encode kwarg")
         texts: list[str] = []
         for batch in inputs:
             if "text" not in batch:
-                raise ValueError(f"MtebModel embeds text only; this task's batches hold {sorted(batch)}")
+                raise InvalidInput(f"MtebModel embeds text only; this task's batches hold {sorted(batch)}")
             texts.extend(batch["text"])
         if not texts:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)

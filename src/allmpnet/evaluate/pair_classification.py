@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 from sklearn.metrics.pairwise import paired_cosine_distances, paired_euclidean_distances, paired_manhattan_distances
 
+from allmpnet.errors import InvalidInput
 from allmpnet.evaluate.data import PairData, Task, read_pairs
 
 
@@ -68,10 +69,10 @@ def evaluate_pair_classification(encoder, sentences1: Sequence[str], sentences2:
                                  labels: Sequence[int], batch_size: int = 32,
                                  show_progress_bar: bool = False) -> dict[str, float]:
     if not (len(sentences1) == len(sentences2) == len(labels)):
-        raise ValueError(f"pair classification needs as many second sentences and labels as first sentences; got "
-                         f"{len(sentences1)}, {len(sentences2)}, {len(labels)}")
+        raise InvalidInput(f"pair classification needs as many second sentences and labels as first sentences; got "
+                           f"{len(sentences1)}, {len(sentences2)}, {len(labels)}")
     if set(labels) != {0, 1}:
-        raise ValueError(f"pair classification needs both labels 0 and 1 present, got {sorted(set(labels))}")
+        raise InvalidInput(f"pair classification needs both labels 0 and 1 present, got {sorted(set(labels))}")
     a = np.asarray(encoder.encode(list(sentences1), batch_size=batch_size, show_progress_bar=show_progress_bar))
     b = np.asarray(encoder.encode(list(sentences2), batch_size=batch_size, show_progress_bar=show_progress_bar))
     scores = pair_metrics(1 - paired_cosine_distances(a, b), labels, "cos_sim")

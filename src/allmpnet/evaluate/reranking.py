@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import average_precision_score
 
+from allmpnet.errors import InvalidInput
 from allmpnet.evaluate.data import RerankingSample, Task, read_reranking
 
 
@@ -32,7 +33,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def evaluate_reranking(encoder, samples: Sequence[RerankingSample], mrr_at_k: int = 10, batch_size: int = 32,
                        show_progress_bar: bool = False) -> dict[str, float]:
     if not samples:
-        raise ValueError("reranking needs at least one sample")
+        raise InvalidInput("reranking needs at least one sample")
     queries = [[s.query] if isinstance(s.query, str) else list(s.query) for s in samples]
     query_vecs = np.asarray(encoder.encode([q for qs in queries for q in qs], batch_size=batch_size,
                                            show_progress_bar=show_progress_bar))
@@ -51,7 +52,7 @@ def evaluate_reranking(encoder, samples: Sequence[RerankingSample], mrr_at_k: in
         aps.append(ap)
         rrs.append(rr)
     if not aps:
-        raise ValueError("no reranking sample has both positive and negative candidates")
+        raise InvalidInput("no reranking sample has both positive and negative candidates")
     return {"map": 100 * float(np.mean(aps)), "mrr": 100 * float(np.mean(rrs)), "samples_scored": len(aps)}
 
 

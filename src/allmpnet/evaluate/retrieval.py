@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from allmpnet.errors import InvalidInput
 from allmpnet.evaluate.data import RetrievalData, Task, read_retrieval
 
 K_VALUES = (1, 3, 5, 10, 100, 1000)
@@ -50,9 +51,9 @@ def search(encoder, corpus: dict[str, dict[str, str]], queries: dict[str, str], 
            show_progress_bar: bool = False) -> dict[str, dict[str, float]]:
     """{query id: {doc id: cosine}} with each query's top_k documents (a document with the query's id skipped)."""
     if not corpus:
-        raise ValueError("retrieval needs a non-empty corpus")
+        raise InvalidInput("retrieval needs a non-empty corpus")
     if not queries:
-        raise ValueError("retrieval needs at least one query")
+        raise InvalidInput("retrieval needs at least one query")
     query_ids, doc_ids = list(queries), list(corpus)
     query_vectors = encoder.encode([queries[q] for q in query_ids], batch_size=batch_size,
                                    show_progress_bar=show_progress_bar)
@@ -85,7 +86,7 @@ def score_run(qrels: dict[str, dict[str, int]], results: dict[str, dict[str, flo
     measures = {f"ndcg_cut.{cuts}", f"map_cut.{cuts}", f"recall.{cuts}", f"P.{cuts}"}
     per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(results)
     if not per_query:
-        raise ValueError("no query has both judgements and results")
+        raise InvalidInput("no query has both judgements and results")
     out: dict[str, float] = {}
     for ours, theirs in (("ndcg_at", "ndcg_cut"), ("map_at", "map_cut"), ("recall_at", "recall"),
                          ("precision_at", "P")):
@@ -111,7 +112,7 @@ def mrr_at_k(qrels: dict[str, dict[str, int]], results: dict[str, dict[str, floa
 def evaluate_retrieval(encoder, data: RetrievalData, k_values: Sequence[int] = K_VALUES, batch_size: int = 32,
                        corpus_chunk_size: int = 10_000, show_progress_bar: bool = False) -> dict[str, float]:
     if not data.qrels:
-        raise ValueError("retrieval needs relevance judgements (qrels)")
+        raise InvalidInput("retrieval needs relevance judgements (qrels)")
     results = search(encoder, data.corpus, data.queries, max(k_values), batch_size, corpus_chunk_size,
                      show_progress_bar=show_progress_bar)
     return score_run(data.qrels, results, k_values)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from allmpnet.errors import InvalidInput
 from allmpnet.evaluate import (classification, clustering, pair_classification, reranking, retrieval, sts,
                                summarization)
 from allmpnet.evaluate.card import Comparison, card_metric, compare, markdown_table
@@ -39,8 +40,8 @@ def evaluate_task(task: Task | str | os.PathLike, encoder, batch_size: int = 32,
                                        **options)
     main = card_metric(task.main_score or MAIN_SCORES[task.type])
     if main not in scores:
-        raise ValueError(f"{task.path / 'task.json'}: main_score {task.main_score!r} is not one of the "
-                         f"{task.type} scores {sorted(scores)}")
+        raise InvalidInput(f"{task.path / 'task.json'}: main_score {task.main_score!r} is not one of the "
+                           f"{task.type} scores {sorted(scores)}")
     plan = getattr(encoder, "plan", None)  # a CachedEncoder passes its encoder's through
     subset = {"subset": task.params["subset"]} if task.params.get("subset") is not None else {}
     return {"task": task.name, **subset, "type": task.type, "split": task.params.get("eval_split", "test"),

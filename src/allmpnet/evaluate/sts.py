@@ -11,6 +11,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics.pairwise import paired_cosine_distances, paired_euclidean_distances, paired_manhattan_distances
 
+from allmpnet.errors import InvalidInput
 from allmpnet.evaluate.data import Task, read_sts
 
 
@@ -26,10 +27,10 @@ def correlations(gold: Sequence[float], predicted: np.ndarray, prefix: str) -> d
 def evaluate_sts(encoder, sentences1: Sequence[str], sentences2: Sequence[str], gold: Sequence[float],
                  batch_size: int = 32, show_progress_bar: bool = False) -> dict[str, float]:
     if not (len(sentences1) == len(sentences2) == len(gold)):
-        raise ValueError(f"STS needs as many second sentences and scores as first sentences; got "
-                         f"{len(sentences1)}, {len(sentences2)}, {len(gold)}")
+        raise InvalidInput(f"STS needs as many second sentences and scores as first sentences; got "
+                           f"{len(sentences1)}, {len(sentences2)}, {len(gold)}")
     if len(gold) < 2:
-        raise ValueError(f"STS needs at least two scored pairs to correlate, got {len(gold)}")
+        raise InvalidInput(f"STS needs at least two scored pairs to correlate, got {len(gold)}")
     a = np.asarray(encoder.encode(list(sentences1), batch_size=batch_size, show_progress_bar=show_progress_bar))
     b = np.asarray(encoder.encode(list(sentences2), batch_size=batch_size, show_progress_bar=show_progress_bar))
     scores = correlations(gold, 1 - paired_cosine_distances(a, b), "cos_sim")

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
+from allmpnet.errors import InvalidInput
 from allmpnet.evaluate.data import SummaryText, Task, read_summarization
 
 
@@ -36,7 +37,7 @@ def evaluate_summarization(encoder, texts: Sequence[SummaryText], batch_size: in
                            show_progress_bar: bool = False) -> dict[str, float]:
     """Correlations ×100 averaged over texts; each also as `NAME_legacy`, the historic mean with p-values."""
     if not texts:
-        raise ValueError("summarization needs at least one source text")
+        raise InvalidInput("summarization needs at least one source text")
     human_all = [s for t in texts for s in t.human_summaries]
     machine_all = [s for t in texts for s in t.machine_summaries]
     # one encode call per side keeps the length-sorted batching efficient
@@ -64,7 +65,7 @@ def evaluate_summarization(encoder, texts: Sequence[SummaryText], batch_size: in
             stats[f"{name}_spearman"].append((rho.statistic, rho.pvalue))
             stats[f"{name}_pearson"].append((r.statistic, r.pvalue))
     if skipped == len(texts):
-        raise ValueError("every source text has equal relevance for all its machine summaries: nothing to rank")
+        raise InvalidInput("every source text has equal relevance for all its machine summaries: nothing to rank")
     scores = {name: _mean(results, legacy=False) for name, results in stats.items()}
     scores.update({f"{name}_legacy": _mean(results, legacy=True) for name, results in stats.items()})
     scores["texts_scored"] = len(texts) - skipped

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+from allmpnet.errors import InvalidInputType
+
 try:
     from langchain_core.embeddings import Embeddings
 except ImportError as e:  # the extra is not installed
@@ -39,7 +41,7 @@ class AllMpnetEmbeddings(Embeddings):
 
     def embed_query(self, text: str) -> list[float]:
         if not isinstance(text, str):
-            raise TypeError(f"embed_query takes one string, got {type(text).__name__}")
+            raise InvalidInputType(f"embed_query takes one string, got {type(text).__name__}")
         return self.encoder.encode([text], batch_size=self.batch_size)[0].tolist()
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:

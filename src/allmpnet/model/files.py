@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from allmpnet.errors import AllmpnetError
 
-class ModelFileError(ValueError):
+
+class ModelFileError(AllmpnetError, ValueError):
     """A file of a model directory that is missing, not valid JSON, or holds values a model cannot have."""
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from allmpnet.errors import InvalidInput
 from allmpnet.model.files import ModelFileError, read_json
 from allmpnet.model.packing import AttentionLayout, BoundAttention, PackedBatch
 
@@ -47,17 +48,17 @@ class MPNetConfig:
         for name in sizes:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be a token id below vocab_size ({self.vocab_size}), "
-                             f"got {self.pad_token_id!r}")
+            raise InvalidInput(f"pad_token_id must be a token id below vocab_size ({self.vocab_size}), "
+                               f"got {self.pad_token_id!r}")
         if self.max_position_embeddings < self.pad_token_id + 3:  # room for the padding slots and one token
-            raise ValueError(f"max_position_embeddings ({self.max_position_embeddings}) leaves no room for text "
-                             f"after the {self.pad_token_id + 1} padding slot(s)")
+            raise InvalidInput(f"max_position_embeddings ({self.max_position_embeddings}) leaves no room for text "
+                               f"after the {self.pad_token_id + 1} padding slot(s)")
         for name in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+                raise InvalidInput(f"{name} must be a number in [0, 1), got {value!r}")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "MPNetConfig":
@@ -70,11 +71,11 @@ class MPNetConfig:
         """
         model_type = raw.get("model_type", "mpnet")  # a config that does not name its type may still be MPNet's
         if model_type != "mpnet":
-            raise ValueError(f"model_type is {model_type!r}, not 'mpnet': this is not an MPNet model's config")
+            raise InvalidInput(f"model_type is {model_type!r}, not 'mpnet': this is not an MPNet model's config")
         missing = [name for name in REQUIRED_FIELDS if name not in raw]
         if missing:
-            raise ValueError(f"not an MPNet config: lacks {', '.join(missing)} (every MPNet config.json lists "
-                             f"the model's sizes)")
+            raise InvalidInput(f"not an MPNet config: lacks {', '.join(missing)} (every MPNet config.json lists "
+                               f"the model's sizes)")
         known = {f.name for f in fields(cls)}
         return cls(**{**ABSENT_FIELDS, **{k: v for k, v in raw.items() if k in known}})
 
@@ -125,7 +126,7 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, activation: str = "none", dropout: float = 0.0):
         super().__init__(in_features, out_features)
         if activation not in ("none", "gelu"):
-            raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+            raise InvalidInput(f"activation must be 'none' or 'gelu', got {activation!r}")
         self.activation, self.dropout = activation, dropout
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

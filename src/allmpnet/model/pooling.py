@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from allmpnet.errors import InvalidInput
 from allmpnet.model.files import ModelFileError, read_json
 from allmpnet.model.packing import PackedBatch
 
@@ -27,7 +28,7 @@ class Pooling:
 
     def __post_init__(self) -> None:
         if not self.modes:
-            raise ValueError(f"pooling config enables no mode; expected one of {MODES}")
+            raise InvalidInput(f"pooling config enables no mode; expected one of {MODES}")
 
     @property
     def modes(self) -> list[str]:

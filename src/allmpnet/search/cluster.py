@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from allmpnet.errors import InvalidInput
 from allmpnet.search.exact import Array, as_matrix, cosine_scores
 
 # rows scored against the whole set at once; bounds the (batch x n) score block to about 256 MB of float32
@@ -23,9 +24,9 @@ def community_detection(embeddings: Array, threshold: float = 0.75, min_communit
     then members by decreasing similarity to it. Rows in no list belong to no community.
     """
     if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold is a cosine in [-1, 1], got {threshold}")
+        raise InvalidInput(f"threshold is a cosine in [-1, 1], got {threshold}")
     if min_community_size < 1 or batch_size < 1:
-        raise ValueError("min_community_size and batch_size must be at least 1")
+        raise InvalidInput("min_community_size and batch_size must be at least 1")
     x = as_matrix(embeddings, "embeddings")
     n = len(x)
     if n == 0 or min_community_size > n:
@@ -73,7 +74,7 @@ def kmeans(embeddings: Array, n_clusters: int, seed: int = 0, normalize: bool = 
     x = as_matrix(embeddings, "embeddings").float()
     n = len(x)
     if not 1 <= n_clusters <= n:
-        raise ValueError(f"n_clusters must be between 1 and the number of rows ({n}), got {n_clusters}")
+        raise InvalidInput(f"n_clusters must be between 1 and the number of rows ({n}), got {n_clusters}")
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     data = x.cpu().numpy()

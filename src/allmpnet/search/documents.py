@@ -8,7 +8,8 @@ the same way. Each docs.jsonl line is
      "document": the whole text}               on a document's first chunk
     {... the same without "document" ..., "first": row of the document's first chunk}   on the others
 
-so a hit needs only its own line, and the whole document is one more read (`Index.document_text`).
+so a hit needs only its own line, and the whole document is one more read (`Index.document_text`). This module
+holds the rules; index.py calls them, and they use only the index's public API (search_rows, doc, len).
 
 Search ranks documents by their best chunk's cosine (max aggregation; benchmarks/results/long_documents/ compares
 it with the alternatives). It takes the top rows, keeps the first (best) row of each document, and widens the row
@@ -17,15 +18,12 @@ over chunks whenever the row search is exact.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from allmpnet.encode.documents import ChunkSettings, DocumentChunks
-
-if TYPE_CHECKING:
-    from allmpnet.search.index import AnnConfig, Hit, Index
+from allmpnet.errors import InvalidInput, InvalidInputType
 
 FIRST_WINDOW = 4  # rows looked at per wanted document at first; the window grows by this factor while short
 
@@ -37,16 +35,16 @@ def as_settings(chunking, max_seq_length: int) -> ChunkSettings:
         return chunking
     if isinstance(chunking, dict):
         return ChunkSettings(chunking["chunk_tokens"], chunking["overlap"])
-    raise TypeError(f"chunking must be True, a ChunkSettings or None, got {type(chunking).__name__}")
+    raise InvalidInputType(f"chunking must be True, a ChunkSettings or None, got {type(chunking).__name__}")
 
 
 def chunk_rows(ids: Sequence[str], texts: Sequence[str], metadata: Sequence[dict], chunks: DocumentChunks,
                first_row: int) -> list[dict]:
     """The docs.jsonl lines of documents' chunks, the first of them landing at row `first_row`."""
     if len(ids) != len(texts) or len(ids) != len(metadata):
-        raise ValueError(f"ids, texts and metadata differ in length ({len(ids)}, {len(texts)}, {len(metadata)})")
+        raise InvalidInput(f"ids, texts and metadata differ in length ({len(ids)}, {len(texts)}, {len(metadata)})")
     if len(chunks) and (chunks.documents.min() < 0 or chunks.documents.max() >= len(texts)):
-        raise ValueError("the chunks do not belong to these documents")
+        raise InvalidInput("the chunks do not belong to these documents")
     lines: list[dict] = []
     start_of: dict[int, int] = {}
     for offset, (doc, (start, end)) in enumerate(zip(chunks.documents.tolist(), chunks.spans.tolist())):
@@ -59,48 +57,27 @@ def chunk_rows(ids: Sequence[str], texts: Sequence[str], metadata: Sequence[dict
         lines.append(line)
     missing = [ids[d] for d in range(len(ids)) if d not in start_of]
     if missing:
-        raise ValueError(f"documents without chunks: {missing[:5]}")
+        raise InvalidInput(f"documents without chunks: {missing[:5]}")
     return lines
 
 
-def _documents_in(texts, ids, metadata, vectors, encoder):
+def documents_in(texts, ids, metadata, vectors, encoder) -> tuple[list[str], list[str], list[dict]]:
+    """(texts, ids, metadata) of documents to index, checked; ids default to "0".."n-1"."""
     if vectors is not None:
-        raise ValueError("a document index embeds its documents itself (as chunks): give texts, not vectors")
+        raise InvalidInput("a document index embeds its documents itself (as chunks): give texts, not vectors")
     if texts is None or encoder is None:
-        raise ValueError("a document index needs texts and an encoder to embed them")
+        raise InvalidInput("a document index needs texts and an encoder to embed them")
     texts = list(texts)
     if not texts:
-        raise ValueError("nothing to index: no documents given")
+        raise InvalidInput("nothing to index: no documents given")
     ids = [str(i) for i in range(len(texts))] if ids is None else [str(i) for i in ids]
     metadata = [{}] * len(texts) if metadata is None else list(metadata)
     if not len(ids) == len(texts) == len(metadata):
-        raise ValueError(f"ids, texts and metadata differ in length ({len(ids)}, {len(texts)}, {len(metadata)})")
+        raise InvalidInput(f"ids, texts and metadata differ in length ({len(ids)}, {len(texts)}, {len(metadata)})")
     return texts, ids, metadata
 
 
-def build_documents(index_cls, root: Path, texts, ids, metadata, vectors, encoder, ann: "AnnConfig",
-                    overwrite: bool, batch_size: int | None, chunking) -> "Index":
-    from allmpnet.search.index import model_signature, open_writer
-    texts, ids, metadata = _documents_in(texts, ids, metadata, vectors, encoder)
-    settings = as_settings(chunking, encoder.max_seq_length)
-    chunks = encoder.encode_documents(texts, settings.chunk_tokens, settings.overlap, batch_size=batch_size)
-    with open_writer(root, dim=encoder.dim, model=model_signature(encoder), ann=ann, overwrite=overwrite,
-                     chunking=settings) as writer:
-        writer.append_documents(ids, texts, metadata, chunks)
-    return index_cls.open(root, encoder=encoder)
-
-
-def add_documents(index: "Index", texts, ids, metadata, vectors, batch_size: int | None) -> "Index":
-    from allmpnet.search.index import open_writer
-    texts, ids, metadata = _documents_in(texts, ids, metadata, vectors, index.encoder)
-    settings = as_settings(index.chunking, index.encoder.max_seq_length)
-    chunks = index.encoder.encode_documents(texts, settings.chunk_tokens, settings.overlap, batch_size=batch_size)
-    with open_writer(index.root, extend=True) as writer:
-        writer.append_documents(ids, texts, metadata, chunks)
-    return type(index).open(index.root, encoder=index._encoder)
-
-
-def best_rows_per_document(index: "Index", scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[int, float]]:
+def best_rows_per_document(index, scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[int, float]]:
     """(row, score) of the first row of each document among rows (best first), at most k documents."""
     seen: set[str] = set()
     best: list[tuple[int, float]] = []
@@ -114,10 +91,11 @@ def best_rows_per_document(index: "Index", scores: np.ndarray, rows: np.ndarray,
     return best
 
 
-def search_documents(index: "Index", q: np.ndarray, k: int, exact: bool) -> list[list["Hit"]]:
-    """Top-k documents of each (Q, dim) query vector, each as the hit of its best chunk."""
+def search_documents(index, q: np.ndarray, k: int, exact: bool) -> list[list[tuple[int, float]]]:
+    """Top-k documents of each (Q, dim) query vector of a document index: the (row, score) of each one's best
+    chunk."""
     k = min(k, index.record_count)
-    results: list[list[Hit]] = [[] for _ in range(len(q))]
+    results: list[list[tuple[int, float]]] = [[] for _ in range(len(q))]
     window = min(len(index), max(FIRST_WINDOW * k, k + 16))
     pending = list(range(len(q)))
     while pending:
@@ -127,6 +105,6 @@ def search_documents(index: "Index", q: np.ndarray, k: int, exact: bool) -> list
             if len(best) < k and window < len(index):
                 short.append(i)  # its top rows are chunks of fewer than k documents: look further down
             else:
-                results[i] = [index._hit(row, score) for row, score in best]
+                results[i] = best
         pending, window = short, min(len(index), window * FIRST_WINDOW)
     return results

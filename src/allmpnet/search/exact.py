@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from allmpnet.errors import InvalidInput
+
 Array = np.ndarray | torch.Tensor
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,7 +43,7 @@ def as_matrix(x: Array | list, name: str) -> torch.Tensor:
     if t.dim() == 1:
         t = t.unsqueeze(0)
     if t.dim() != 2:
-        raise ValueError(f"{name} must be a vector or a (n, dim) matrix, got shape {tuple(t.shape)}")
+        raise InvalidInput(f"{name} must be a vector or a (n, dim) matrix, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         t = t.float()
     return t
@@ -51,8 +53,8 @@ def resolve_score_fn(score_function: str | ScoreFn) -> ScoreFn:
     if callable(score_function):
         return score_function
     if score_function not in SCORE_FUNCTIONS:
-        raise ValueError(f"score_function must be one of {sorted(SCORE_FUNCTIONS)} or a callable, "
-                         f"got {score_function!r}")
+        raise InvalidInput(f"score_function must be one of {sorted(SCORE_FUNCTIONS)} or a callable, "
+                           f"got {score_function!r}")
     return SCORE_FUNCTIONS[score_function]
 
 
@@ -61,18 +63,18 @@ def topk_scores(query_embeddings: Array, corpus_embeddings: Array, top_k: int = 
                 corpus_chunk_size: int = 100_000) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, d) x (N, d) -> scores (Q, k) and corpus rows (Q, k), best first, k = min(top_k, N)."""
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+        raise InvalidInput(f"top_k must be at least 1, got {top_k}")
     if query_chunk_size < 1 or corpus_chunk_size < 1:
-        raise ValueError("chunk sizes must be at least 1")
+        raise InvalidInput("chunk sizes must be at least 1")
     score_fn = resolve_score_fn(score_function)
     queries = as_matrix(query_embeddings, "query_embeddings")
     n_corpus = len(corpus_embeddings)
     if n_corpus == 0:
-        raise ValueError("the corpus is empty: nothing to search")
+        raise InvalidInput("the corpus is empty: nothing to search")
     dim = corpus_embeddings.shape[-1] if len(corpus_embeddings.shape) == 2 else None
     if dim != queries.shape[1]:
-        raise ValueError(f"query dimension {queries.shape[1]} does not match corpus shape "
-                         f"{tuple(corpus_embeddings.shape)}")
+        raise InvalidInput(f"query dimension {queries.shape[1]} does not match corpus shape "
+                           f"{tuple(corpus_embeddings.shape)}")
     k = min(top_k, n_corpus)
     best_scores = torch.full((len(queries), k), -torch.inf, device=queries.device)
     best_rows = torch.zeros((len(queries), k), dtype=torch.long, device=queries.device)

@@ -26,7 +26,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from allmpnet.errors import AllmpnetError, InvalidInput
 from allmpnet.search import storage
+from allmpnet.search.documents import as_settings, chunk_rows, documents_in, search_documents
 from allmpnet.search.exact import as_matrix, cosine_scores, topk_scores
 from allmpnet.search.storage import IndexFormatError
 from allmpnet.weights import sha256_of
@@ -41,7 +43,7 @@ PROBE_MIN_COSINE = 0.99  # fp32 vs bf16 of the same model agree to ~0.999; diffe
 ANN_DTYPES = ("f32", "f16", "i8", "b1")
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(AllmpnetError, ValueError):
     """Vectors or a model that do not match the index (other dimension, other model)."""
 
 
@@ -56,7 +58,7 @@ class AnnConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in ANN_DTYPES:
-            raise ValueError(f"index dtype must be one of {ANN_DTYPES}, got {self.dtype!r}")
+            raise InvalidInput(f"index dtype must be one of {ANN_DTYPES}, got {self.dtype!r}")
 
     @property
     def candidates_per_result(self) -> int:
@@ -281,7 +283,7 @@ class Index:
         if vectors.shape[1] != self.dim:
             raise IndexMismatchError(f"query vectors have dimension {vectors.shape[1]}, the index holds {self.dim}")
         if not np.isfinite(vectors).all():
-            raise ValueError("query vectors hold NaN or infinite values")
+            raise InvalidInput("query vectors hold NaN or infinite values")
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def search(self, queries: str | Sequence[str] | np.ndarray | torch.Tensor, k: int = 10,
@@ -293,7 +295,7 @@ class Index:
         most `exact_below` rows, where scoring everything costs about as much as the graph walk, else HNSW.
         """
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise InvalidInput(f"k must be at least 1, got {k}")
         if isinstance(queries, (list, tuple)) and not queries:
             return []
         single = isinstance(queries, str) or (hasattr(queries, "ndim") and queries.ndim == 1)
@@ -301,8 +303,7 @@ class Index:
         if exact is None:
             exact = len(self) <= self.ann_config.exact_below
         if self.chunking:
-            from allmpnet.search.documents import search_documents
-            hits = search_documents(self, q, k, exact)
+            hits = [[self._hit(row, score) for row, score in best] for best in search_documents(self, q, k, exact)]
         else:
             hits = [[self._hit(int(r), float(s)) for s, r in zip(scores, rows)]
                     for scores, rows in self.search_rows(q, k, exact)]
@@ -354,9 +355,13 @@ class Index:
         """
         root = Path(root)
         if chunking:
-            from allmpnet.search.documents import build_documents
-            return build_documents(cls, root, texts, ids, metadata, vectors, encoder, ann, overwrite, batch_size,
-                                   chunking)
+            texts, ids, metadata = documents_in(texts, ids, metadata, vectors, encoder)
+            settings = as_settings(chunking, encoder.max_seq_length)
+            chunks = encoder.encode_documents(texts, settings.chunk_tokens, settings.overlap, batch_size=batch_size)
+            with open_writer(root, dim=encoder.dim, model=model_signature(encoder), ann=ann, overwrite=overwrite,
+                             chunking=settings) as writer:
+                writer.append_documents(ids, texts, metadata, chunks)
+            return cls.open(root, encoder=encoder)
         ids, texts, metadata, vectors = _check_rows(texts, ids, metadata, vectors, encoder, batch_size)
         with open_writer(root, dim=vectors.shape[1], model=model_signature(encoder) if encoder else None,
                          ann=ann, overwrite=overwrite) as writer:
@@ -369,10 +374,15 @@ class Index:
         """Append rows (ids must be new) as a new version; returns the reopened index (this one is unchanged)."""
         encoder = self.encoder if texts is not None and vectors is None else self._encoder
         if ids is None:
-            raise ValueError("add needs ids for the new rows")
+            raise InvalidInput("add needs ids for the new rows")
         if self.chunking:
-            from allmpnet.search.documents import add_documents
-            return add_documents(self, texts, ids, metadata, vectors, batch_size)
+            texts, ids, metadata = documents_in(texts, ids, metadata, vectors, self.encoder)
+            settings = as_settings(self.chunking, self.encoder.max_seq_length)
+            chunks = self.encoder.encode_documents(texts, settings.chunk_tokens, settings.overlap,
+                                                   batch_size=batch_size)
+            with open_writer(self.root, extend=True) as writer:
+                writer.append_documents(ids, texts, metadata, chunks)
+            return Index.open(self.root, encoder=self._encoder)
         ids, texts, metadata, vectors = _check_rows(texts, ids, metadata, vectors, encoder, batch_size)
         with open_writer(self.root, extend=True) as writer:
             writer.append(ids, texts, metadata, vectors)
@@ -381,23 +391,23 @@ class Index:
 
 def _check_rows(texts, ids, metadata, vectors, encoder, batch_size):
     if texts is None and vectors is None:
-        raise ValueError("give texts (with an encoder) or vectors")
+        raise InvalidInput("give texts (with an encoder) or vectors")
     n = len(texts) if texts is not None else len(vectors)
     if n == 0:
-        raise ValueError("nothing to index: no rows given")
+        raise InvalidInput("nothing to index: no rows given")
     if vectors is None:
         if encoder is None:
-            raise ValueError("texts need an encoder to be embedded (or pass vectors)")
+            raise InvalidInput("texts need an encoder to be embedded (or pass vectors)")
         vectors = encoder.encode(list(texts), batch_size=batch_size)
     vectors = as_matrix(vectors, "vectors").float().cpu().numpy()
     if not np.isfinite(vectors).all():
-        raise ValueError("vectors hold NaN or infinite values")
+        raise InvalidInput("vectors hold NaN or infinite values")
     ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
     texts = [""] * n if texts is None else list(texts)
     metadata = [{}] * n if metadata is None else list(metadata)
     if not len(ids) == len(texts) == len(metadata) == len(vectors):
-        raise ValueError(f"ids, texts, metadata and vectors differ in length "
-                         f"({len(ids)}, {len(texts)}, {len(metadata)}, {len(vectors)})")
+        raise InvalidInput(f"ids, texts, metadata and vectors differ in length "
+                           f"({len(ids)}, {len(texts)}, {len(metadata)}, {len(vectors)})")
     return ids, texts, metadata, vectors
 
 
@@ -445,7 +455,7 @@ class IndexWriter:
 
     def append(self, ids: Sequence[str], texts: Sequence[str], metadata: Sequence[dict], vectors: np.ndarray) -> None:
         if self.chunking:
-            raise ValueError(f"{self.root} is a document index: its rows are chunks (use append_documents)")
+            raise InvalidInput(f"{self.root} is a document index: its rows are chunks (use append_documents)")
         self._claim_ids(ids)
         self.write_rows([{"id": doc_id, "text": text, "metadata": meta}
                          for doc_id, text, meta in zip(ids, texts, metadata)], vectors)
@@ -453,14 +463,13 @@ class IndexWriter:
     def _claim_ids(self, ids: Sequence[str]) -> None:
         for doc_id in ids:
             if doc_id in self.ids:
-                raise ValueError(f"duplicate id {doc_id!r}: ids must be unique in an index")
+                raise InvalidInput(f"duplicate id {doc_id!r}: ids must be unique in an index")
             self.ids.add(doc_id)
 
     def append_documents(self, ids: Sequence[str], texts: Sequence[str], metadata: Sequence[dict], chunks) -> None:
         """Documents as rows of chunks (a DocumentChunks from Encoder.encode_documents over `texts`)."""
         if not self.chunking:
-            raise ValueError(f"{self.root} is a plain index: one vector per record (use append)")
-        from allmpnet.search.documents import chunk_rows
+            raise InvalidInput(f"{self.root} is a plain index: one vector per record (use append)")
         self._claim_ids(ids)
         self.write_rows(chunk_rows(ids, texts, metadata, chunks, self.count), chunks.vectors)
         self.chunking["documents"] += len(ids)
@@ -471,7 +480,7 @@ class IndexWriter:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise IndexMismatchError(f"vectors of shape {vectors.shape} do not fit a {self.dim}-d index")
         if len(lines) != len(vectors):
-            raise ValueError(f"{len(lines)} rows but {len(vectors)} vectors")
+            raise InvalidInput(f"{len(lines)} rows but {len(vectors)} vectors")
         for record in lines:
             line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
             self._docs.write(line)
@@ -484,7 +493,7 @@ class IndexWriter:
     def finish(self) -> None:
         """Write the remaining files and the manifest (last, with every checksum) into the staging folder."""
         if self.count == 0:
-            raise ValueError("nothing to index: no rows were added")
+            raise InvalidInput("nothing to index: no rows were added")
         self._vectors.close()
         self._docs.close()
         np.frombuffer(self.offsets, dtype=np.uint64).astype("<u8").tofile(self.staging / OFFSETS)

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from allmpnet.errors import InvalidInput
+
 if TYPE_CHECKING:
     from allmpnet.search.index import Index
 
@@ -83,7 +85,7 @@ def group_pairs(pairs: Sequence[Sequence[str]]) -> tuple[list[str], list[list[st
     positives: dict[str, list[str]] = {}
     for i, pair in enumerate(pairs):
         if len(pair) != 2 or not all(isinstance(t, str) for t in pair):
-            raise ValueError(f"pairs[{i}] must be (anchor, positive) strings, got {pair!r}")
+            raise InvalidInput(f"pairs[{i}] must be (anchor, positive) strings, got {pair!r}")
         anchor, positive = pair
         known = positives.setdefault(anchor, [])
         if positive not in known:
@@ -103,23 +105,23 @@ def mine_hard_negatives(index: "Index", pairs: Sequence[Sequence[str]], num_nega
     model (`index.encoder`).
     """
     if not pairs:
-        raise ValueError("no pairs to mine negatives for")
+        raise InvalidInput("no pairs to mine negatives for")
     if num_negatives < 1:
-        raise ValueError(f"num_negatives must be at least 1, got {num_negatives}")
+        raise InvalidInput(f"num_negatives must be at least 1, got {num_negatives}")
     if range_min < 0:
-        raise ValueError(f"range_min must be at least 0, got {range_min}")
+        raise InvalidInput(f"range_min must be at least 0, got {range_min}")
     if sampling not in ("top", "random"):
-        raise ValueError(f"sampling must be 'top' or 'random', got {sampling!r}")
+        raise InvalidInput(f"sampling must be 'top' or 'random', got {sampling!r}")
     anchors, positives = group_pairs(pairs)
     max_positives = max(map(len, positives))
     filtered = any(v is not None for v in (absolute_margin, relative_margin, max_score))
     if range_max is None:
         range_max = default_range_max(range_min, num_negatives, max_positives, filtered)
     if range_max <= range_min:
-        raise ValueError(f"range_max ({range_max}) must be above range_min ({range_min})")
+        raise InvalidInput(f"range_max ({range_max}) must be above range_min ({range_min})")
     if num_negatives > range_max - range_min:
-        raise ValueError(f"cannot take {num_negatives} negatives from ranks {range_min}..{range_max}: widen the "
-                         "range or ask for fewer")
+        raise InvalidInput(f"cannot take {num_negatives} negatives from ranks {range_min}..{range_max}: widen the "
+                           "range or ask for fewer")
     report = MiningReport(pairs=len(pairs), anchors=len(anchors), range_max=range_max)
     encoder = index.encoder
     show = len(anchors) > 256 if show_progress_bar is None else show_progress_bar

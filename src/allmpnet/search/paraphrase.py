@@ -6,6 +6,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from allmpnet.errors import InvalidInput
 from allmpnet.search.exact import Array, as_matrix, cosine_scores
 
 
@@ -23,7 +24,7 @@ def paraphrase_mining(embeddings: Array, top_k: int = 100, max_pairs: int = 500_
     when either side ranks the other among its top_k. At most max_pairs pairs are kept (the best ones).
     """
     if top_k < 1 or max_pairs < 1 or chunk_size < 1:
-        raise ValueError("top_k, max_pairs and chunk_size must be at least 1")
+        raise InvalidInput("top_k, max_pairs and chunk_size must be at least 1")
     x = as_matrix(embeddings, "embeddings")
     n = len(x)
     if n < 2:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from allmpnet.errors import InvalidInput
 from allmpnet.textfiles import bad_rows_error, check_input_file, decoded_lines
 
 FORMATS = (".txt", ".jsonl", ".csv")
@@ -77,7 +78,7 @@ def scan(path: str | Path, spec: CorpusSpec = CorpusSpec(), existing_ids: set[st
     if report.bad and not skip_bad:
         raise bad_rows_error(path, report.bad)
     if report.rows == 0:
-        raise ValueError(f"{path}: no rows to index ({report.summary()})")
+        raise InvalidInput(f"{path}: no rows to index ({report.summary()})")
     return report
 
 

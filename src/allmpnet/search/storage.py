@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from allmpnet.errors import AllmpnetError
+
 POINTER = "CURRENT"
 POINTER_TMP = f"{POINTER}.tmp"
 LOCK = ".lock"
@@ -26,7 +28,7 @@ STAGING_PREFIX = ".staging-"
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(AllmpnetError, ValueError):
     """The directory is not a readable allmpnet index (missing, corrupt, or written by something else)."""
 
 

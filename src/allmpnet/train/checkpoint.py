@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from allmpnet.encode import Encoder
+from allmpnet.errors import InvalidInput
 from allmpnet.train.distributed import Context
 
 STATE_FILE = "training_state.pt"
@@ -86,7 +87,7 @@ def load_training_state(path: Path, context: Context, device: torch.device) -> d
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     rng_file = path / f"rng-rank{context.rank}.pt"
     if not rng_file.is_file():
-        raise ValueError(f"{path} was saved by fewer processes than this run has ({rng_file.name} missing); "
-                         "resume with the same number of processes")
+        raise InvalidInput(f"{path} was saved by fewer processes than this run has ({rng_file.name} missing); "
+                           "resume with the same number of processes")
     set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), device)
     return state

@@ -16,8 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
+from allmpnet.errors import AllmpnetError, InvalidInput
 
-class DataError(ValueError):
+
+class DataError(AllmpnetError, ValueError):
     """Bad training data; the message names the file and line."""
 
 
@@ -205,10 +207,10 @@ class BatchSampler:
 
     def __init__(self, datasets: list[JsonlDataset], batch_size: int, seed: int = 0, dedup_window: int = 3):
         if batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (in-batch negatives), got {batch_size}")
+            raise InvalidInput(f"batch_size must be at least 2 (in-batch negatives), got {batch_size}")
         if dedup_window < 1:
-            raise ValueError(f"dedup_window counts batches and includes the current one: at least 1, "
-                             f"got {dedup_window}")
+            raise InvalidInput(f"dedup_window counts batches and includes the current one: at least 1, "
+                               f"got {dedup_window}")
         self.datasets = datasets
         self.batch_size = batch_size
         weights = np.array([d.spec.weight for d in datasets], dtype=np.float64)
@@ -253,8 +255,8 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["datasets"]) != len(self.datasets):
-            raise ValueError(f"checkpoint has {len(state['datasets'])} datasets, the data config "
-                             f"{len(self.datasets)}")
+            raise InvalidInput(f"checkpoint has {len(state['datasets'])} datasets, the data config "
+                               f"{len(self.datasets)}")
         self.rng.bit_generator.state = state["rng"]
         self.recent.clear()
         self.recent.extend(set(s) for s in state["recent"])

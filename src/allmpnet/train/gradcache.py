@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from allmpnet.encode import Encoder
+from allmpnet.errors import InvalidInput
 from allmpnet.train.distributed import Context, gather_with_grad
 from allmpnet.train.loss import contrastive_loss
 
@@ -38,7 +39,7 @@ def forward_backward(model: Encoder, columns: TokenColumns, context: Context = C
         loss.backward()
         return float(loss.detach())
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        raise InvalidInput(f"chunk_size must be positive, got {chunk_size}")
 
     texts = [ids for column in columns for ids in column]  # column-major: anchors, positives, negatives
     order = np.argsort([-len(ids) for ids in texts], kind="stable")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from allmpnet.errors import InvalidInput
+
 
 def contrastive_loss(anchors: torch.Tensor, candidates: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
     """In-batch-negatives cross-entropy over scaled cosine similarities.
@@ -14,8 +16,8 @@ def contrastive_loss(anchors: torch.Tensor, candidates: torch.Tensor, scale: flo
     """
     n = anchors.shape[0]
     if candidates.shape[0] not in (n, 2 * n):
-        raise ValueError(f"expected {n} (pairs) or {2 * n} (triplets) candidates for {n} anchors, "
-                         f"got {candidates.shape[0]}")
+        raise InvalidInput(f"expected {n} (pairs) or {2 * n} (triplets) candidates for {n} anchors, "
+                           f"got {candidates.shape[0]}")
     scores = scale * F.normalize(anchors.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T  # (N, M)
     labels = torch.arange(n, device=scores.device)
     loss = F.cross_entropy(scores, labels)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from allmpnet.encode import Encoder
 from allmpnet.encode.precision import plan_training_precision
+from allmpnet.errors import InvalidInput
 from allmpnet.train import checkpoint
 from allmpnet.train.data import build_sampler
 from allmpnet.train.distributed import broadcast_parameters, init_from_env, sum_gradients, sum_over_processes
@@ -73,12 +74,12 @@ def memory_mb(device: torch.device) -> float:
 def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Path:
     """Run the recipe; returns the output directory, which holds the final model (sentence-transformers layout)."""
     if cfg.steps < 1:
-        raise ValueError(f"steps must be positive, got {cfg.steps}")
+        raise InvalidInput(f"steps must be positive, got {cfg.steps}")
     out = Path(cfg.out)
     device_type = torch.device(cfg.device).type if cfg.device else ("cuda" if torch.cuda.is_available() else "cpu")
     context = init_from_env(device_type)
     if cfg.batch_size % context.world_size:
-        raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {context.world_size} processes")
+        raise InvalidInput(f"batch size {cfg.batch_size} does not split evenly over {context.world_size} processes")
     local_batch = cfg.batch_size // context.world_size
     device = torch.device(cfg.device or (f"cuda:{context.local_rank}" if device_type == "cuda" else "cpu"))
 
@@ -108,8 +109,8 @@ def train(cfg: TrainConfig, evaluator: Evaluator | None = None) -> Path:
         changed = [k for k in RESUME_FIXED if state["config"].get(k) != getattr(cfg, k)]
         if changed:
             saved = ", ".join(f"{k}={state['config'].get(k)!r}" for k in changed)
-            raise ValueError(f"cannot resume {resume_from}: {', '.join(changed)} differ from the checkpoint's "
-                             f"({saved})")
+            raise InvalidInput(f"cannot resume {resume_from}: {', '.join(changed)} differ from the checkpoint's "
+                               f"({saved})")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])

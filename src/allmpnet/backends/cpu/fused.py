@@ -33,7 +33,7 @@ from allmpnet.backends.cpu.attention import PRODUCTS
 from allmpnet.backends.cpu.int8 import AVX2, AVX512, KERNELS, Kernel, X86Int8Linear, kernel_unavailable, loaded_for
 from allmpnet.backends.cpu.library import (KERNEL_IDS, MAX_TEXT, EmbeddingSpec, LayerSpec, LinearSpec, load,
                                            scratch_buffer)
-from allmpnet.encode.batching import check_finite
+from allmpnet.errors import NonFiniteOutputError
 from allmpnet.model.mpnet import Embeddings, LayerStack, Linear
 from allmpnet.model.packing import AttentionLayout, GroupedAttention
 from allmpnet.model.pooling import Pooling
@@ -252,7 +252,8 @@ class FusedX86Stack(nn.Module):
         pooled = torch.empty(len(lengths), C)
         status = self._call(torch.empty(M, C), starts, lengths, flat, pooled, normalize)
         if status > 0:  # texts whose vector holds NaN or inf (counted in C): the same error as the model's path
-            check_finite(pooled)
+            bad = (~torch.isfinite(pooled).all(dim=1)).nonzero().flatten().tolist()
+            raise NonFiniteOutputError.for_rows(bad, len(lengths))
         return pooled if status == 0 else None
 
     def _call(self, x: torch.Tensor, starts: list[int], lengths: list[int], ids: np.ndarray | None = None,

@@ -8,7 +8,7 @@ in one of these forms, picked per call by the number of rows:
 - "int8": activations quantized per row (token) to int8, VNNI's vpdpbusd (W8A8; twice the bf16 rate), on 512-bit
   vectors (AVX512-VNNI) or 256-bit ones (AVX-VNNI: AVX2 CPUs such as Alder Lake and Sierra Forest). Only
   with an outlier treatment does it keep this model's quality: SmoothQuant-style `smooth` factors, and int8
-  activations only in the layers that tolerate them (docs/int8-research.md). On AMX-int8 (Sapphire Rapids on)
+  activations only in the layers that tolerate them (docs/design/cpu-backend.md). On AMX-int8 (Sapphire Rapids on)
   the same prepared rows go through the tiles ("amx-a8", for large batches: vnni-a8's outputs to the bit).
 - "int16": activations quantized per row to int16, 1/32767 of the row's largest value: finer than bf16, so
   weight-only int8 in quality; vpdpwssd (VNNI), vpmaddwd (AVX512BW, AVX2: twice the fp32 FMA rate there).
@@ -67,7 +67,7 @@ KERNELS = {
 MAX_SMALL_ROWS = 64  # X86Int8Linear's default: batches of at most this many rows run its `small` kernel
 KERNEL_GROUP_STEP = {"amx-a8": 64}  # kernels that take only groups of a multiple of this many inputs (a tile row)
 # per activation form, the kernels in the order they are preferred where several run (measured on Zen 4:
-# docs/int8-research.md)
+# docs/design/cpu-backend.md)
 PREFERENCE = {
     "int8": ["vnni-a8", "avxvnni-a8", "vnni256-a8"],
     "int16": ["vnni-a16", "avx512-a16", "avx2-a16"],
@@ -354,11 +354,11 @@ class X86Int8Linear(nn.Module):
 
 
 # ---------------------------------------------------------------- the recipe for this model's layers
-# Measured (docs/int8-research.md): W8A8 keeps min cosine to fp32 >= 0.99 and STSBenchmark within 0.1 only with
+# Measured (docs/design/cpu-backend.md): W8A8 keeps min cosine to fp32 >= 0.99 and STSBenchmark within 0.1 only with
 # SmoothQuant on the inputs of q|k|v, the attention output and the FFN up projection, whose outliers sit in a few
 # fixed channels of the residual stream, but not on the FFN down projection, whose outliers move with the token
 # (smoothing made it worse), and with the spiky rows (the <s> and </s> tokens above all) treated apart: their few
-# largest entries kept aside exact (as well as int16 rows, at int8's speed; benchmarks/int8_research/split_rows.py).
+# largest entries kept aside exact (as well as int16 rows, at int8's speed).
 
 SMOOTHING = {"qkv": 0.8, "o": 0.8, "up": 0.8}  # SmoothQuant alpha per projection
 SPIKY_ROW_RATIO = 20.0  # a row whose max |x| exceeds this many times its RMS is spiky (spiky_rows)

@@ -183,7 +183,7 @@ void amx_short_attention(const uint16_t *qkv, uint16_t *out, const float *bias, 
     const __mmask16 valid1 = (__mmask16)(T >= 32 ? 0xFFFF : T <= 16 ? 0 : (1u << (T - 16)) - 1);
     #pragma omp parallel num_threads(threads)
     {
-        // texts side by side weight each other's keys ~1e-38: their products would be denormals, which cost Intel
+        // keys that score far below a row's best weigh ~1e-38: their products would be denormals, which cost Intel
         // cores microcode assists; flushed to zero (FTZ, DAZ) instead, this thread's setting restored after
         const unsigned int control = _mm_getcsr();
         _mm_setcsr(control | 0x8040);

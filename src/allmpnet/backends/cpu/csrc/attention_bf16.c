@@ -10,8 +10,7 @@ void attend_head_bf16(
     uint16_t *values = (uint16_t *)(keys + P * padded);             // (padded / 2, D, 2)
     float *scores = (float *)(values + padded * D);                 // (ATTENTION_ROWS, padded)
     uint16_t *weights = (uint16_t *)(scores + ATTENTION_ROWS * padded);  // (ATTENTION_ROWS, padded) bf16
-    // blocks under 64 tokens (side-by-side sentences) weight the values by ~16-bit probabilities, in two bf16
-    // parts: bf16 ones alone cost their worst sentence (of 2,758 STSBenchmark ones, under auto) 0.99637 -> 0.99562
+    // blocks under 64 tokens (sentences) weight the values by ~16-bit probabilities, in two bf16 parts: bf16 ones alone cost their worst sentence (of 2,758 STSBenchmark ones, under auto) 0.99637 -> 0.99562
     // min cosine to fp32; longer blocks, where the products are most of the time, keep one part
     uint16_t *rest = T < 64 ? weights + ATTENTION_ROWS * padded : NULL;  // (ATTENTION_ROWS, padded) bf16
     const uint16_t *rows = qkv + row0 * 3 * C;

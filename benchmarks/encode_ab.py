@@ -1,17 +1,18 @@
-"""A/B of encode latency between source trees (or environments), in processes that take turns.
+"""A/B timing of `Encoder.encode` between source trees (or environments), in processes that take turns.
 
 Workloads (`--workload`): one query (the default), or a batch of SciFact passages cut at 256 word pieces, or of
-STSBenchmark sentences (from ../shared/data).
+STSBenchmark sentences (both from the data directory encode_speed.py reads, ../shared/data by default).
 
 Each variant is a worker process with its own PYTHONPATH (a checkout's `src`, e.g. from `git worktree add`) and
 optional environment variables; every round asks each worker, in alternating order, for a burst of calls, so
-the machine's drift (its memory bandwidth swings with other tenants) hits the variants alike. Two processes of the
-same code differ by 2-4% here (each places its memory differently), so compare fresh pairs more than once.
+the machine's drift (its memory bandwidth swings with other tenants) hits the variants alike. It prints each
+variant's p50 and mean of round medians, and in how many rounds each later variant beat the first. Two processes
+of the same code differ by 2-4% (each places its memory differently), so compare fresh pairs more than once.
 
     git worktree add /tmp/before HEAD~1
-    PYTHONPATH=src python benchmarks/int8_research/encode_ab.py auto before=/tmp/before/src after=src
-    PYTHONPATH=src python benchmarks/int8_research/encode_ab.py auto 4k=src huge=src,GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-    PYTHONPATH=src python benchmarks/int8_research/encode_ab.py auto --workload passages --burst 2 --rounds 14 \
+    PYTHONPATH=src python benchmarks/encode_ab.py auto before=/tmp/before/src after=src
+    PYTHONPATH=src python benchmarks/encode_ab.py auto 4k=src huge=src,GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+    PYTHONPATH=src python benchmarks/encode_ab.py auto --workload passages --burst 2 --rounds 14 \
         before=/tmp/before/src after=src
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: encode_speed.py beside this file
 from encode_speed import DATA, PASSAGE_TOKENS, QUERY, scifact_passages, sts_pairs  # noqa: E402
 
 

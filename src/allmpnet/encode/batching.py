@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from allmpnet.errors import AllmpnetError, InvalidInput
+from allmpnet.errors import InvalidInput, NonFiniteOutputError
 
 T = TypeVar("T")
 

@@ -35,7 +35,7 @@ from allmpnet.backends.cpu.fused import FusedX86Stack
 from allmpnet.backends.cpu.int8 import KERNELS as X86_KERNELS, STREAMED_BUFFERS, X86Int8Linear, recipe_layer
 from allmpnet.backends.cpu.layer_norm import swap_layer_norms
 from allmpnet.backends.cpu.pages import move_to_huge_pages
-from allmpnet.encode.calibration import Calibration, cached_calibration, calibration_texts, min_cosine
+from allmpnet.encode.calibration import Calibration, cached_calibration, min_cosine
 from allmpnet.encode.precision import PrecisionPlan, plan_precision
 from allmpnet.model.mpnet import Linear
 from allmpnet.model.packing import PackedBatch

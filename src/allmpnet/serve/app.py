@@ -26,13 +26,13 @@ from allmpnet import __version__
 from allmpnet.encode import Encoder, Tokenized
 from allmpnet.encode.quantize import load_calibration, quantize_embeddings
 from allmpnet.encode.tokenizer import check_encodable
+from allmpnet.errors import InvalidInput
 from allmpnet.serve.batching import BatcherClosed, DynamicBatcher, QueueFull
 from allmpnet.serve.config import ServeConfig
 from allmpnet.serve.errors import APIError, BodyLimit, ClientGone, error_response, install_error_handlers, log
 from allmpnet.serve.limits import InFlightBudget, RequestGuard, client_gone
 from allmpnet.serve.metrics import ServerMetrics
-from allmpnet.serve.schemas import (EmbeddingsRequest, SearchRequest, SimilarityRequest, TokenizeRequest,
-                                    as_texts)
+from allmpnet.serve.schemas import EmbeddingsRequest, SearchRequest, SimilarityRequest, TokenizeRequest, as_texts
 from allmpnet.similarity import cos_sim
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ class Service:
         self.model_names = {config.model_name, encoder.name, Path(config.model_name).name}
         self.calibration = load_calibration(config.calibration) if config.calibration else None
         if self.calibration is not None and self.calibration.shape[1] != encoder.dim:
-            raise ValueError(f"calibration {config.calibration} is {self.calibration.shape[1]}-d; the model gives "
-                             f"{encoder.dim}-d vectors")
+            raise InvalidInput(f"calibration {config.calibration} is {self.calibration.shape[1]}-d; the model gives "
+                               f"{encoder.dim}-d vectors")
         self._index_lock = threading.Lock()
         self.budget = InFlightBudget(config.max_inflight_bytes)
         self.metrics.inflight.set_function(lambda: self.budget.used)

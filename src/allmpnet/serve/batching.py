@@ -21,6 +21,7 @@ import torch
 
 from allmpnet.encode import Encoder
 from allmpnet.encode.batching import TokenBudget, default_batch_tokens
+from allmpnet.errors import InvalidInput
 
 
 class QueueFull(RuntimeError):
@@ -67,10 +68,10 @@ class DynamicBatcher:
         if max_batch_tokens is None:
             max_batch_tokens = default_batch_tokens(encoder.device.type)
         if max_batch_tokens < encoder.max_seq_length:
-            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must hold one full-length text "
-                             f"({encoder.max_seq_length} tokens)")
+            raise InvalidInput(f"max_batch_tokens ({max_batch_tokens}) must hold one full-length text "
+                               f"({encoder.max_seq_length} tokens)")
         if max_batch_size < 1 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be at least 1")
+            raise InvalidInput("max_batch_size and max_queue must be at least 1")
         self.encoder = encoder
         self.budget = TokenBudget(max_batch_tokens, max_batch_size)
         self.capacity = max_queue
@@ -128,7 +129,7 @@ class DynamicBatcher:
             future.set_result(torch.empty((0, self.encoder.dim), dtype=torch.float32))
             return future
         if len(ids) > self.capacity:
-            raise ValueError(f"{len(ids)} texts can never fit a queue of {self.capacity}")
+            raise InvalidInput(f"{len(ids)} texts can never fit a queue of {self.capacity}")
         lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
         job = _Job(ids=[list(i) for i in ids], order=np.argsort(-lengths, kind="stable"),
                    out=torch.empty((len(ids), self.encoder.dim), dtype=torch.float32))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from allmpnet.errors import InvalidInput
+
 API_KEY_ENV = "ALLMPNET_API_KEY"
 
 
@@ -42,16 +44,16 @@ class ServeConfig:
         for name in ("max_items", "max_chars", "max_body_bytes", "max_batch_tokens", "max_batch_size", "max_queue",
                      "max_search_k", "max_search_hits", "max_inflight_bytes", "max_header_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise InvalidInput(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("admission_timeout", "header_timeout", "body_timeout", "read_timeout", "write_timeout",
                      "keep_alive_timeout"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+                raise InvalidInput(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.max_queue < self.max_items:
             # a request the queue could never hold would get 503 forever instead of a clear 413
-            raise ValueError(f"max_queue ({self.max_queue}) must be at least max_items ({self.max_items})")
+            raise InvalidInput(f"max_queue ({self.max_queue}) must be at least max_items ({self.max_items})")
         if self.api_key == "":
-            raise ValueError("api_key is empty: leave it unset to serve without a key")
+            raise InvalidInput("api_key is empty: leave it unset to serve without a key")
 
     @staticmethod
     def api_key_from_env() -> str | None:

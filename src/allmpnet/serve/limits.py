@@ -28,6 +28,7 @@ from typing import Callable
 from fastapi.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from allmpnet.errors import InvalidInput
 from allmpnet.serve.errors import error_response
 
 RESPONSE_PIECE = 1 << 20  # bytes per send of a large response: each waits until the client has taken the last
@@ -62,7 +63,7 @@ class InFlightBudget:
 
     def __init__(self, capacity: int):
         if capacity < 1:
-            raise ValueError(f"the in-flight budget must be at least 1 byte, got {capacity}")
+            raise InvalidInput(f"the in-flight budget must be at least 1 byte, got {capacity}")
         self.capacity = capacity
         self.used = 0
         self.peak = 0

@@ -27,6 +27,10 @@ class ServeConfig:
     # int8/uint8 output: a .npy of (2, dim) ranges or of embeddings to take them from (encode/quantize.py); None:
     # each request's own vectors give the ranges (so a request needs at least 2 inputs)
     calibration: str | None = None
+    # token-id input on /v1/embeddings (lists of ints): ids cannot say which vocabulary they come from, and an
+    # OpenAI client's tiktoken ids embedded as ours would be silently wrong vectors, so they are refused unless the
+    # operator says clients send this model's own ids (as TEI's clients may)
+    accept_token_ids: bool = False
     max_search_hits: int = 50_000  # queries x k per /search request; more answers 413
     # --- what bounds memory and connections whatever the clients do (serve/limits.py, serve/protocol.py)
     # bytes of requests in flight: each is charged its body plus the largest answer its route can give for it,

@@ -183,6 +183,17 @@ def test_warm_up_runs_the_largest_batch_the_budget_allows(enc, monkeypatch):
     assert shapes == [(3, enc.max_seq_length), (8, enc.max_seq_length)]
 
 
+def test_warm_up_runs_the_path_that_serves_ordinary_texts(tiny_model_dir, monkeypatch):
+    # under a reduced precision a row holding special ids inside runs apart in fp32 (Encoder.embed_ids): a
+    # warm-up made of them left the planned path unbuilt, and the first client paid for building it
+    enc = Encoder(tiny_model_dir, device="cpu", precision="bf16")
+    planned = []
+    real = enc._embed_planned
+    monkeypatch.setattr(enc, "_embed_planned", lambda ids, normalize: planned.append(shape(ids)) or real(ids, normalize))
+    DynamicBatcher(enc, max_batch_tokens=2 * enc.max_seq_length, max_batch_size=8).warm_up()
+    assert planned == [(2, enc.max_seq_length)]
+
+
 def test_failed_warm_up_is_reported_and_nothing_is_served(enc, monkeypatch):
     def out_of_memory(ids, normalize=None):
         raise RuntimeError("CUDA out of memory")

@@ -132,12 +132,25 @@ def test_an_announced_oversized_body_is_refused_at_once_without_waiting_for_room
     assert not answer.endswith(b"<still open>")
 
 
-def test_oversized_headers_answer_431_and_close(url):
-    huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 200_000 + b"\r\n\r\n"
-    answer = raw_request(url, huge)
+@pytest.mark.parametrize("headers", [
+    b"X-Junk: " + b"a" * 200_000 + b"\r\n",  # more than one read holds
+    b"X-Big: " + b"a" * 33_000 + b"\r\n",  # one write, one read: the whole block parses at once
+    b"X-Big: " + b"a" * 100_000 + b"\r\n",
+    b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 100) for i in range(400)),  # many headers, each small
+], ids=["200KB", "33KB-one-write", "100KB-one-write", "400-headers"])
+def test_oversized_headers_answer_431_and_close(url, headers):
+    answer = raw_request(url, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 431") and b'"headers_too_large"' in answer
+    assert answer.count(b"HTTP/1.1") == 1  # no second answer (the parser's 400) after ours
     assert not answer.endswith(b"<still open>")
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_headers_just_under_the_limit_are_served(url):
+    # the default limit is 32 KiB of request line and headers
+    answer = raw_request(url, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 31_000
+                         + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
 
 
 @pytest.mark.parametrize("sent, expect", [

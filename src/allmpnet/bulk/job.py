@@ -24,6 +24,7 @@ from allmpnet.bulk.plan import ShardSpec, find_inputs, plan_shards
 from allmpnet.bulk.readers import read_shard
 from allmpnet.bulk.shards import JOB, SUMMARY, OutputDir, shard_table
 from allmpnet.errors import AllmpnetError, InvalidInput
+from allmpnet.settings import default_precision
 from allmpnet.weights import DEFAULT_MODEL
 
 ON_BAD = ("fail", "skip")
@@ -41,7 +42,9 @@ class BulkConfig:
     workers: int = 2  # actors, each holding one model
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0  # > 0 puts each actor's model on a GPU
-    precision: str = "fp32"
+    # the default is resolved on the driver ($ALLMPNET_PRECISION, else fp32): the workers get the name, and the
+    # job's recorded settings say which precision its shards hold
+    precision: str = field(default_factory=default_precision)
     max_seq_length: int | None = None
 
     def check(self) -> None:

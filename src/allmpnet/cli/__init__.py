@@ -3,7 +3,9 @@
 Errors a user can fix (allmpnet.errors.AllmpnetError: a missing or damaged file, a bad value, an unusable device or
 precision; and the operating system's errors on the user's files) print one line naming the file and what is
 wrong, and exit with 2; anything else is an internal error: one line that says to run again with --debug, exit 1.
-`--debug`, before or after the command, adds the traceback.
+`--debug`, before or after the command, adds the traceback. Options that can also come from the environment
+(every `serve` option, and --precision everywhere) say so in their help (cli/environment.py); a malformed
+variable is a one-line error naming it, exit 2.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import traceback
 from importlib import import_module
 
+from allmpnet.cli.environment import BadEnvironmentValue
 from allmpnet.errors import AllmpnetError
 
 # one entry per command module; each defines register(subparsers)
@@ -52,7 +55,11 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BadEnvironmentValue as e:  # a malformed ALLMPNET_* variable: one line naming it, as argparse's errors
+        print(f"{e.prog}: error: {one_line(e)}", file=sys.stderr)
+        return USAGE_EXIT
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from allmpnet.cli.core import add_precision_arg
+from allmpnet.settings import precision_or_default
 from allmpnet.weights import DEFAULT_MODEL
 
 
@@ -32,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out made with different inputs or settings")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
-    p.add_argument("--precision", default="fp32", help="fp32 (exact), bf16, auto … (see allmpnet info)")
+    add_precision_arg(p, "fp32 (exact), bf16, auto … (see allmpnet info; default fp32)")
     p.set_defaults(func=cmd_embed_corpus)
 
 
@@ -41,7 +43,8 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
     config = BulkConfig(model=args.model, id_field=args.id_field, text_field=args.text_field,
                         keep=tuple(args.keep), shard_rows=args.shard_rows, batch_size=args.batch_size,
                         on_bad=args.on_bad, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                        gpus_per_worker=args.gpus_per_worker, precision=args.precision)
+                        gpus_per_worker=args.gpus_per_worker,
+                        precision=precision_or_default(args.precision))
     try:
         result = embed_corpus(args.input, args.out, config, address=args.address, overwrite=args.overwrite)
     except BadRowsError as e:

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 from pathlib import Path
 
 import numpy as np
 
+from allmpnet.cli.environment import env_help, env_option
 from allmpnet.errors import InvalidInput
+from allmpnet.settings import LIBRARY_PRECISION, PRECISION_ENV
 from allmpnet.weights import DEFAULT_MODEL, PUBLISHED, download
 
 DEMO_QUERIES = ["How do plants make their food?", "Which programming language is good for beginners?",
@@ -58,18 +62,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 PRECISION_HELP = ("fp32 (exact), bf16, fp16, int8 (int8 weights, bf16 maths; AMX CPUs), bf16+int8 (int8 weights "
                   "for batches of at most 512 tokens), or auto (the fastest path this machine has whose quality "
-                  "passes; `allmpnet info --precision auto` shows the plan)")
+                  "passes; `allmpnet info --precision auto` shows the plan); default fp32")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
+def add_precision_arg(p: argparse.ArgumentParser, text: str = PRECISION_HELP) -> None:
+    """--precision, whose default (None) is the library's: settings.default_precision(), which reads
+    $ALLMPNET_PRECISION when the encoder is built, so every subcommand and the library agree on one default."""
+    p.add_argument("--precision", default=None, help=env_help(text, PRECISION_ENV))
+
+
+def add_model_args(p: argparse.ArgumentParser, from_environment: bool = False) -> None:
+    """--model, --device and --precision. from_environment: --model and --device also from ALLMPNET_MODEL and
+    ALLMPNET_DEVICE (the server's, configured by its container); --precision always follows ALLMPNET_PRECISION."""
+    add = functools.partial(env_option, p) if from_environment else p.add_argument
+    add("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
+    add("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    add_precision_arg(p)
 
 
 def load_encoder(args: argparse.Namespace):
     from allmpnet.encode import Encoder  # torch import kept out of `--help`
     return Encoder(args.model, device=args.device, precision=args.precision)
+
+
+def precision_source(requested: str | None) -> str:
+    """Where the precision of an encoder built from `--precision requested` came from, for `allmpnet info`."""
+    if requested is not None:
+        return "--precision"
+    if os.environ.get(PRECISION_ENV, "").strip():
+        return f"${PRECISION_ENV}"
+    return f"the default ({LIBRARY_PRECISION}: exact)"
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -83,6 +105,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     info = {"model": enc.name, "directory": str(enc.model_dir), "dimensions": enc.dim,
             "max_seq_length": enc.max_seq_length, "pooling": enc.pooling.modes, "normalize": enc.normalize,
             "device": str(enc.device), "precision": enc.plan.describe(),
+            "precision_from": precision_source(args.precision),
             "parameters": sum(p.numel() for p in enc.model.parameters())}
     width = max(map(len, info))
     for key, value in info.items():

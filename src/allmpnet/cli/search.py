@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from allmpnet.cli.core import PRECISION_HELP
+from allmpnet.cli.core import add_precision_arg
 from allmpnet.errors import InvalidInput
 from allmpnet.weights import DEFAULT_MODEL
 
@@ -114,7 +114,7 @@ def add_encoder_args(p: argparse.ArgumentParser, default_model: str | None) -> N
     p.add_argument("--model", "-m", default=default_model,
                    help="model name, hub id or directory" + ("" if default_model else " (default: the index's)"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
+    add_precision_arg(p)
 
 
 def corpus_spec(args: argparse.Namespace, documents: bool = False):

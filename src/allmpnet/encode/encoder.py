@@ -29,6 +29,7 @@ from allmpnet.encode.quantize import Quantizer, resolve as resolve_quantizer
 from allmpnet.encode.tokenizer import TextTokenizer, Tokenized
 from allmpnet.errors import InvalidInput, InvalidInputType
 from allmpnet.model import PackedBatch, Pooling, SentenceModel
+from allmpnet.settings import precision_or_default
 from allmpnet.weights import DEFAULT_MODEL, resolve, verify_weights
 
 DEFAULT = object()  # max_batch_tokens not given: the device's default budget
@@ -42,15 +43,16 @@ class Encoder:
     """all-mpnet-base-v2 (or any MPNet sentence-embedding directory): MPNet -> pooling -> optional L2 normalize."""
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device | None = None,
-                 precision: str | PrecisionPlan = "fp32", max_seq_length: int | None = None,
+                 precision: str | PrecisionPlan | None = None, max_seq_length: int | None = None,
                  max_batch_tokens: int | None = DEFAULT):  # type: ignore[assignment]
         """precision: "fp32" (exact: the vectors of sentence-transformers), "bf16", "fp16", "int8", "bf16+int8",
         or "auto" (the fastest path this hardware has whose quality passes), or a PrecisionPlan; see
-        encode/precision.py.
+        encode/precision.py. None: $ALLMPNET_PRECISION if set, else "fp32" (settings.default_precision).
         max_batch_tokens caps the padded tokens of one encode() batch (default: 4096 on CPU, 16384 on GPU;
         None: batch_size alone decides, 32 if unset)."""
         self.device = resolve_device(device)
-        self.plan = as_plan(precision, self.device)  # first: a precision this device lacks fails before loading
+        # first: a precision this device lacks (or a bad $ALLMPNET_PRECISION) fails before loading
+        self.plan = as_plan(precision_or_default(precision), self.device)
         require_device(self.device)
         self.model_dir = resolve(model)
         self.name = str(model)

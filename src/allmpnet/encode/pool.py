@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from allmpnet.encode.encoder import TruncationWarning, check_texts
 from allmpnet.errors import InvalidInput
+from allmpnet.settings import precision_or_default
 from allmpnet.weights import DEFAULT_MODEL
 
 POLL_SECONDS = 0.5  # how often a waiting caller checks that every worker is still alive
@@ -55,12 +56,14 @@ class EncodePool:
     Use as a context manager, or call close(); workers are also stopped when the pool is garbage-collected.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, devices: Sequence[str] | None = None, precision: str = "fp32",
+    def __init__(self, model: str = DEFAULT_MODEL, devices: Sequence[str] | None = None, precision: str | None = None,
                  max_seq_length: int | None = None, threads_per_worker: int | None = None,
                  factory: Callable = load_encoder):
         self.devices = list(devices) if devices is not None else default_devices()
         if not self.devices:
             raise InvalidInput("devices is empty")
+        # resolved here, not in the workers: a bad $ALLMPNET_PRECISION fails before any process starts
+        precision = precision_or_default(precision)
         context = mp.get_context("spawn")
         self.tasks = context.Queue()
         self.results = context.Queue()

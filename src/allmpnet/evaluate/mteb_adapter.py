@@ -26,7 +26,7 @@ class MtebModel:
     """An mteb EncoderProtocol backed by an allmpnet Encoder (or anything with a compatible `.encode`)."""
 
     def __init__(self, model_name: str = DEFAULT_MODEL, revision: str | None = None, *, device: str | None = None,
-                 precision: str = "fp32", encoder: Any = None, **encoder_options: Any) -> None:
+                 precision: str | None = None, encoder: Any = None, **encoder_options: Any) -> None:
         if encoder is None:
             from allmpnet import Encoder
 

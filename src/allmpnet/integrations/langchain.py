@@ -30,7 +30,7 @@ class AllMpnetEmbeddings(Embeddings):
     """A LangChain `Embeddings` over an allmpnet `Encoder` (one is loaded unless `encoder=` is given)."""
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, encoder: Encoder | None = None,
-                 device: str | None = None, precision: str = "fp32", batch_size: int | None = None):
+                 device: str | None = None, precision: str | None = None, batch_size: int | None = None):
         self.encoder = encoder if encoder is not None else Encoder(model, device=device, precision=precision)
         self.batch_size = batch_size
 

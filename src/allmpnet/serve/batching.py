@@ -1,9 +1,10 @@
 """Dynamic batching: texts from concurrent requests share forward passes, cut by a padded-token budget.
 
 Requests hand in already-tokenized texts and get a future. One worker thread owns the model: it takes rows
-first-come first-served across requests until the next row would push the batch past `max_batch_tokens`
-(rows x longest row, the memory a padded batch really costs) or `max_batch_size`, runs one forward pass
-and hands each request its vectors when its last row is done. The queue is bounded in texts: a submit that
+from the waiting requests in turn, one row each, until the next row would push the batch past
+`max_batch_tokens` (rows x longest row, the memory a padded batch really costs) or `max_batch_size`, runs one
+forward pass and hands each request its vectors when its last row is done. Taking turns is what keeps a small
+request quick beside a giant one: it waits for a pass or two, not for the giant's rows. The queue is bounded in texts: a submit that
 would overflow it raises `QueueFull` at once (the server answers 503) rather than letting memory grow.
 """
 from __future__ import annotations
@@ -51,6 +52,8 @@ class _Job:
     order: np.ndarray  # rows longest-first, so the rows of one big request batch with little padding
     out: torch.Tensor  # (n, dim) filled in as batches finish
     future: Future = field(default_factory=Future)
+    normalize: bool | None = None  # as Encoder.embed_ids: None, the model's own last step; rows share a pass only
+    # with rows of the same setting
     next: int = 0  # position in `order` of the next row to schedule
     done: int = 0
 
@@ -108,7 +111,10 @@ class DynamicBatcher:
         """
         length = self.encoder.max_seq_length
         rows = max(1, min(self.budget.max_texts, self.budget.max_tokens // length))
-        self.encoder.embed_ids([[self.encoder.tokenizer.pad_id + 1] * length] * rows)  # any real token
+        # an ordinary word piece: a special id inside a text would send the row down the exact path apart
+        # (Encoder.embed_ids) and leave the planned one, which serves every other text, unbuilt
+        first, *word, last = self.encoder.tokenize(["the"]).ids[0]
+        self.encoder.embed_ids([[first] + word * (length - 2) + [last]] * rows)
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the batch in flight, fail whatever still waits, stop the worker."""
@@ -122,8 +128,9 @@ class DynamicBatcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, ids: Sequence[Sequence[int]]) -> Future:
-        """Queue tokenized texts; the future gives their (n, dim) float32 vectors in the order given."""
+    def submit(self, ids: Sequence[Sequence[int]], normalize: bool | None = None) -> Future:
+        """Queue tokenized texts; the future gives their (n, dim) float32 vectors in the order given (normalize: as
+        `Encoder.embed_ids`)."""
         if len(ids) == 0:
             future: Future = Future()
             future.set_result(torch.empty((0, self.encoder.dim), dtype=torch.float32))
@@ -132,7 +139,7 @@ class DynamicBatcher:
             raise InvalidInput(f"{len(ids)} texts can never fit a queue of {self.capacity}")
         lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
         job = _Job(ids=[list(i) for i in ids], order=np.argsort(-lengths, kind="stable"),
-                   out=torch.empty((len(ids), self.encoder.dim), dtype=torch.float32))
+                   out=torch.empty((len(ids), self.encoder.dim), dtype=torch.float32), normalize=normalize)
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the batcher is closed: the server is shutting down")
@@ -162,17 +169,27 @@ class DynamicBatcher:
         return max(1, math.ceil((self._queued + rows - self.capacity) / self._rows_per_s))
 
     def _take(self) -> list[tuple[_Job, int]]:
-        """Rows for the next forward pass, oldest request first; called with the lock held."""
+        """Rows for the next forward pass, one per request in turn; called with the lock held.
+
+        Requests take turns row by row, and a request that got a row goes to the back of the line, so a
+        one-text query waits for at most the forward pass in progress and the next one, however many rows the
+        requests ahead of it still hold. Within a request, rows go longest first (little padding). A pass holds
+        rows of one `normalize` setting: requests of the other wait for the next pass, keeping their place."""
         batch: list[tuple[_Job, int]] = []
         longest = 0
-        while self._jobs:
-            job = self._jobs[0]
+        i = 0
+        while i < len(self._jobs):
+            job = self._jobs[i]
             if job.abandoned:
                 self._queued -= len(job.ids) - job.next
-                self._jobs.popleft()
+                del self._jobs[i]
                 continue
-            if batch and batch[-1][0] is not job and not self.merge_requests:
-                break
+            if batch and job is not batch[-1][0]:
+                if not self.merge_requests:
+                    break
+                if job.normalize != batch[0][0].normalize:
+                    i += 1
+                    continue
             row = int(job.order[job.next])
             width = max(longest, len(job.ids[row]))
             if batch and not self.budget.fits(len(batch) + 1, width):
@@ -181,8 +198,12 @@ class DynamicBatcher:
             longest = width
             job.next += 1
             self._queued -= 1
-            if job.next == len(job.ids):
-                self._jobs.popleft()
+            del self._jobs[i]
+            if job.next < len(job.ids):
+                if self.merge_requests:
+                    self._jobs.append(job)  # its next row waits for everyone else's turn
+                else:
+                    self._jobs.insert(i, job)  # one request per pass: it keeps its place until done
         return batch
 
     def _run(self, warm_up: bool) -> None:
@@ -211,7 +232,7 @@ class DynamicBatcher:
         start = time.perf_counter()
         seqs = [job.ids[row] for job, row in batch]
         try:
-            vectors = self.encoder.embed_ids(seqs)  # (B, dim)
+            vectors = self.encoder.embed_ids(seqs, batch[0][0].normalize)  # (B, dim)
         except Exception as e:  # a failed pass fails its requests, never the worker
             for job in {id(job): job for job, _ in batch}.values():
                 _fail(job, e)

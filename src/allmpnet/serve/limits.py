@@ -3,9 +3,10 @@
 `RequestGuard` is the outer layer every HTTP request passes through before the app sees it:
 
 - API key: checked from the headers, so an unauthenticated request is refused before its body is read.
-- Admission: a request is charged the bytes it will occupy (its body, as declared, plus the largest response
-  its route can give for a body that size) against `InFlightBudget`, and waits until they fit; memory then
-  grows with the bytes admitted, not with the number of requests.
+- Admission: a request is charged the bytes it will occupy against `InFlightBudget`, and waits until they
+  fit: its body (as declared) before the body is read, its answer once the app knows its texts and their
+  lengths (`charge_answer`). Memory then grows with the bytes admitted, not with the number of requests, and
+  an ordinary request is charged what it really costs rather than the worst its body size allows.
 - Time: once admitted, the body must arrive within `body_timeout` seconds, with no gap over `read_timeout`.
   Answers go out in 1 MiB pieces, each sent once the client has taken the previous one, so a request holds
   its admission until its answer is nearly all read; a client that takes none of it for `write_timeout`
@@ -35,12 +36,42 @@ RESPONSE_PIECE = 1 << 20  # bytes per send of a large response: each waits until
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without an API key (probes and scrapers)
 TRIM_ABOVE = 8 << 20  # after a request this large ends, hand freed heap pages back to the OS
 
-_client_gone: ContextVar[asyncio.Event | None] = ContextVar("allmpnet_client_gone", default=None)
+_client_gone: ContextVar["Departure | None"] = ContextVar("allmpnet_client_gone", default=None)
+_admission: ContextVar["Ticket | None"] = ContextVar("allmpnet_admission", default=None)
 
 
-def client_gone() -> asyncio.Event | None:
+class Departure(asyncio.Event):
+    """Set when a request's client disconnects; also calls back, so waiting on it alongside an answer costs no task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        if not self.is_set():
+            super().set()
+            for callback in self._callbacks:
+                callback()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def remove_callback(self, callback: Callable[[], None]) -> None:
+        self._callbacks.remove(callback)
+
+
+def client_gone() -> Departure | None:
     """Set when the client of the request being handled has disconnected (None outside a request)."""
     return _client_gone.get()
+
+
+async def charge_answer(cost: int) -> None:
+    """Charge the request being handled for its answer, now that its size is known; waits for room like
+    admission does and raises Busy when none comes in time. Outside RequestGuard (an app mounted without it)
+    there is nothing to charge."""
+    ticket = _admission.get()
+    if ticket is not None:
+        await ticket.extend(cost)
 
 
 class Busy(Exception):
@@ -56,16 +87,22 @@ class InFlightBudget:
     """Bytes admitted and not yet answered, at most `capacity`; a request waits until its cost fits.
 
     A request that fits is admitted at once, even ahead of a larger one that is waiting: small requests are
-    never held up behind a giant, and a giant waits only while the bytes in flight leave no room for it. A
-    cost above the capacity is charged as the capacity, so one request of any allowed size is always admitted
-    on an idle server.
+    never held up behind a giant, and a giant waits only while the bytes in flight leave no room for it.
+
+    A request is charged in two steps (a `Ticket`): its body when it arrives, its answer once the app has read
+    the body and knows how many texts it holds. Bodies may hold at most half the capacity between them, and an
+    answer is charged at most half: so when every admitted request waits for room for its answer, the bodies
+    leave room for any one of them, and requests that each hold a body never wait on one another until they
+    time out. A larger body or answer is charged as half the capacity, so a request of any allowed size is
+    admitted on an idle server.
     """
 
     def __init__(self, capacity: int):
-        if capacity < 1:
-            raise InvalidInput(f"the in-flight budget must be at least 1 byte, got {capacity}")
+        if capacity < 2:
+            raise InvalidInput(f"the in-flight budget must be at least 2 bytes, got {capacity}")
         self.capacity = capacity
         self.used = 0
+        self.bodies = 0  # of `used`, what admitted tickets were charged for their bodies
         self.peak = 0
         self._waiters: list[asyncio.Future] = []
 
@@ -73,11 +110,9 @@ class InFlightBudget:
         self.used += cost
         self.peak = max(self.peak, self.used)
 
-    async def acquire(self, cost: int, timeout: float) -> int:
-        """Charge cost (capped at the capacity), waiting up to timeout seconds; returns what was charged."""
-        cost = min(cost, self.capacity)
+    async def _wait_for_room(self, cost: int, timeout: float, body: int = 0) -> None:
         start = time.monotonic()
-        while self.used + cost > self.capacity:
+        while self.used + cost > self.capacity or self.bodies + body > self.capacity // 2:
             remaining = timeout - (time.monotonic() - start)
             if remaining <= 0:
                 raise Busy(time.monotonic() - start)
@@ -90,8 +125,21 @@ class InFlightBudget:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+
+    async def acquire(self, cost: int, timeout: float) -> int:
+        """Charge cost (capped at the capacity), waiting up to timeout seconds; returns what was charged."""
+        cost = min(cost, self.capacity)
+        await self._wait_for_room(cost, timeout)
         self._take(cost)
         return cost
+
+    async def admit(self, body_bytes: int, timeout: float) -> "Ticket":
+        """A request's first charge, its body: a ticket it extends by its answer and closes when done."""
+        cost = min(body_bytes, self.capacity // 2)
+        await self._wait_for_room(cost, timeout, body=cost)
+        self._take(cost)
+        self.bodies += cost
+        return Ticket(self, cost, timeout)
 
     def overdraw(self, cost: int) -> None:
         """Charge cost without waiting: for bytes that already exist (a response larger than its estimate)."""
@@ -105,16 +153,39 @@ class InFlightBudget:
                 waiter.set_result(None)
 
 
+class Ticket:
+    """What one admitted request holds against the budget; `extend` adds its answer, `close` gives all back."""
+
+    def __init__(self, budget: InFlightBudget, body: int, timeout: float):
+        self.budget, self.body, self.timeout = budget, body, timeout
+        self.charged = body
+        self.closed = False
+
+    async def extend(self, cost: int) -> None:
+        """Charge cost more (at most half the capacity), waiting up to the admission timeout (then Busy)."""
+        cost = min(cost, self.budget.capacity // 2)
+        await self.budget._wait_for_room(cost, self.timeout)
+        self.budget._take(cost)
+        self.charged += cost
+
+    def overdraw(self, cost: int) -> None:
+        """Charge bytes that already exist (a response larger than its charge), without waiting."""
+        self.budget.overdraw(cost)
+        self.charged += cost
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.budget.bodies -= self.body
+            self.budget.release(self.charged)
+
+
 class RequestGuard:
-    """Pure ASGI middleware: key check, admission, body and write deadlines, disconnect notice (module docstring).
+    """Pure ASGI middleware: key check, admission, body and write deadlines, disconnect notice (module docstring)."""
 
-    cost(scope, body_bytes) gives the bytes a request may occupy beyond its body (its largest response).
-    """
-
-    def __init__(self, app: ASGIApp, budget: InFlightBudget, cost: Callable[[Scope, int], int], max_body_bytes: int,
-                 api_key: str | None, admission_timeout: float, body_timeout: float, read_timeout: float,
-                 write_timeout: float):
-        self.app, self.budget, self.cost, self.max_body_bytes = app, budget, cost, max_body_bytes
+    def __init__(self, app: ASGIApp, budget: InFlightBudget, max_body_bytes: int, api_key: str | None,
+                 admission_timeout: float, body_timeout: float, read_timeout: float, write_timeout: float):
+        self.app, self.budget, self.max_body_bytes = app, budget, max_body_bytes
         self.api_key = api_key
         self.admission_timeout, self.body_timeout = admission_timeout, body_timeout
         self.read_timeout, self.write_timeout = read_timeout, write_timeout
@@ -136,16 +207,18 @@ class RequestGuard:
             await refusal(scope, receive, send)
             return
         try:
-            charged = await self.budget.acquire(body_bytes + self.cost(scope, body_bytes), self.admission_timeout)
+            ticket = await self.budget.admit(body_bytes, self.admission_timeout)
         except Busy as e:
             await error_response(503, str(e), "server_busy", headers={"Retry-After": "1", **unread})(
                 scope, receive, send)
             return
+        token = _admission.set(ticket)
         try:
-            charged += await self._serve(scope, receive, send, charged)
+            await self._serve(scope, receive, send, ticket)
         finally:
-            self.budget.release(charged)
-            if charged >= TRIM_ABOVE:
+            _admission.reset(token)
+            ticket.close()
+            if ticket.charged >= TRIM_ABOVE:
                 release_free_memory()
 
     def refusal(self, path: str, headers: dict[bytes, bytes], extra_headers: dict[str, str]):
@@ -167,13 +240,13 @@ class RequestGuard:
                                   headers=extra_headers)
         return None
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, charged: int) -> int:
-        """Run the app with deadlines on the body and the response; returns bytes overdrawn for the response."""
-        gone = asyncio.Event()
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, ticket: "Ticket") -> None:
+        """Run the app with deadlines on the body and the response; a response larger than the ticket's charge is
+        charged to it as it goes out."""
+        gone = Departure()
         token = _client_gone.set(gone)
         watcher: asyncio.Task | None = None
         deadline: float | None = None
-        overdrawn = 0
 
         async def watch_for_departure() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -188,8 +261,9 @@ class RequestGuard:
             now = time.monotonic()
             deadline = deadline or now + self.body_timeout
             try:
-                message = await asyncio.wait_for(receive(), min(self.read_timeout, max(deadline - now, 0.001)))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(min(self.read_timeout, max(deadline - now, 0.001))):
+                    message = await receive()
+            except TimeoutError:
                 # an HTTPException passes through the body reader to the app's JSON error handler
                 raise HTTPException(408, f"the request body did not arrive in time (allowed: {self.body_timeout:g}s "
                                          f"in all, {self.read_timeout:g}s between pieces)",
@@ -201,13 +275,11 @@ class RequestGuard:
             return message
 
         async def guarded_send(message: Message) -> None:
-            nonlocal overdrawn
             if message["type"] == "http.response.start":
                 length = dict(message.get("headers", ())).get(b"content-length", b"0")
-                extra = int(length) - charged if length.isdigit() else 0
-                if extra > 0:  # the response came out larger than its route's estimate: it exists, count it
-                    self.budget.overdraw(extra)
-                    overdrawn += extra
+                extra = int(length) - ticket.charged if length.isdigit() else 0
+                if extra > 0:  # the response came out larger than its charge: it exists, count it
+                    ticket.overdraw(extra)
             body = message.get("body", b"")
             if message["type"] != "http.response.body" or len(body) <= RESPONSE_PIECE:
                 await self._timed_send(send, message)
@@ -229,12 +301,12 @@ class RequestGuard:
             _client_gone.reset(token)
             if watcher is not None:
                 watcher.cancel()
-        return overdrawn
 
     async def _timed_send(self, send: Send, message: Message) -> None:
         try:
-            await asyncio.wait_for(send(message), self.write_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.write_timeout):
+                await send(message)
+        except TimeoutError:
             raise _SlowReader from None
 
 

@@ -30,6 +30,10 @@ def raw_error(status: int, reason: str, message: str, code: str) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
+class _HeadersTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request that has already been refused."""
+
+
 def guarded_http_protocol(config: ServeConfig) -> type[asyncio.Protocol] | None:
     """uvicorn's httptools protocol with our header bounds, or None when httptools is not installed."""
     try:
@@ -41,14 +45,14 @@ def guarded_http_protocol(config: ServeConfig) -> type[asyncio.Protocol] | None:
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._header_bytes = 0
+            self._header_bytes = self._raw_header_bytes = 0
             self._header_timer: asyncio.TimerHandle | None = None
             self._lingering = False
             self._write_stall: asyncio.TimerHandle | None = None
             self._await_headers()
 
         def _await_headers(self) -> None:
-            self._header_bytes = 0
+            self._header_bytes = self._raw_header_bytes = 0
             self._cancel_header_timer()
             self._header_timer = self.loop.call_later(timeout, self._headers_too_slow)
 
@@ -77,16 +81,42 @@ def guarded_http_protocol(config: ServeConfig) -> type[asyncio.Protocol] | None:
         def data_received(self, data: bytes) -> None:
             if self._lingering:
                 return
+            # Two counts, as the bytes may arrive: while a header block is incomplete, every byte read (the parser
+            # buffers a header until it ends, so no callback sees it); and the parser's callbacks, which see a block
+            # that arrives whole in one read, before the request is dispatched
             if self._header_timer is not None:  # still reading headers (the parser clears the timer at their end)
-                self._header_bytes += len(data)
+                self._raw_header_bytes += len(data)
             super().data_received(data)
-            if self._header_timer is not None and self._header_bytes > max_bytes:
-                self._refuse(raw_error(431, "Request Header Fields Too Large",
-                                       f"the request line and headers are larger than this server's limit of "
-                                       f"{max_bytes} bytes", "headers_too_large"))
+            if self._header_timer is not None and self._raw_header_bytes > max_bytes:
+                self._headers_too_large()
+
+        def _headers_too_large(self) -> None:
+            self._refuse(raw_error(431, "Request Header Fields Too Large",
+                                   f"the request line and headers are larger than this server's limit of "
+                                   f"{max_bytes} bytes", "headers_too_large"))
+
+        def _count_header_bytes(self, count: int) -> None:
+            self._header_bytes += count
+            if self._header_bytes > max_bytes:
+                self._headers_too_large()
+                raise _HeadersTooLarge  # stops the parser: the request is never dispatched
+
+        def on_url(self, url: bytes) -> None:
+            self._count_header_bytes(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_header_bytes(len(name) + len(value) + 4)  # "name: value\r\n"
+            super().on_header(name, value)
+
+        def send_400_response(self, msg: str) -> None:
+            if self._lingering:  # the parser stopped because we refused the request: that answer is already out
+                return
+            super().send_400_response(msg)
 
         def on_headers_complete(self) -> None:
             self._cancel_header_timer()
+            self._header_bytes = 0  # a pipelined request's block is counted from its own request line
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from allmpnet.backends.cpu import int8 as int8_x86
 from allmpnet.backends.cpu.library import library_unavailable, load as load_library
 from allmpnet.backends.cpu.fused import (FP32_KERNELS, MAX_TEXT_TOKENS, EmbeddingSpec, FusedX86Stack,
                                        fp32_kernel_unavailable, fp32_linear)
@@ -297,7 +296,7 @@ def test_fp32_weight_kernel_matches_torch(name, M, N, K):
     generator = torch.Generator().manual_seed(M)
     x, weight, bias = torch.randn(M, K, generator=generator), torch.randn(N, K, generator=generator), torch.randn(N)
     residual = torch.randn(M, N, generator=generator)
-    library = load_library()
+    load_library()
     torch.testing.assert_close(fp32_linear(name, x, weight, bias), F.linear(x, weight, bias),
                                atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(fp32_linear(name, x, weight, bias, residual, gelu=True),
@@ -308,7 +307,7 @@ def test_fp32_weight_kernels_refuse_shapes_they_do_not_step_over():
     why = library_unavailable()
     if why:
         pytest.skip(why)
-    library = load_library()
+    load_library()
     x, weight = torch.randn(3, 36), torch.randn(8, 36)  # 36 inputs: not whole steps of 16 (AVX512) or 8 (AVX2)
     for name in FP32_KERNELS:
         if not fp32_kernel_unavailable(name):

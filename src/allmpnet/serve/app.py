@@ -32,7 +32,8 @@ from allmpnet.errors import InvalidInput
 from allmpnet.serve.batching import BatcherClosed, DynamicBatcher, QueueFull
 from allmpnet.serve.config import ServeConfig
 from allmpnet.serve.errors import APIError, BodyLimit, ClientGone, error_response, install_error_handlers, log
-from allmpnet.serve.limits import Busy, InFlightBudget, RequestGuard, charge_answer, client_gone
+from allmpnet.serve.limits import (Busy, InFlightBudget, RequestGuard, charge_answer, client_gone,
+                                   release_free_memory)
 from allmpnet.serve.metrics import ServerMetrics
 from allmpnet.serve.responses import JSONResponse
 from allmpnet.serve.schemas import (EmbeddingsRequest, SearchRequest, SimilarityRequest, TokenizeRequest, as_texts,
@@ -192,6 +193,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None, index: "Inde
         # load took about 7% of the server's CPU time (perf, 64 clients x 1 sentence)
         gc.collect()
         gc.freeze()
+        release_free_memory()  # the warm-up's freed scratch goes back to the OS: RSS when ready is the working size
         yield
         await anyio.to_thread.run_sync(service.batcher.close)
 

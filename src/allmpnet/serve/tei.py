@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import anyio
 import torch
-import torch.nn.functional as F
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -40,7 +39,6 @@ from starlette.requests import ClientDisconnect
 
 from allmpnet import __version__
 from allmpnet.encode import Encoder, NonFiniteOutputError, Tokenized
-from allmpnet.serve.batching import BatcherClosed, QueueFull
 from allmpnet.serve.errors import APIError, ClientGone, describe_unreadable, describe_validation_error, log
 from allmpnet.serve.responses import JSONResponse
 from allmpnet.serve.schemas import TeiEmbedRequest, TokenizeRequest, as_texts, is_token_id, json_type, token_id_rows

@@ -60,7 +60,8 @@ def test_unknown_name_without_data_explains_the_hub_route(tiny_model_dir, capsys
     monkeypatch.setenv("ALLMPNET_HOME", str(tmp_path))
     monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without the datasets package
     assert main(["eval", "SciFact", "--model", str(tiny_model_dir)]) == 2
-    assert "needs the `datasets` package" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs the `datasets` package" in err and 'pip install "allmpnet[eval-hub]"' in err  # names its extra
     assert main(["eval", "NoSuchTask", "--model", str(tiny_model_dir)]) == 2
     assert "no task folder 'NoSuchTask'" in capsys.readouterr().err
 

@@ -120,3 +120,42 @@ def test_cluster_and_mine_paraphrases(tmp_path, tiny_model_dir, capsys):
         pairs = list(csv.DictReader(f))
     assert len(pairs) == 15 and float(pairs[0]["score"]) == pytest.approx(1.0, abs=1e-5)
     assert {(p["id1"], p["id2"]) for p in pairs[:4]} == {("1", "2"), ("1", "3"), ("2", "3"), ("5", "6")}
+
+
+class RecordingBar:
+    """Stands in for tqdm: records every update the indexing loop makes."""
+    updates: list[int] = []
+
+    def __init__(self, *args, total=None, **kwargs):
+        self.total = total
+        RecordingBar.updates = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        RecordingBar.updates.append(n)
+
+
+@pytest.mark.parametrize("chunk", [False, True])
+def test_index_build_progress_moves_every_batch(tmp_path, tiny_model_dir, capsys, monkeypatch, chunk):
+    """300 rows: the bar moves once per model batch (here 10 rows), not once per 4,096-row chunk; vectors as encode."""
+    import tqdm.auto
+
+    from allmpnet import Encoder
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    texts = [f"text number {i}" + " word" * (i % 7) for i in range(300)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "index"
+    code, _, err = run(capsys, "index", "build", path, "--out", out, "--model", tiny_model_dir, "--batch-size", 10,
+                       *(["--chunk"] if chunk else []))
+    assert code == 0, err
+    assert sum(RecordingBar.updates) == 300
+    assert len(RecordingBar.updates) >= 30 and max(RecordingBar.updates) <= 10, RecordingBar.updates
+    encoder = Encoder(tiny_model_dir, device="cpu")
+    hits = Index.open(out).search(encoder.encode(texts[17]), k=1)  # stored vectors are encode()'s
+    assert hits[0].text == texts[17] and hits[0].score == pytest.approx(1.0, abs=1e-5)

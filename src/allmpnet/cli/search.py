@@ -153,41 +153,74 @@ def read_corpus(args: argparse.Namespace, path: Path, existing_ids=frozenset(), 
 
 
 def append_corpus(writer, encoder, records, report, batch_size: int, vectors=None) -> int:
-    """Encode and append the rows in chunks with one progress bar; returns how many texts were truncated."""
-    from tqdm.auto import tqdm
+    """Encode and append the rows in chunks with one progress bar; returns how many texts were truncated.
 
-    from allmpnet.encode import TruncationWarning
+    The bar moves after every model batch, not every chunk: a chunk of 4,096 rows is minutes of the real model on
+    a CPU, and a corpus of a few hundred rows would otherwise sit at 0 until its one chunk is done."""
+    from tqdm.auto import tqdm
     truncated, done = 0, 0
     with tqdm(total=report.rows, desc="indexing", unit="row") as bar:
         for chunk in batched(records, 4096):
             texts = [r.text for r in chunk]
             if vectors is None:
-                truncated += len(encoder.truncated_indices(texts))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", TruncationWarning)  # counted above, reported once at the end
-                    chunk_vectors = encoder.encode(texts, batch_size=batch_size, show_progress_bar=False)
+                # tokenized once: the truncation count and the model's inputs come from the same pass
+                tokenized = encoder.tokenizer(texts)
+                truncated += sum(tokenized.truncated)
+                # encode()'s own path for a chunk below its sort window: the same batches, the same vectors
+                chunk_vectors = encoder.encode_ids(tokenized.ids, batch_size, progress=bar.update).numpy()
             else:
                 chunk_vectors = vectors[done:done + len(chunk)]
+                bar.update(len(chunk))
             writer.append([r.id for r in chunk], texts, [r.metadata for r in chunk], chunk_vectors)
             done += len(chunk)
-            bar.update(len(chunk))
     return truncated
 
 
 def append_documents(writer, encoder, records, report, batch_size: int) -> int:
-    """Chunk, encode and append documents in groups with one progress bar; returns the number of chunks."""
+    """Chunk, encode and append documents in groups with one progress bar (in documents, moving after every model
+    batch by the share of the group's chunks done); returns the number of chunks."""
+    import numpy as np
     from tqdm.auto import tqdm
-    settings = writer.chunking
+
+    from allmpnet.encode.documents import ChunkSettings, DocumentChunks, chunk_token_ranges
+    from allmpnet.encode.encoder import check_texts
+    settings = ChunkSettings.for_model(encoder.max_seq_length, writer.chunking["chunk_tokens"],
+                                       writer.chunking["overlap"])
     chunks_written = 0
     with tqdm(total=report.rows, desc="indexing documents", unit="doc") as bar:
         for group in document_groups(records):
-            texts = [r.text for r in group]
-            chunks = encoder.encode_documents(texts, settings["chunk_tokens"], settings["overlap"],
-                                              batch_size=batch_size, show_progress_bar=False)
+            texts = check_texts([r.text for r in group])
+            # what Encoder.encode_documents does for one window (a group is smaller than its 2M-character window)
+            ids, documents, spans = chunk_token_ranges(encoder.tokenizer, texts, settings)
+            progress = GroupProgress(bar, len(group), len(ids))
+            vectors = encoder.encode_ids(ids, batch_size, progress=progress).numpy() if ids else \
+                np.zeros((0, encoder.dim), np.float32)
+            progress.finish()
+            chunks = DocumentChunks(vectors, np.asarray(documents, dtype=np.int64).reshape(-1),
+                                    np.asarray(spans, dtype=np.int64).reshape(-1, 2))
             writer.append_documents([r.id for r in group], texts, [r.metadata for r in group], chunks)
             chunks_written += len(chunks)
-            bar.update(len(group))
     return chunks_written
+
+
+class GroupProgress:
+    """Advances a bar counted in documents as a group's chunks are embedded: whole documents' worth at a time."""
+
+    def __init__(self, bar, documents: int, chunks: int):
+        self.bar, self.documents, self.chunks = bar, documents, chunks
+        self.rows_done, self.shown = 0, 0
+
+    def __call__(self, rows: int) -> None:
+        self.rows_done += rows
+        self._show(self.documents * self.rows_done // max(self.chunks, 1))
+
+    def finish(self) -> None:
+        self._show(self.documents)
+
+    def _show(self, documents: int) -> None:
+        if documents > self.shown:
+            self.bar.update(documents - self.shown)
+            self.shown = documents
 
 
 def document_groups(records, max_chars: int = 1_000_000, max_docs: int = 1024) -> Iterator[list]:

@@ -1,14 +1,22 @@
 """Fetching a task by its MTEB name from the Hugging Face hub into the local folder layout (optional).
 
-Nothing else depends on this: the evaluators only read local folders. It needs the `datasets` package
-and a reachable hub; the fetched copy is written once under ~/.cache/allmpnet/mteb-data/NAME.
+Nothing else depends on this: the evaluators only read local folders. It needs the `datasets` package (the
+`eval-hub` extra: pip install "allmpnet[eval-hub]") and a reachable hub; the fetched copy is written once under
+~/.cache/allmpnet/mteb-data/NAME.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from allmpnet.errors import AllmpnetError
 from allmpnet.weights import cache_root
+
+EXTRA = "eval-hub"  # the optional extra (pyproject.toml) that installs `datasets` for this module
+
+
+class MissingExtraError(AllmpnetError, ImportError):
+    """An optional package this route needs is not installed: the message names the extra that installs it."""
 
 # MTEB name -> (hub dataset, task.json); the hub copies MTEB itself loads
 HUB_TASKS = {
@@ -41,8 +49,9 @@ def fetch_task(name: str, root: Path | None = None) -> Path:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise FileNotFoundError(f"no local folder for {name!r}; loading it by name needs the `datasets` package "
-                                "and the Hugging Face hub (pip install datasets), or pass --data DIR") from None
+        raise MissingExtraError(f"no local folder for {name!r}; loading it by name needs the `datasets` package, "
+                                f"which the {EXTRA!r} extra installs (pip install \"allmpnet[{EXTRA}]\"), and a "
+                                "reachable Hugging Face hub; or pass --data DIR with the task's folder") from None
     hub_id, meta = HUB_TASKS[name]
     folder.mkdir(parents=True, exist_ok=True)
     if meta["type"] == "STS":

@@ -2,7 +2,8 @@
 
 Paths (benchmarks/speed_paths.py): sentence-transformers fp32 (the reference) and bf16; its ONNX Runtime backend in
 fp32 and dynamic int8; its OpenVINO backend at OpenVINO's default precision, in fp32 and static int8 (NNCF);
-fastembed; ours fp32, bf16, int8 and auto. Peers run in their own venvs (`--setup-peers` makes them). A path this
+fastembed; ours fp32, bf16, int8 and auto; our ONNX export run by ONNX Runtime in fp32 and as our int8 graph
+(`allmpnet export onnx --int8`, beside sentence-transformers' dynamic int8 export). Peers run in their own venvs (`--setup-peers` makes them). A path this
 machine cannot run is skipped with the reason, never a crash.
 Workloads: (a) the STSBenchmark sentences, (b) SciFact abstracts cut at 256 word pieces, (c) one short query at a
 time (latency p50/p99). Each tool uses its own default batching (sentence-transformers and fastembed 32 texts;

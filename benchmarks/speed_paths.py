@@ -41,6 +41,8 @@ PATHS: dict[str, tuple[str, str]] = {
     "ours-bf16": ("main", "allmpnet bf16"),
     "ours-int8": ("main", "allmpnet int8 (the int8 plan this CPU has)"),
     "ours-auto": ("main", "allmpnet precision='auto'"),
+    "ours-onnx": ("main", "allmpnet's ONNX export (`allmpnet export onnx`), ONNX Runtime fp32"),
+    "ours-onnx-int8": ("main", "allmpnet's int8 ONNX graph (`export onnx --int8`: smoothed, per-token int8), ONNX Runtime"),
 }
 
 
@@ -158,6 +160,12 @@ def load_path(name: str, model_dir: str, max_len: int) -> Runner:
     """The named path, cutting texts at max_len word pieces."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     max_len = min(max_len, config["max_position_embeddings"] - config["pad_token_id"] - 1)  # small test models
+    if name.startswith("ours-onnx"):
+        from allmpnet.export.onnx import OnnxEncoder
+        folder = allmpnet_onnx_export(model_dir)
+        enc = OnnxEncoder(folder / "onnx" / ("model_int8.onnx" if name == "ours-onnx-int8" else "model.onnx"))
+        enc.tokenizer.max_seq_length = max_len
+        return Runner(enc.encode)  # our token-budget batching, as Encoder.encode
     if name.startswith("ours-"):
         from allmpnet import Encoder
         precision = name.removeprefix("ours-")
@@ -189,6 +197,22 @@ def load_path(name: str, model_dir: str, max_len: int) -> Runner:
         out = st.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
     return Runner(encode)
+
+
+def allmpnet_onnx_export(model_dir: str) -> Path:
+    """Our export folder (fp32 and int8 graphs) of these weights, made once (staged, renamed when whole)."""
+    target = exports_dir(model_dir) / "allmpnet-onnx"
+    if not (target / "onnx" / "model_int8.onnx").is_file():
+        from allmpnet import Encoder
+        from allmpnet.export.int8 import export_int8
+        from allmpnet.export.onnx import export_onnx
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        enc = Encoder(model_dir, device="cpu", precision="fp32")
+        export_int8(enc, export_onnx(enc, staging))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
 
 
 def fastembed_runner(model_dir: str, max_len: int, dim: int) -> Runner:

@@ -17,7 +17,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from allmpnet import Encoder  # noqa: E402
 from allmpnet.bulk import BulkConfig, BulkJobError, embed_corpus, read_embeddings  # noqa: E402
-from allmpnet.bulk.plan import find_inputs, plan_shards  # noqa: E402
+from allmpnet.bulk.cluster import MAX_THREADS_PER_WORKER, plan_layout  # noqa: E402
+from allmpnet.bulk.plan import auto_shard_rows, find_inputs, plan_shards  # noqa: E402
 from allmpnet.bulk.readers import read_shard  # noqa: E402
 from allmpnet.bulk.shards import MANIFEST, OutputDir, shard_table  # noqa: E402
 
@@ -123,6 +124,60 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path):
         find_inputs([str(tmp_path / "missing.jsonl")])
 
 
+def test_default_shard_size_follows_the_input_and_cuts_where_explicit_sizes_do(tmp_path):
+    assert [auto_shard_rows(n) for n in (0, 500, 16_000, 100_000, 640_000, 10**8)] == [1000, 1000, 1000, 2000,
+                                                                                        10_000, 10_000]
+    texts = sentences(5_500, seed=4)
+    write_jsonl(tmp_path / "a.jsonl", texts)
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(2_300)], "text": sentences(2_300, seed=5)}),
+                   tmp_path / "b.parquet", row_group_size=700)
+    files = find_inputs([str(tmp_path)])
+    auto = plan_shards(files, None, "id", "text")  # 7,800 rows: the smallest default size, 1,000
+    assert auto == plan_shards(files, 1000, "id", "text")  # the same cuts, bytes and lines as asked explicitly
+    assert [(s.row_start, s.row_stop) for s in auto if s.format == "jsonl"] == [(k * 1000, min(5500, k * 1000 + 1000))
+                                                                              for k in range(6)]
+    many = [f"{t} {i}" for i in range(14) for t in texts]  # 77,000 rows: shards of 2,000
+    write_jsonl(tmp_path / "a.jsonl", many)
+    files = find_inputs([str(tmp_path / "a.jsonl")])
+    assert plan_shards(files, None, "id", "text") == plan_shards(files, 2000, "id", "text")
+    rows = read_shard(plan_shards(files, None, "id", "text")[7], "id", "text", ())
+    assert rows.ids[0] == "doc-14000" and len(rows.ids) == 2000
+
+
+def test_default_layout_uses_every_core():
+    cap = MAX_THREADS_PER_WORKER
+    # one node of 2 cores (this machine): one actor with both, not one 1-thread actor (the old default)
+    assert (plan_layout([2.0], [0.0]).workers, plan_layout([2.0], [0.0]).threads) == (1, 2)
+    assert (plan_layout([32.0], [0.0]).workers, plan_layout([32.0], [0.0]).threads) == (32 // cap, cap)
+    two_nodes = plan_layout([16.0, 4.0], [0.0, 0.0])  # one actor size for the pool: every node holds some
+    assert (two_nodes.workers, two_nodes.threads) == (5, 4)
+    # workers given: the cores shared among them, never more than one node holds
+    assert (plan_layout([2.0], [0.0], workers=2).threads, plan_layout([2.0], [0.0], workers=1).threads) == (1, 2)
+    assert plan_layout([8.0, 8.0], [0.0, 0.0], workers=1).threads == 8
+    # CPUs per worker given: as many workers as fit
+    assert plan_layout([8.0, 4.0], [0.0, 0.0], cpus_per_worker=4).workers == 3
+    gpu = plan_layout([16.0, 16.0], [2.0, 2.0], gpus_per_worker=0.5)
+    assert (gpu.workers, gpu.cpus_per_worker, gpu.gpus_per_worker) == (8, 1.0, 0.5)
+
+
+def test_an_address_nothing_answers_on_is_refused_at_once():
+    import socket
+
+    from allmpnet.bulk.cluster import check_reachable
+    from allmpnet.errors import InvalidInput
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")
+        check_reachable(f"ray://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(InvalidInput, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}")  # closed now: refused, not retried for minutes as Ray would
+    assert time.monotonic() - started < 5
+    check_reachable("auto")  # Ray's own forms are left to Ray
+
+
 def test_manifest_only_accepts_the_shard_it_describes(tmp_path):
     out = OutputDir(str(tmp_path))
     out.makedirs()
@@ -167,6 +222,8 @@ def test_job_matches_encoder_and_resume_skips_finished_shards(ray_cluster, tiny_
     assert (result.shards, result.written, result.skipped, result.rows, result.bad_rows) == (7, 7, 0, 300, 0)
     assert 1 <= len(result.workers) <= 2 and sum(w["rows"] for w in result.workers.values()) == 300
     assert all(w["peak_rss_mb"] > 0 for w in result.workers.values())
+    # 2 workers on 2 CPUs: 1 thread each, the CPU each reserved (Ray's OMP_NUM_THREADS and torch's count agree)
+    assert [w["threads"] for w in result.workers.values()] == [1] * len(result.workers)
 
     ids, vectors, meta = read_embeddings(str(tmp_path / "out"))
     assert ids == [f"doc-{i}" for i in range(230)] + [f"p{i}" for i in range(70)]
@@ -184,8 +241,10 @@ def test_job_matches_encoder_and_resume_skips_finished_shards(ray_cluster, tiny_
 def test_texts_holding_special_tokens_get_the_reference_vectors(ray_cluster, tiny_model_dir, tmp_path):
     from special_texts import SPECIAL_TEXTS, sentence_transformers_vectors
     data = write_jsonl(tmp_path / "special.jsonl", SPECIAL_TEXTS)
-    embed_corpus(str(data), str(tmp_path / "out"), BulkConfig(model=str(tiny_model_dir), shard_rows=4, workers=1),
-                 progress=False)
+    result = embed_corpus(str(data), str(tmp_path / "out"), BulkConfig(model=str(tiny_model_dir), shard_rows=4,
+                                                                       workers=1), progress=False)
+    # one worker gets every core of the 2-CPU instance as its threads (it used to get 1 of them)
+    assert [w["threads"] for w in result.workers.values()] == [2]
     ids, vectors, _ = read_embeddings(str(tmp_path / "out"))
     assert ids == [f"doc-{i}" for i in range(len(SPECIAL_TEXTS))]
     np.testing.assert_allclose(vectors, sentence_transformers_vectors(tiny_model_dir), atol=1e-5)
@@ -193,6 +252,22 @@ def test_texts_holding_special_tokens_get_the_reference_vectors(ray_cluster, tin
     with pytest.raises(ValueError, match="different settings"):
         embed_corpus(str(data), str(tmp_path / "out"), BulkConfig(model=str(tiny_model_dir), shard_rows=60),
                      progress=False)
+
+
+def test_a_successful_run_prints_only_its_own_lines(tiny_model_dir, tmp_path):
+    """No Ray start-up noise (a token-auth notice, the core worker's ERROR line about restartable actors, Ray
+    Data's INFO lines) around the job's own output, on a Ray instance the command starts itself."""
+    path = write_jsonl(tmp_path / "c.jsonl", sentences(30))
+    cli = "import sys; from allmpnet.cli import main; sys.exit(main())"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_BACKEND_LOG_LEVEL")}
+    run = subprocess.run([sys.executable, "-c", cli, "embed-corpus", str(path), "--out", str(tmp_path / "out"),
+                          "--model", str(tiny_model_dir)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("30 rows embedded into 1 shard(s)") and len(run.stdout.splitlines()) == 1
+    assert "worker(s) x" in run.stdout and "starting Ray" in run.stdout
+    noise = [line for line in run.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not line.lstrip().startswith("embedding:")]  # the progress bar's own lines
+    assert noise == []
 
 
 def test_bad_rows_fail_or_are_skipped_and_counted(ray_cluster, tiny_model_dir, tmp_path, capsys):
@@ -212,7 +287,8 @@ def test_bad_rows_fail_or_are_skipped_and_counted(ray_cluster, tiny_model_dir, t
     assert ids == [f"doc-{i}" for i in range(40)] and vectors.shape == (40, 32)
 
 
-def test_worker_that_cannot_load_the_model_fails_the_job_with_its_reason(ray_cluster, tiny_model_dir, tmp_path):
+def test_worker_that_cannot_load_the_model_fails_the_job_with_its_reason(ray_cluster, tiny_model_dir, tmp_path,
+                                                                          capsys):
     import shutil
     broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
     weights = broken / "model.safetensors"
@@ -221,6 +297,11 @@ def test_worker_that_cannot_load_the_model_fails_the_job_with_its_reason(ray_clu
     with pytest.raises(BulkJobError, match="damaged or truncated"):
         embed_corpus(str(path), str(tmp_path / "out"), BulkConfig(model=str(broken), workers=1), progress=False)
     assert not list((tmp_path / "out").glob("shard-*"))
+    # the same failure through the command: one line naming the cause, exit status 1
+    from allmpnet.cli import main
+    assert main(["embed-corpus", str(path), "--out", str(tmp_path / "out"), "--model", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "allmpnet embed-corpus: error:" in err and "damaged or truncated" in err
 
 
 def test_killed_run_resumes_without_recomputing(ray_cluster, tiny_model_dir, tmp_path):

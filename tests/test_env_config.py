@@ -29,6 +29,7 @@ SERVE_ENV = {
     "ALLMPNET_WRITE_TIMEOUT": "11", "ALLMPNET_THREADS": "3", "ALLMPNET_CALIBRATION": "ranges.npy",
     "ALLMPNET_LOG_LEVEL": "warning", "ALLMPNET_NO_ACCESS_LOG": "YES", "ALLMPNET_ADMISSION_TIMEOUT": "4",
     "ALLMPNET_KEEP_ALIVE_TIMEOUT": "9", "ALLMPNET_MAX_SEARCH_K": "50", "ALLMPNET_MAX_SEARCH_HITS": "500",
+    "ALLMPNET_REPLICAS": "2", "ALLMPNET_ADDRESS": "ray://head:10001",
 }
 
 
@@ -68,6 +69,7 @@ def test_every_serve_option_comes_from_the_environment(monkeypatch):
     assert (args.model, args.device, args.precision) == ("my-model-dir", "cpu", None)  # precision: the library's
     assert (args.host, args.port, args.index, args.threads) == ("0.0.0.0", 9123, Path("some-index"), 3)
     assert (args.log_level, args.no_access_log) == ("warning", True)
+    assert (args.replicas, args.address) == (2, "ray://head:10001")
     assert serve_config(args) == ServeConfig(
         model_name="mpnet", api_key="secret", max_items=64, max_chars=1000, max_body_bytes=100_000,
         truncate=False, accept_token_ids=True, max_batch_tokens=2048, max_batch_size=16, max_queue=128,

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from allmpnet.bulk.plan import ShardSpec, find_inputs, plan_shards
+from allmpnet.bulk.plan import ShardSpec, auto_shard_rows, find_inputs, plan_shards
 from allmpnet.bulk.readers import read_shard
 from allmpnet.bulk.shards import JOB, SUMMARY, OutputDir, shard_table
 from allmpnet.errors import AllmpnetError, InvalidInput
@@ -28,6 +28,9 @@ from allmpnet.settings import default_precision
 from allmpnet.weights import DEFAULT_MODEL
 
 ON_BAD = ("fail", "skip")
+# a shard's time, and "waiting": the actor's time between ready (or its previous shard) and this shard's start,
+# which is Ray Data's scheduling and the driver's pace
+PHASES = ("waiting", "read", "tokenize", "encode", "write")
 
 
 @dataclass
@@ -36,11 +39,15 @@ class BulkConfig:
     id_field: str = "id"
     text_field: str = "text"
     keep: tuple[str, ...] = ()  # input columns copied next to each embedding
-    shard_rows: int = 10_000  # rows per output shard: the unit of work and of resuming
-    batch_size: int = 32
+    # rows per output shard, the unit of work and of resuming; None: about AUTO_SHARDS shards of 1,000 to 10,000
+    # rows, fixed by the inputs alone (plan.auto_shard_rows), so that a small corpus still spreads over the workers
+    shard_rows: int | None = None
+    batch_size: int | None = None  # texts per forward pass; None: the token budget decides, as Encoder.encode does
     on_bad: str = "fail"  # a bad row stops the job ("fail") or is left out and counted ("skip")
-    workers: int = 2  # actors, each holding one model
-    cpus_per_worker: float = 1
+    # actors, each holding one model, and the CPUs each reserves (also its torch threads); None: chosen from the
+    # cluster's nodes so that every core is used (cluster.plan_layout)
+    workers: int | None = None
+    cpus_per_worker: float | None = None
     gpus_per_worker: float = 0  # > 0 puts each actor's model on a GPU
     # the default is resolved on the driver ($ALLMPNET_PRECISION, else fp32): the workers get the name, and the
     # job's recorded settings say which precision its shards hold
@@ -51,9 +58,9 @@ class BulkConfig:
         if self.on_bad not in ON_BAD:
             raise InvalidInput(f"on_bad must be one of {ON_BAD}, got {self.on_bad!r}")
         for name in ("shard_rows", "batch_size", "workers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidInput(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+        if (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) or self.gpus_per_worker < 0:
             raise InvalidInput("cpus_per_worker must be positive and gpus_per_worker not negative")
         from allmpnet.encode.precision import check_precision_name  # torch stays out of the driver's imports
         check_precision_name(self.precision)
@@ -71,9 +78,23 @@ class BulkResult:
     bad_rows: int = 0
     bad_examples: list[tuple[str, str]] = field(default_factory=list)
     truncated: int = 0
-    seconds: float = 0.0
-    # "host:pid" -> rows, seconds (wall), cpu_seconds (all its threads), peak_rss_mb
+    seconds: float = 0.0  # the whole call
+    # of which importing and starting (or joining) Ray, and stopping an instance started for the call: Ray's own
+    # costs, reported apart from the job's
+    ray_start_seconds: float = 0.0
+    ray_stop_seconds: float = 0.0
+    shard_rows: int = 0  # rows per shard, as given or chosen
+    layout: str = ""  # workers x CPUs (threads) per worker, and how they were chosen
+    # "host:pid" -> threads, startup_seconds (model load and precision plan), rows, seconds (wall, its shards),
+    # cpu_seconds (all its threads), peak_rss_mb, and seconds per phase of its shards (read, tokenize, encode,
+    # write)
     workers: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def job_seconds(self) -> float:
+        """The job's own time: the call less Ray's start-up and shutdown (actors starting and loading the model
+        are the job's)."""
+        return self.seconds - self.ray_start_seconds - self.ray_stop_seconds
 
 
 class BadRowsError(AllmpnetError, ValueError):
@@ -97,11 +118,12 @@ def embed_corpus(inputs: str | list[str], out_dir: str, config: BulkConfig | Non
     started = time.perf_counter()
     files = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs])
     shards = plan_shards(files, config.shard_rows, config.id_field, config.text_field, tuple(config.keep))
+    shard_rows = config.shard_rows or auto_shard_rows(sum(s.rows for s in shards))
     out = OutputDir(str(out_dir))
-    job = _job_record(files, shards, config)
+    job = _job_record(files, shards, config, shard_rows)
     _claim(out, job, overwrite)
 
-    result = BulkResult(out_dir=str(out_dir), shards=len(shards))
+    result = BulkResult(out_dir=str(out_dir), shards=len(shards), shard_rows=shard_rows)
     with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL
         done = dict(zip([s.name for s in shards], pool.map(out.finished, [s.name for s in shards])))
     pending = [s for s in shards if done[s.name] is None]
@@ -118,16 +140,17 @@ def embed_corpus(inputs: str | list[str], out_dir: str, config: BulkConfig | Non
     return result
 
 
-def _job_record(files, shards: list[ShardSpec], config: BulkConfig) -> dict:
-    """What the output depends on; a re-run into the same directory must match it."""
+def _job_record(files, shards: list[ShardSpec], config: BulkConfig, shard_rows: int) -> dict:
+    """What the output depends on; a re-run into the same directory must match it (the shard size as used, so
+    that the default and the same size given explicitly are the same job)."""
     from allmpnet.weights import resolve
     model_dir = resolve(config.model)
     weights = model_dir / "model.safetensors"
     return {"inputs": [asdict(f) for f in files],
             "model": {"name": config.model, "directory": str(model_dir),
                       "weights_bytes": weights.stat().st_size if weights.is_file() else None},
-            "settings": {k: getattr(config, k) for k in ("id_field", "text_field", "shard_rows", "precision",
-                                                         "max_seq_length")} | {"keep": list(config.keep)},
+            "settings": {k: getattr(config, k) for k in ("id_field", "text_field", "precision", "max_seq_length")}
+            | {"shard_rows": shard_rows, "keep": list(config.keep)},
             "shards": [s.name for s in shards]}
 
 
@@ -152,11 +175,16 @@ def _absorb(result: BulkResult, entry: dict) -> None:
     result.bad_examples += [tuple(b) for b in entry["bad"][: max(0, 20 - len(result.bad_examples))]]
     result.truncated += entry["truncated"]
     worker = result.workers.setdefault(entry["worker"], {"rows": 0, "seconds": 0.0, "cpu_seconds": 0.0,
-                                                         "peak_rss_mb": 0.0})
+                                                         "peak_rss_mb": 0.0, "phases": dict.fromkeys(PHASES, 0.0)})
     worker["rows"] += entry["rows"]
     worker["seconds"] += entry["seconds"]
     worker["cpu_seconds"] += entry.get("cpu_seconds", 0.0)
     worker["peak_rss_mb"] = max(worker["peak_rss_mb"], entry["peak_rss_mb"])
+    for key in ("threads", "startup_seconds"):  # absent from entries written before these were recorded
+        if key in entry:
+            worker[key] = entry[key]
+    for phase, seconds in entry.get("phases", {}).items():
+        worker["phases"][phase] = worker["phases"].get(phase, 0.0) + seconds
 
 
 def _bad_rows_error(result: BulkResult) -> BadRowsError:
@@ -168,44 +196,62 @@ def _bad_rows_error(result: BulkResult) -> BadRowsError:
 
 def _run_on_ray(pending: list[ShardSpec], out: OutputDir, config: BulkConfig, address: str | None,
                 progress: bool, result: BulkResult) -> None:
+    connecting = time.perf_counter()
     try:
-        import ray
+        import ray  # noqa: F401
         import ray.data
     except ImportError as e:
         raise ImportError("embed_corpus needs Ray: pip install 'allmpnet[ray]'") from e
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 logging_level="WARNING", configure_logging=True)
-    try:
-        _check_resources(ray.cluster_resources(), config, strict=owns_ray)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # ours below counts rows, not blocks
-        context.print_on_execution_start = False
-        from ray.util.debug import log_once
-        log_once("ray_data_progress_manager_disabled")  # uses up Ray's one-time "progress bars disabled" notice
-        items = [{"spec": json.dumps(s.to_dict())} for s in pending]  # one block each: shards spread over actors
-        actors = ray.data.ActorPoolStrategy(size=min(config.workers, len(pending)))
-        results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardWorker, fn_constructor_kwargs={"config": asdict(config), "out_uri": out.uri}, batch_size=1,
-            batch_format="numpy", compute=actors, num_cpus=config.cpus_per_worker,
-            num_gpus=config.gpus_per_worker or None)
-        total = sum(s.rows for s in pending)
-        rows = iter(results.iter_rows())  # a generator: closing it stops the pipeline early
-        with tqdm(total=total, desc="embedding", unit="row", disable=not progress) as bar, closing(rows):
-            for row in _reraise_ray_errors(rows):
-                entry = json.loads(row["report"])
-                if entry.get("error"):
-                    raise BulkJobError(f"worker {entry['worker']} failed on {entry['shard']}: {entry['error']}")
-                _absorb(result, entry)
-                if entry.get("refused"):  # bad rows under on_bad="fail": nothing was written
-                    raise _bad_rows_error(result)
-                result.written += 1
-                bar.update(entry["rows"] + len(entry["bad"]))
-                bar.set_postfix(shards=f"{result.written + result.skipped}/{result.shards}", bad=result.bad_rows)
-    finally:
-        if owns_ray:
-            ray.shutdown()
+    from allmpnet.bulk.cluster import ray_session
+    with ray_session(address) as owns_ray:
+        result.ray_start_seconds = time.perf_counter() - connecting
+        try:
+            # a local instance of our own will not grow; a cluster joined by address may scale up to the pool
+            local = owns_ray and not (address or os.environ.get("RAY_ADDRESS"))
+            _embed_pending(ray, pending, out, config, progress, result, strict=local)
+        finally:
+            stopping = time.perf_counter()
+    result.ray_stop_seconds = time.perf_counter() - stopping
+
+
+def _embed_pending(ray, pending: list[ShardSpec], out: OutputDir, config: BulkConfig, progress: bool,
+                   result: BulkResult, strict: bool) -> None:
+    """The actor pool over the pending shards, on the Ray this process is connected to (strict: a local instance
+    of our own, which will not grow to hold a pool it cannot hold now)."""
+    from allmpnet.bulk.cluster import cluster_nodes, plan_layout
+    # sized by the CPUs and GPUs not already reserved (by Serve replicas on the same cluster, say)
+    layout = plan_layout(*cluster_nodes(free=True), workers=config.workers, cpus_per_worker=config.cpus_per_worker,
+                         gpus_per_worker=config.gpus_per_worker)
+    result.layout = layout.describe()
+    _check_resources(ray.cluster_resources(), layout, strict=strict)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours below counts rows, not blocks
+    context.print_on_execution_start = False
+    from ray.util.debug import log_once
+    log_once("ray_data_progress_manager_disabled")  # uses up Ray's one-time "progress bars disabled" notice
+    items = [{"spec": json.dumps(s.to_dict())} for s in pending]  # one block each: shards spread over actors
+    # one shard in flight per actor: a shard is handed to whichever actor is free, so the last ones do not
+    # queue behind a busy actor while another idles (Ray Data's default of several in flight did that)
+    actors = ray.data.ActorPoolStrategy(size=min(layout.workers, len(pending)), max_tasks_in_flight_per_actor=1)
+    worker_config = asdict(config) | {"workers": layout.workers, "cpus_per_worker": layout.cpus_per_worker}
+    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardWorker, fn_constructor_kwargs={"config": worker_config, "out_uri": out.uri,
+                                            "threads": layout.threads},
+        batch_size=1, batch_format="numpy", compute=actors, num_cpus=layout.cpus_per_worker,
+        num_gpus=layout.gpus_per_worker or None)
+    total = sum(s.rows for s in pending)
+    rows = iter(results.iter_rows())  # a generator: closing it stops the pipeline early
+    with tqdm(total=total, desc="embedding", unit="row", disable=not progress) as bar, closing(rows):
+        for row in _reraise_ray_errors(rows):
+            entry = json.loads(row["report"])
+            if entry.get("error"):
+                raise BulkJobError(f"worker {entry['worker']} failed on {entry['shard']}: {entry['error']}")
+            _absorb(result, entry)
+            if entry.get("refused"):  # bad rows under on_bad="fail": nothing was written
+                raise _bad_rows_error(result)
+            result.written += 1
+            bar.update(entry["rows"] + len(entry["bad"]))
+            bar.set_postfix(shards=f"{result.written + result.skipped}/{result.shards}", bad=result.bad_rows)
 
 
 def _reraise_ray_errors(rows):
@@ -218,13 +264,13 @@ def _reraise_ray_errors(rows):
         raise BulkJobError(f"the Ray job failed: {causes[-1] if causes else str(e).splitlines()[0]}") from e
 
 
-def _check_resources(available: dict, config: BulkConfig, strict: bool) -> None:
+def _check_resources(available: dict, layout, strict: bool) -> None:
     """A pool the cluster cannot hold would wait forever; say so instead (a cluster may still scale up)."""
-    need = {"CPU": config.workers * config.cpus_per_worker, "GPU": config.workers * config.gpus_per_worker}
+    need = {"CPU": layout.workers * layout.cpus_per_worker, "GPU": layout.workers * layout.gpus_per_worker}
     short = [f"{need[k]:g} {k}s (the cluster has {available.get(k, 0):g})" for k in need
              if need[k] > available.get(k, 0)]
     if short:
-        message = (f"{config.workers} workers need {' and '.join(short)}; lower workers or the per-worker "
+        message = (f"{layout.workers} workers need {' and '.join(short)}; lower workers or the per-worker "
                    "resources")
         if strict:
             raise InvalidInput(message)
@@ -232,20 +278,29 @@ def _check_resources(available: dict, config: BulkConfig, strict: bool) -> None:
 
 
 class ShardWorker:
-    """A Ray Data actor: one Encoder, then one shard per call."""
+    """A Ray Data actor: one Encoder, ready before the first shard, then one shard per call."""
 
-    def __init__(self, config: dict, out_uri: str):
+    def __init__(self, config: dict, out_uri: str, threads: int):
+        started = time.perf_counter()
         import torch
 
         from allmpnet.encode import Encoder
         self.config = BulkConfig(**config)
         self.config.keep = tuple(self.config.keep)
-        torch.set_num_threads(max(1, int(self.config.cpus_per_worker)))
+        # Ray set OMP_NUM_THREADS to the actor's CPU reservation, and torch took it; our kernels run as many
+        # OpenMP threads as torch has, so this is the one number that decides the cores a forward pass uses
+        torch.set_num_threads(threads)
         device = "cuda" if self.config.gpus_per_worker > 0 else "cpu"
         self.encoder = Encoder(self.config.model, device=device, precision=self.config.precision,
                                max_seq_length=self.config.max_seq_length)
+        # the precision plan (auto's calibration and quality guard, the int8 copy) is built now, once per actor,
+        # rather than inside the first shard's time
+        self.encoder.encode_ids(self.encoder.tokenize(["ready"]).ids)
         self.out = OutputDir(out_uri)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.threads = torch.get_num_threads()
+        self.last_done = time.perf_counter()
+        self.startup_seconds = self.last_done - started
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -260,21 +315,33 @@ class ShardWorker:
 
     def run(self, spec: ShardSpec) -> dict:
         started, cpu_started = time.perf_counter(), time.process_time()
+        waiting, self.last_done = started - self.last_done, started
         cfg = self.config
         rows = read_shard(spec, cfg.id_field, cfg.text_field, cfg.keep)
-        entry = {"source": spec.uri, "rows": len(rows.ids), "bad": rows.bad, "truncated": 0, "worker": self.name}
+        phases = {"read": time.perf_counter() - started}
+        entry = {"source": spec.uri, "rows": len(rows.ids), "bad": rows.bad, "truncated": 0, "worker": self.name,
+                 "threads": self.threads, "startup_seconds": self.startup_seconds}
         if rows.bad and cfg.on_bad == "fail":
             return entry | {"shard": spec.name, "refused": True, "seconds": time.perf_counter() - started,
-                            "cpu_seconds": time.process_time() - cpu_started, "peak_rss_mb": peak_rss_mb()}
+                            "cpu_seconds": time.process_time() - cpu_started, "peak_rss_mb": peak_rss_mb(),
+                            "phases": phases}
         table = None
         if rows.ids:
+            mark = time.perf_counter()
             tokenized = self.encoder.tokenize(rows.texts)
             entry["truncated"] = sum(tokenized.truncated)  # summed and reported by the driver
+            phases["tokenize"] = time.perf_counter() - mark
+            mark = time.perf_counter()
             vectors = self.encoder.encode_ids(tokenized.ids, batch_size=cfg.batch_size).numpy()
+            phases["encode"] = time.perf_counter() - mark
             table = shard_table(rows.ids, vectors, rows.meta)
+        mark = time.perf_counter()
         entry |= {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
-                  "peak_rss_mb": peak_rss_mb()}
-        return self.out.commit_shard(spec.name, table, entry)
+                  "peak_rss_mb": peak_rss_mb(), "phases": dict(phases)}
+        entry = self.out.commit_shard(spec.name, table, entry)
+        self.last_done = time.perf_counter()
+        write = self.last_done - mark  # known only once written: in the report, not in the manifest
+        return entry | {"seconds": entry["seconds"] + write, "phases": {"waiting": waiting} | phases | {"write": write}}
 
 
 def peak_rss_mb() -> float:

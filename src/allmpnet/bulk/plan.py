@@ -17,6 +17,7 @@ from allmpnet.errors import InvalidInput
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 SCAN_CHUNK = 16 << 20
+AUTO_SHARDS, AUTO_GRAIN, AUTO_MAX_ROWS = 64, 1_000, 10_000  # the default shard size: auto_shard_rows
 NEWLINE, QUOTE = 10, 34
 
 
@@ -99,18 +100,43 @@ def _format(path: str, strict: bool = True) -> str | None:
     return None
 
 
-def plan_shards(files: list[InputFile], shard_rows: int, id_field: str, text_field: str,
+def auto_shard_rows(total_rows: int) -> int:
+    """The default shard size: about AUTO_SHARDS shards, in whole AUTO_GRAIN rows, from AUTO_GRAIN to
+    AUTO_MAX_ROWS. Shards are the unit handed to workers, so a corpus cut into only a few of them leaves
+    workers idle at the end (16,000 rows in shards of 10,000: one worker had 10,000 rows, the other 6,000);
+    it depends on the inputs alone, so a re-run cuts the same shards whatever the cluster."""
+    per_shard = -(-total_rows // AUTO_SHARDS)
+    return min(AUTO_MAX_ROWS, max(AUTO_GRAIN, -(-per_shard // AUTO_GRAIN) * AUTO_GRAIN))
+
+
+def plan_shards(files: list[InputFile], shard_rows: int | None, id_field: str, text_field: str,
                 keep: tuple[str, ...] = ()) -> list[ShardSpec]:
-    """Every file cut into runs of shard_rows records; columns the job needs are checked here, once per file."""
-    if shard_rows < 1:
+    """Every file cut into runs of shard_rows records (None: auto_shard_rows of the whole input); columns the
+    job needs are checked here, once per file."""
+    if shard_rows is not None and shard_rows < 1:
         raise InvalidInput(f"shard_rows must be at least 1, got {shard_rows}")
-    shards: list[ShardSpec] = []
+    # the default size depends on the total, known only after the one pass over the inputs: that pass cuts at
+    # every AUTO_GRAIN rows, and the cuts are then merged into shards of the size chosen
+    step = shard_rows or AUTO_GRAIN
+    per_file = []
     for index, f in enumerate(files):
         if f.format == "parquet":
-            shards += _plan_parquet(index, f, shard_rows, id_field, text_field, keep)
+            per_file.append(_plan_parquet(index, f, step, id_field, text_field, keep))
         else:
-            shards += _plan_text(index, f, shard_rows, id_field, text_field, keep)
-    return shards
+            per_file.append(_plan_text(index, f, step, id_field, text_field, keep))
+    if shard_rows is None:
+        group = auto_shard_rows(sum(s.rows for specs in per_file for s in specs)) // AUTO_GRAIN
+        per_file = [[_merged(index, specs[k:k + group]) for k in range(0, len(specs), group)]
+                    for index, specs in enumerate(per_file)]
+    return [s for specs in per_file for s in specs]
+
+
+def _merged(index: int, run: list[ShardSpec]) -> ShardSpec:
+    """One shard covering consecutive shards of one file."""
+    first, last = run[0], run[-1]
+    return ShardSpec(shard_name(index, first.row_start, last.row_stop), first.uri, first.format, first.row_start,
+                     last.row_stop, byte_start=first.byte_start, byte_stop=last.byte_stop,
+                     first_line=first.first_line, header=first.header)
 
 
 def shard_name(file_index: int, row_start: int, row_stop: int) -> str:

@@ -19,8 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                             "filesystem pyarrow opens, e.g. s3://bucket/dir)")
     p.add_argument("--out", "-o", required=True, help="output directory (local or s3://…)")
     p.add_argument("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start one here")
-    p.add_argument("--workers", type=int, default=2, help="actors, each holding one model (default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="actors, each holding one model (default: enough to use every core, see --cpus-per-worker)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs each actor reserves, also its torch threads (default: the smallest node's free "
+                        "cores, at most 8; with --workers, the free cores shared among them)")
     p.add_argument("--gpus-per-worker", type=float, default=0, help="> 0 runs each model on a GPU")
     p.add_argument("--on-bad", choices=["fail", "skip"], default="fail",
                    help="a bad row (no id, no text, not a string, unreadable) stops the job, or is skipped and "
@@ -29,8 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text")
     p.add_argument("--keep", action="append", default=[], metavar="COLUMN",
                    help="copy this input column next to each embedding (repeatable)")
-    p.add_argument("--shard-rows", type=int, default=10_000, help="rows per output shard (default 10000)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-rows", type=int, default=None,
+                   help="rows per output shard (default: about 64 shards of 1,000 to 10,000 rows)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="texts per forward pass (default: the token budget decides, as in Encoder.encode)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out made with different inputs or settings")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name, hub id or directory")
@@ -54,8 +59,10 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
     except (BulkJobError, ImportError) as e:
         print(f"allmpnet embed-corpus: error: {e}", file=sys.stderr)
         return 1
+    ray_start = f" after {result.ray_start_seconds:.1f}s starting Ray" if result.ray_start_seconds else ""
     print(f"{result.rows} rows embedded into {result.shards} shard(s) in {args.out} "
-          f"({result.written} written now, {result.skipped} already done) in {result.seconds:.1f}s")
+          f"({result.written} written now, {result.skipped} already done) in {result.job_seconds:.1f}s{ray_start}"
+          + (f"; {result.layout}" if result.layout else ""))
     if result.bad_rows:
         where, why = result.bad_examples[0]
         print(f"skipped {result.bad_rows} bad row(s) (first: {where}: {why}); all are listed in "

@@ -72,7 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option("--max-search-k", type=int, default=d.max_search_k, help="largest k of /search (default %(default)s)")
     option("--max-search-hits", type=int, default=d.max_search_hits,
            help="queries x k per /search request (more: 413; default %(default)s)")
-    option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    option("--threads", type=int, default=None,
+           help="torch CPU threads (default: torch's choice; with --replicas, each replica's CPU reservation)")
+    option("--replicas", type=int, default=None,
+           help="serve from this many Ray Serve replicas, each with its own model, behind Serve's proxy on "
+                "--host:--port (needs allmpnet[ray]; see docs/cluster.md; default: one process, no Ray)")
+    option("--address", default=None,
+           help="with --replicas: the Ray cluster to run them on (auto, ray://head:10001, host:6379; default "
+                "$RAY_ADDRESS, else a Ray instance started here)")
     option("--calibration", default=None,
            help="ranges for embedding_type int8/uint8: a .npy of (2, dim) ranges (`allmpnet encode "
                 "--quantize int8` saves one) or of embeddings to take them from (default: each request's "
@@ -97,6 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from allmpnet.serve.protocol import uvicorn_options
 
     config = serve_config(args)
+    if args.replicas is not None:
+        return serve_replicas(args, config)
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
@@ -112,6 +121,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
           f"{', index ' + str(args.index) if index is not None else ''}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
                 **uvicorn_options(config))
+
+
+def serve_replicas(args: argparse.Namespace, config: ServeConfig) -> None:
+    """The same app in --replicas Ray Serve replicas (serve/ray_serve.py); serves until Ctrl-C."""
+    from allmpnet.errors import InvalidInput
+    from allmpnet.settings import precision_or_default
+    if args.replicas < 1:
+        raise InvalidInput(f"--replicas must be at least 1, got {args.replicas}")
+    try:
+        from allmpnet.serve import ray_serve
+    except ImportError as e:
+        raise InvalidInput(f"--replicas needs Ray Serve: pip install 'allmpnet[ray]' ({e})") from None
+    check_can_listen(args.host, args.port)
+    # the precision is settled here, so that replicas on other machines run the one this command asked for
+    settings = ray_serve.ReplicaSettings(model=args.model, device=args.device,
+                                         precision=precision_or_default(args.precision),
+                                         index=str(args.index) if args.index is not None else None,
+                                         threads=args.threads, config=config)
+    gpus = 1.0 if (args.device or "").startswith("cuda") else 0.0
+
+    def ready() -> None:
+        if config.api_key is None and not is_loopback(args.host):
+            print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it "
+                  "(set --api-key or $ALLMPNET_API_KEY)", file=sys.stderr)
+        print(f"serving {config.model_name} from {args.replicas} Ray Serve replica(s) on "
+              f"http://{args.host}:{args.port} — {'API key required' if config.api_key else 'no API key'}; "
+              "Ctrl-C stops them", file=sys.stderr, flush=True)
+    ray_serve.run(settings, args.replicas, host=args.host, port=args.port, address=args.address,
+                  cpus_per_replica=args.threads, gpus_per_replica=gpus, ready=ready)
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:

@@ -224,6 +224,23 @@ def _embed_pending(ray, pending: list[ShardSpec], out: OutputDir, config: BulkCo
                          gpus_per_worker=config.gpus_per_worker)
     result.layout = layout.describe()
     _check_resources(ray.cluster_resources(), layout, strict=strict)
+    free_before = ray.available_resources().get("CPU", 0.0)
+    try:
+        _run_pool(ray, pending, out, config, progress, result, layout)
+    finally:
+        _wait_for_release(ray, free_before)
+
+
+def _wait_for_release(ray, cpus: float, timeout: float = 5.0) -> None:
+    """Ray Data tears the actor pool down after the job, asynchronously: wait (bounded) until the CPUs it held are
+    free again, so that a job started next on the same cluster is sized by the cores, not by what this one held."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _run_pool(ray, pending: list[ShardSpec], out: OutputDir, config: BulkConfig, progress: bool,
+              result: BulkResult, layout) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours below counts rows, not blocks
     context.print_on_execution_start = False

@@ -39,14 +39,7 @@ def write_layout(model: SentenceModel, tokenizer_dir: Path, out: Path, max_seq_l
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.network.cfg
     write_json(out / "config.json", cfg.to_hf_dict())
-    model.pooling.save(out / "1_Pooling")
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if model.normalize:
-        (out / "2_Normalize").mkdir(exist_ok=True)
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-    write_json(out / "modules.json", modules)
+    model.write_modules(out)
     write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
     write_json(out / "config_sentence_transformers.json",
                {"__version__": {"allmpnet": "0.1.0"}, "prompts": {}, "default_prompt_name": None,

@@ -62,6 +62,17 @@ class SentenceModel(nn.Module):
         return cls(network, pooling, "Normalize" in modules, configured_max_seq_length(model_dir),
                    source=model_dir).eval()
 
+    def write_modules(self, out: Path) -> None:
+        """modules.json and the Pooling (and Normalize) folders, as sentence-transformers writes them."""
+        self.pooling.save(out / "1_Pooling")
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.normalize:
+            (out / "2_Normalize").mkdir(exist_ok=True)
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        write_json(out / "modules.json", modules)
+
     def save(self, out_dir: str | Path, max_seq_length: int | None = None) -> Path:
         """Write the sentence-transformers layout (both libraries load it with the same vectors); max_seq_length
         overrides the limit it lists (training truncates shorter than the model is used)."""
@@ -71,14 +82,7 @@ class SentenceModel(nn.Module):
             for name in TOKENIZER_FILES + ("README.md",):
                 if (self.source / name).is_file():
                     shutil.copyfile(self.source / name, out / name)
-        self.pooling.save(out / "1_Pooling")
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-        if self.normalize:
-            (out / "2_Normalize").mkdir(exist_ok=True)
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
-        write_json(out / "modules.json", modules)
+        self.write_modules(out)
         limit = max_seq_length or self.max_seq_length or self.max_positions
         write_json(out / "sentence_bert_config.json", {"max_seq_length": limit, "do_lower_case": False})
         write_json(out / "config_sentence_transformers.json",

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
 from allmpnet.testing import build_random_model
 from allmpnet.weights import STAMP, published_dir
@@ -90,3 +91,12 @@ def kill_9_while_writing(cli: list[str], root: Path) -> None:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir) -> Tokenizer:
+    """The tiny model's tokenizer.json through the `tokenizers` library itself, untruncated: the reference ids."""
+    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer

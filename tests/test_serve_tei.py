@@ -37,15 +37,6 @@ def enc(tiny_model_dir) -> Encoder:
     return Encoder(tiny_model_dir, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir) -> Tokenizer:
-    """The model's tokenizer.json through the `tokenizers` library itself, untruncated, as the reference."""
-    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
-
-
 @pytest.fixture(autouse=True)
 def hub_reaches_loopback(monkeypatch):
     # with HF_HUB_OFFLINE set, huggingface_hub refuses every request, even to a server on this machine

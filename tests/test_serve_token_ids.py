@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from tokenizers import Tokenizer
 
 from allmpnet import Encoder, TruncationWarning
 from allmpnet.serve import ServeConfig, create_app
@@ -31,15 +30,6 @@ TIKTOKEN_HELLO_WORLD = [9906, 1917]
 @pytest.fixture(scope="module")
 def enc(tiny_model_dir) -> Encoder:
     return Encoder(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir) -> Tokenizer:
-    """The model's tokenizer.json through the `tokenizers` library itself, untruncated, as the reference."""
-    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

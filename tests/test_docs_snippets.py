@@ -132,6 +132,9 @@ def read_snippets(path: Path) -> list[Snippet]:
 SNIPPETS = [s for path in DOC_FILES for s in read_snippets(path)]
 
 
+SERVER_URL = re.compile(r"(127\.0\.0\.1|localhost):8000\b")
+
+
 def marker_problems(snippet: Snippet) -> list[str]:
     problems = [f"unknown directive {k!r}" for k, _ in snippet.directives if k not in DIRECTIVES]
     if any(snippet.has(key) for key in ("skip", "sub", "omit", "tiny-model")) and not snippet.reason:
@@ -142,6 +145,8 @@ def marker_problems(snippet: Snippet) -> list[str]:
     for text in snippet.values("omit"):
         if text not in snippet.code or snippet.language == "python":
             problems.append(f"omit {text!r}: no shell line of the block holds it")
+    if SERVER_URL.search(snippet.code) and not (snippet.has("needs-server") or snippet.has("skip")):
+        problems.append("talks to a server on port 8000 but has no needs-server marker (nothing would be listening)")
     return problems
 
 
@@ -249,7 +254,7 @@ def prepared_code(snippet: Snippet, env: dict[str, str], port: int | None) -> st
         old, new = value.split(" => ", 1)
         code = code.replace(old, new.replace("$TINY_MODEL", env["TINY_MODEL"]))
     if port is not None:
-        code = re.sub(r"(127\.0\.0\.1|localhost):8000\b", rf"\g<1>:{port}", code)
+        code = SERVER_URL.sub(rf"\g<1>:{port}", code)
     if snippet.language == "console":
         code = "\n".join(line[2:] for line in code.splitlines() if line.startswith("$ ")) + "\n"
     if snippet.language != "python" and snippet.values("omit"):

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ALLMPNET := $(VENV)/bin/allmpnet
 
-.PHONY: setup weights demo test clean
+.PHONY: setup weights demo test peers clean
 
 setup: $(VENV)/.installed
 
@@ -15,14 +15,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# sentence-transformers' ONNX backend and fastembed, which load our ONNX export in the tests: their own venv, as
+# their pins (transformers < 4.58, huggingface-hub < 2) cannot install beside the main one's
+PEERS_ONNX := .venv-peers-onnx
+peers: $(PEERS_ONNX)/.installed
+
+$(PEERS_ONNX)/.installed: benchmarks/peers/onnx.txt
+	$(PYTHON) -m venv $(PEERS_ONNX)
+	$(PEERS_ONNX)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS_ONNX)/bin/python -m pip install -q -r benchmarks/peers/onnx.txt
+	touch $@
+
 weights: setup
 	$(ALLMPNET) download
 
 demo: weights
 	$(ALLMPNET) demo --corpus examples/demo_corpus.txt
 
-test: weights
+test: weights peers
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PEERS_ONNX)

@@ -22,7 +22,7 @@ TEXTS = ["hello world", "the cat is on the moon", "", "   ", "a dog and a car", 
 ROOT = Path(__file__).resolve().parents[1]
 # sentence-transformers' ONNX backend needs Optimum, and fastembed an older huggingface-hub, neither of which
 # installs beside the main venv's transformers 5 (optimum-onnx 0.1 pins transformers < 4.58, fastembed 0.9
-# huggingface-hub < 2): they run in the benchmarks' peer venv (`benchmarks/encode_speed.py --setup-peers`)
+# huggingface-hub < 2): they run in a venv of their own, which `make test` builds (`make peers`)
 PEERS_ONNX = Path(os.environ.get("ALLMPNET_PEERS_ONNX", ROOT / ".venv-peers-onnx"))
 
 # what a user of each tool pastes (docs/speed.md's ONNX section): vectors of texts.json into out.npz
@@ -68,7 +68,7 @@ def peer_vectors(folder: Path, texts: list[str], tmp_path: Path) -> dict[str, np
     python = PEERS_ONNX / "bin" / "python"
     if not python.is_file():
         pytest.skip(f"{PEERS_ONNX} missing (sentence-transformers[onnx] and fastembed: "
-                    f"`python benchmarks/encode_speed.py --setup-peers`, or set ALLMPNET_PEERS_ONNX)")
+                    f"`make peers`, or set ALLMPNET_PEERS_ONNX)")
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

@@ -15,6 +15,7 @@ This file imports only numpy, torch and the path's own library, so it runs in ev
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -200,8 +201,15 @@ def load_path(name: str, model_dir: str, max_len: int) -> Runner:
 
 
 def allmpnet_onnx_export(model_dir: str) -> Path:
-    """Our export folder (fp32 and int8 graphs) of these weights, made once (staged, renamed when whole)."""
-    target = exports_dir(model_dir) / "allmpnet-onnx"
+    """Our export folder (fp32 and int8 graphs) of these weights, made once per version of the code that writes
+    it (the model and the exporters: a changed recipe makes a new folder, never a stale graph) and staged, renamed
+    when whole."""
+    import allmpnet
+    package = Path(allmpnet.__file__).parent
+    code = hashlib.sha256()
+    for source in sorted([*package.glob("export/*.py"), *package.glob("model/*.py")]):
+        code.update(source.read_bytes())
+    target = exports_dir(model_dir) / f"allmpnet-onnx-{code.hexdigest()[:12]}"
     if not (target / "onnx" / "model_int8.onnx").is_file():
         from allmpnet import Encoder
         from allmpnet.export.int8 import export_int8

@@ -66,11 +66,44 @@ def test_sentence_transformers_onnx_backend_and_fastembed_match_fp32(real_export
     np.testing.assert_allclose(peers["fastembed"], fp32_vectors, atol=1e-5)
 
 
+# the STSBenchmark sentences where earlier int8 graphs fell below 0.99 (one scale per weight row under alpha 0.8
+# smoothing: 0.9893 on the first; <s> and </s> alone given the residual pass: 0.9873 on the second)
+INT8_HARD = ["Afghan police kill 5 Taliban fighters",
+             "According to SunnComm's Peter Jacobs, \"MediaMax performs exactly as 'advertised' to the companies who "
+             "purchased it.", "To give this an answer:", "It depends on what you want to be able to do.",
+             "The best thing you can do is to know your stuff.", "What the Papers Say, Aug. 19, 2013"]
+
+
 def test_the_int8_graph_keeps_min_cosine_099(real_export, shared_data):
     from allmpnet.export.onnx import OnnxEncoder, compare
     lines = (shared_data / "STSBenchmark" / "sts.tsv").read_text(encoding="utf-8").splitlines()[1:201]
     sentences = [part for line in lines for part in line.split("\t")[:2]]  # 400 sentences
-    texts = sentences + TEXTS
+    texts = INT8_HARD + sentences + TEXTS
     fp32 = OnnxEncoder(real_export).encode(texts)
     int8 = OnnxEncoder(real_export / "onnx" / "model_int8.onnx").encode(texts)
     assert compare(int8, fp32).min_cosine >= 0.99
+
+
+class _Quiet:
+    """evaluate_sts's encoder interface over an OnnxEncoder (which has no progress bar to switch off)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def encode(self, texts, batch_size=32, show_progress_bar=False):
+        return self.encoder.encode(texts, batch_size=batch_size)
+
+
+def test_the_int8_graph_keeps_stsbenchmark_within_01_of_fp32(real_export, shared_data):
+    """The whole STSBenchmark test split (1,379 pairs) through both graphs: the fp32 graph gives the card's 83.42,
+    and the int8 graph's cosine Spearman is within 0.1 of it."""
+    from allmpnet.evaluate.sts import evaluate_sts
+    from allmpnet.export.onnx import OnnxEncoder
+    rows = [line.split("\t") for line in
+            (shared_data / "STSBenchmark" / "sts.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    first, second, gold = [r[0] for r in rows], [r[1] for r in rows], [float(r[2]) for r in rows]
+    assert len(gold) == 1379
+    scores = {name: evaluate_sts(_Quiet(OnnxEncoder(real_export / "onnx" / name)), first, second,
+                                 gold)["cos_sim_spearman"] for name in ("model.onnx", "model_int8.onnx")}
+    assert abs(scores["model.onnx"] - 83.42) < 0.01, scores
+    assert abs(scores["model_int8.onnx"] - scores["model.onnx"]) <= 0.1, scores

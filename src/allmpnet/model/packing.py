@@ -123,6 +123,10 @@ class PaddedAttention:
     def __init__(self, index: torch.Tensor, mask: torch.Tensor):
         self.index = index  # (N,) flat position in the padded (B, T) batch of each real token
         self.mask = mask  # (B, T) 1 at real tokens
+        # (B * T,) the packed row each padded position reads: its token's, or row 0 at padding (finite, masked).
+        # Gathering rows rather than scattering them (index_copy) keeps the ONNX export's ScatterElements, whose
+        # per-element indices cost ONNX Runtime ~20% of a batch, out of the graph
+        self.gather = (mask.reshape(-1).cumsum(0) - 1).clamp(min=0)
 
     def bind(self, position_bias: PositionBias, dtype: torch.dtype) -> BoundAttention:
         B, T = self.mask.shape
@@ -134,7 +138,7 @@ class PaddedAttention:
 
         def attend(qkv: torch.Tensor, n_head: int, dropout_p: float) -> torch.Tensor:
             N, C = self.index.shape[0], qkv.shape[1] // 3
-            padded = qkv.new_zeros(B * T, 3 * C).index_copy(0, self.index, qkv[:N])
+            padded = qkv.index_select(0, self.gather)
             q, k, v = padded.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, H, T, D)
             real = y.transpose(1, 2).reshape(B * T, C).index_select(0, self.index)  # (N, C)
@@ -213,7 +217,12 @@ class PackedBatch:
     def unpack(self, tokens: torch.Tensor, width: int | None = None, fill: float = 0.0) -> torch.Tensor:
         """(N', C) token vectors -> right-padded (B, T, C), `fill` at padding."""
         T = width if width is not None else int(self.lengths.max())
-        N = self.lengths.sum()
-        out = tokens.new_full((self.size * T, tokens.shape[1]), fill)
-        out = out.index_copy(0, self.segments[:N] * T + self.positions[:N], tokens[:N])
-        return out.view(self.size, T, -1)
+        if tokens.shape[0] == 0:
+            return tokens.new_full((self.size, T, tokens.shape[1]), fill)
+        # gathered rather than scattered (index_copy), as PaddedAttention, for the ONNX export's sake
+        steps = torch.arange(T, device=tokens.device)
+        valid = steps[None, :] < self.lengths[:, None]  # (B, T)
+        starts = self.lengths.cumsum(0) - self.lengths
+        rows = (starts[:, None] + steps[None, :]).masked_fill(~valid, 0)
+        out = tokens.index_select(0, rows.reshape(-1)).view(self.size, T, -1)
+        return out.masked_fill(~valid[:, :, None], fill)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -335,6 +336,39 @@ def test_killed_run_resumes_without_recomputing(ray_cluster, tiny_model_dir, tmp
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     ids, _, _ = read_embeddings(str(tmp_path / "out"))
     assert ids == [f"doc-{i}" for i in range(3000)]
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+
+
+def test_an_actor_killed_mid_job_is_restarted_and_every_row_is_written_once(ray_cluster, tiny_model_dir, tmp_path):
+    """SIGKILL the one actor as soon as it has written a shard: Ray starts it again, the shard it held is run
+    again, and the output is the uninterrupted job's, row for row."""
+    texts = sentences(2000, seed=4)
+    path = write_jsonl(tmp_path / "in.jsonl", texts)
+    manifest = tmp_path / "out" / MANIFEST
+    killed = []
+
+    def kill_the_actor() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for entry in (manifest.glob("*.json") if manifest.is_dir() else []):
+                pid = int(json.loads(entry.read_text())["worker"].rsplit(":", 1)[1])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_the_actor)
+    killer.start()
+    result = embed_corpus(str(path), str(tmp_path / "out"), BulkConfig(model=str(tiny_model_dir), shard_rows=50,
+                                                                       workers=1), progress=False)
+    killer.join()
+    assert killed, "no shard was written within 120 s"
+    assert (result.shards, result.written, result.rows) == (40, 40, 2000)
+    pids = [int(name.rsplit(":", 1)[1]) for name in result.workers]
+    assert killed[0] in pids and len(pids) == 2  # the killed process and the one Ray started in its place
+    ids, vectors, _ = read_embeddings(str(tmp_path / "out"))
+    assert ids == [f"doc-{i}" for i in range(2000)]
+    np.testing.assert_allclose(vectors, Encoder(tiny_model_dir, device="cpu").encode(texts), atol=1e-5)
     assert not list((tmp_path / "out").glob(".tmp-*"))
 
 

@@ -1,4 +1,4 @@
-"""Bulk embedding of whole corpora on Ray Data: resumable Parquet shards of (id, embedding, kept columns).
+"""Bulk embedding of whole corpora on a pool of Ray actors: resumable Parquet shards of (id, embedding, kept columns).
 
 Ray is optional (`pip install 'allmpnet[ray]'`): it is imported only when a job runs.
 """

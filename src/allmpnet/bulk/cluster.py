@@ -58,8 +58,8 @@ def plan_layout(node_cpus: list[float], node_gpus: list[float], workers: int | N
                       "given" if workers else f"one per {gpus_per_worker:g} of the cluster's GPUs")
     if cpus_per_worker is None:
         if workers is None:
-            # one size for every actor of the pool (Ray Data's pool has one resource shape): the smallest node's
-            # cores, so that every node holds at least one
+            # one size for every actor of the pool: the smallest node's cores, so that every node holds at least
+            # one
             cpu_each = float(min(min(cpus), MAX_THREADS_PER_WORKER))
             count = max(1, sum(int(c // cpu_each) for c in cpus))
             chosen = f"the cores of {len(cpus)} node(s), at most {MAX_THREADS_PER_WORKER} threads per worker"
@@ -100,8 +100,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     else started here and stopped after. Yields whether this call started (and so owns) it.
 
     A successful run prints nothing of Ray's: its start-up chatter (a token-auth notice, the core worker's note
-    that fault-tolerant actors keep their arguments in the object store, Ray Data's "execution finished") is
-    kept out of the output. Failures still reach the caller as exceptions with their cause (the bulk job turns
+    that fault-tolerant actors keep their arguments in the object store) is kept out of the output. Failures still reach the caller as exceptions with their cause (the bulk job turns
     them into one line), and Ray's own logs stay in its session directory (/tmp/ray/session_latest/logs).
     """
     import ray
@@ -118,13 +117,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
                      log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     except ConnectionError as e:
         raise InvalidInput(f"cannot reach the Ray cluster at {address!r}: {e}") from None
-    data_logger = logging.getLogger("ray.data")
-    level = data_logger.level
-    data_logger.setLevel(logging.WARNING)  # Ray Data's INFO lines ("execution finished in …") go to the console
     try:
         yield True
     finally:
-        data_logger.setLevel(level)
         ray.shutdown()
 
 
@@ -147,7 +142,7 @@ def _quiet_core_worker() -> Iterator[None]:
     """ray.init with the driver's C++ side quiet.
 
     The driver's core worker writes to stderr from the level in $RAY_BACKEND_LOG_LEVEL, read once as ray.init
-    connects; in a good run its only line is an ERROR-level notice that Ray Data's actors keep their constructor
+    connects; in a good run its only line is an ERROR-level notice that the bulk job's actors keep their constructor
     arguments in the object store while they may restart (they restart after a lost node, which is what we
     want). Unless the user set the variable it is "fatal", which the core worker announces with one more line as
     it reads it, so stderr (fd 2) is closed to the C++ side while ray.init runs. Python sees everything: a

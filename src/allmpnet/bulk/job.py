@@ -1,21 +1,24 @@
-"""`embed_corpus`: a whole corpus to Parquet shards of embeddings, on Ray Data with one model per actor.
+"""`embed_corpus`: a whole corpus to Parquet shards of embeddings, on a pool of Ray actors, one model each.
 
-The driver plans shards (plan.py), skips those already finished and verified (shards.py), and streams the
-rest through an actor pool: each actor loads one Encoder, then reads, checks, embeds and writes one shard at
-a time, returning only a small report. Nothing corpus-sized passes through the driver or the object store,
-so memory stays flat however large the corpus is.
+The driver plans shards (plan.py), skips those already finished and verified (shards.py), and hands the rest
+to the actors one at a time: each actor loads one Encoder, then reads, checks, embeds and writes the shard it
+is given and returns a small report, and the driver hands it the next. Nothing corpus-sized passes through
+the driver or the object store, so memory stays flat however large the corpus is.
+
+The pool is plain Ray actors rather than a Ray Data pipeline: the job is a queue of shard names, and Ray
+Data's executor, with the three actors of its own it starts per job (stats, autoscaling, actor locations),
+cost 2 s of start-up and slowed the encoding beside it (bulk.md, "what it costs").
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
 import socket
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
@@ -29,7 +32,7 @@ from allmpnet.weights import DEFAULT_MODEL
 
 ON_BAD = ("fail", "skip")
 # a shard's time, and "waiting": the actor's time between ready (or its previous shard) and this shard's start,
-# which is Ray Data's scheduling and the driver's pace
+# which is the driver's round trip
 PHASES = ("waiting", "read", "tokenize", "encode", "write")
 
 
@@ -198,8 +201,7 @@ def _run_on_ray(pending: list[ShardSpec], out: OutputDir, config: BulkConfig, ad
                 progress: bool, result: BulkResult) -> None:
     connecting = time.perf_counter()
     try:
-        import ray  # noqa: F401
-        import ray.data
+        import ray
     except ImportError as e:
         raise ImportError("embed_corpus needs Ray: pip install 'allmpnet[ray]'") from e
     from allmpnet.bulk.cluster import ray_session
@@ -232,7 +234,7 @@ def _embed_pending(ray, pending: list[ShardSpec], out: OutputDir, config: BulkCo
 
 
 def _wait_for_release(ray, cpus: float, timeout: float = 5.0) -> None:
-    """Ray Data tears the actor pool down after the job, asynchronously: wait (bounded) until the CPUs it held are
+    """Ray releases a killed actor's resources asynchronously: wait (bounded) until the CPUs the pool held are
     free again, so that a job started next on the same cluster is sized by the cores, not by what this one held."""
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0.0) < cpus and time.monotonic() < deadline:
@@ -241,41 +243,51 @@ def _wait_for_release(ray, cpus: float, timeout: float = 5.0) -> None:
 
 def _run_pool(ray, pending: list[ShardSpec], out: OutputDir, config: BulkConfig, progress: bool,
               result: BulkResult, layout) -> None:
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours below counts rows, not blocks
-    context.print_on_execution_start = False
-    from ray.util.debug import log_once
-    log_once("ray_data_progress_manager_disabled")  # uses up Ray's one-time "progress bars disabled" notice
-    items = [{"spec": json.dumps(s.to_dict())} for s in pending]  # one block each: shards spread over actors
-    # one shard in flight per actor: a shard is handed to whichever actor is free, so the last ones do not
-    # queue behind a busy actor while another idles (Ray Data's default of several in flight did that)
-    actors = ray.data.ActorPoolStrategy(size=min(layout.workers, len(pending)), max_tasks_in_flight_per_actor=1)
+    """Each actor is handed one shard at a time, the next as soon as it reports the last, so that the final
+    shards never queue behind a busy actor while another idles. An actor whose process or node is lost is
+    restarted by Ray (it loads the model again) and the shard it held is run again; shards are written whole
+    or not at all, so a rerun shard replaces nothing."""
+    worker = ray.remote(ShardWorker).options(num_cpus=layout.cpus_per_worker,
+                                             num_gpus=layout.gpus_per_worker or None,
+                                             max_restarts=-1, max_task_retries=-1)
     worker_config = asdict(config) | {"workers": layout.workers, "cpus_per_worker": layout.cpus_per_worker}
-    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardWorker, fn_constructor_kwargs={"config": worker_config, "out_uri": out.uri,
-                                            "threads": layout.threads},
-        batch_size=1, batch_format="numpy", compute=actors, num_cpus=layout.cpus_per_worker,
-        num_gpus=layout.gpus_per_worker or None)
-    total = sum(s.rows for s in pending)
-    rows = iter(results.iter_rows())  # a generator: closing it stops the pipeline early
-    with tqdm(total=total, desc="embedding", unit="row", disable=not progress) as bar, closing(rows):
-        for row in _reraise_ray_errors(rows):
-            entry = json.loads(row["report"])
-            if entry.get("error"):
-                raise BulkJobError(f"worker {entry['worker']} failed on {entry['shard']}: {entry['error']}")
-            _absorb(result, entry)
-            if entry.get("refused"):  # bad rows under on_bad="fail": nothing was written
-                raise _bad_rows_error(result)
-            result.written += 1
-            bar.update(entry["rows"] + len(entry["bad"]))
-            bar.set_postfix(shards=f"{result.written + result.skipped}/{result.shards}", bad=result.bad_rows)
+    actors = [worker.remote(worker_config, out.uri, layout.threads)
+              for _ in range(min(layout.workers, len(pending)))]
+    queue = deque(pending)
+    running = {}  # the shard's result ref -> the actor embedding it
+
+    def hand(actor) -> None:
+        running[actor.embed_shard.remote(queue.popleft().to_dict())] = actor
+
+    try:
+        for actor in actors:
+            hand(actor)
+        with tqdm(total=sum(s.rows for s in pending), desc="embedding", unit="row", disable=not progress) as bar:
+            while running:
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                actor = running.pop(ref)
+                entry = _shard_report(ray, ref)
+                if entry.get("error"):
+                    raise BulkJobError(f"worker {entry['worker']} failed on {entry['shard']}: {entry['error']}")
+                _absorb(result, entry)
+                if entry.get("refused"):  # bad rows under on_bad="fail": nothing was written
+                    raise _bad_rows_error(result)
+                result.written += 1
+                bar.update(entry["rows"] + len(entry["bad"]))
+                bar.set_postfix(shards=f"{result.written + result.skipped}/{result.shards}", bad=result.bad_rows)
+                if queue:
+                    hand(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
 
 
-def _reraise_ray_errors(rows):
-    """Ray's own failures (an actor that could not start, a lost node) as one BulkJobError naming the cause."""
+def _shard_report(ray, ref) -> dict:
+    """A shard's report; Ray's own failures (an actor that could not start, a lost node that cannot be replaced)
+    as one BulkJobError naming the cause."""
     import ray.exceptions
     try:
-        yield from rows
+        return ray.get(ref)
     except ray.exceptions.RayError as e:
         causes = [line.strip() for line in str(e).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
         raise BulkJobError(f"the Ray job failed: {causes[-1] if causes else str(e).splitlines()[0]}") from e
@@ -295,7 +307,7 @@ def _check_resources(available: dict, layout, strict: bool) -> None:
 
 
 class ShardWorker:
-    """A Ray Data actor: one Encoder, ready before the first shard, then one shard per call."""
+    """A Ray actor: one Encoder, ready before the first shard, then one shard per call."""
 
     def __init__(self, config: dict, out_uri: str, threads: int):
         started = time.perf_counter()
@@ -319,16 +331,12 @@ class ShardWorker:
         self.last_done = time.perf_counter()
         self.startup_seconds = self.last_done - started
 
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-        reports = []
-        for raw in batch["spec"]:
-            spec = ShardSpec(**json.loads(raw))
-            try:
-                reports.append(self.run(spec))
-            except Exception as e:  # reported to the driver with its shard, rather than as a Ray traceback
-                reports.append({"shard": spec.name, "worker": self.name, "error": f"{type(e).__name__}: {e}"})
-        return {"report": np.array([json.dumps(r) for r in reports], dtype=object)}
+    def embed_shard(self, spec: dict) -> dict:
+        shard = ShardSpec(**spec)
+        try:
+            return self.run(shard)
+        except Exception as e:  # reported to the driver with its shard, rather than as a Ray traceback
+            return {"shard": shard.name, "worker": self.name, "error": f"{type(e).__name__}: {e}"}
 
     def run(self, spec: ShardSpec) -> dict:
         started, cpu_started = time.perf_counter(), time.process_time()

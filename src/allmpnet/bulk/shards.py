@@ -82,7 +82,8 @@ class OutputDir:
             import pyarrow as pa
             import pyarrow.parquet as pq
             sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
+            # uncompressed: unit vectors of float32 do not compress (zstd saved 7% of the bytes for 3x the time)
+            pq.write_table(table, sink, compression="none")
             data = sink.getvalue().to_pybytes()
             self.write_atomic(shard, data)
             entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())

@@ -143,3 +143,20 @@ def test_sentence_bert_configs_sentence_transformers_writes_load(model_copy, set
 def test_pooling_configs_sentence_transformers_writes_load(model_copy, settings, modes):
     (model_copy / "1_Pooling" / "config.json").write_text(json.dumps(settings))
     assert Encoder(model_copy, device="cpu").pooling.modes == modes
+
+
+def test_loading_takes_every_weight_from_the_file_and_leaves_torch_init_working(model_copy):
+    """Weights are built without their random fills when a checkpoint is loaded: every one must come from the
+    file, and nn.init must work again afterwards."""
+    import torch
+    from safetensors.torch import load_file
+
+    from allmpnet.model.mpnet import MPNet, split_qkv
+    model = MPNet.from_pretrained(model_copy)
+    stored = load_file(str(model_copy / "model.safetensors"))
+    state = split_qkv(model.state_dict())
+    assert set(state) <= set(stored)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, stored[name]), name
+    assert torch.nn.Linear(64, 64).weight.std() > 0.01  # kaiming-uniform again, not left as allocated
+    assert torch.nn.LayerNorm(8).weight.eq(1).all()

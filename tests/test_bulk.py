@@ -372,6 +372,40 @@ def test_an_actor_killed_mid_job_is_restarted_and_every_row_is_written_once(ray_
     assert not list((tmp_path / "out").glob(".tmp-*"))
 
 
+def test_a_shard_whose_worker_keeps_dying_fails_the_job_naming_it(ray_cluster, tiny_model_dir, tmp_path):
+    """The worker killed whenever it is embedding the shard: the job stops after SHARD_RETRIES reruns with an
+    error naming the shard, rather than restarting workers forever. (The killing stops after 90 s, so that a
+    job that kept retrying would end, and fail the test, rather than hang it.)"""
+    path = write_jsonl(tmp_path / "in.jsonl", sentences(20))
+    done = threading.Event()
+    deadline = time.monotonic() + 90
+
+    def kill_workers() -> None:
+        while not done.is_set() and time.monotonic() < deadline:
+            for pid in os.listdir("/proc"):
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if pid.isdigit() and title.startswith(b"ray::ShardWorker.embed_shard"):  # Ray's title in a call
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_workers)
+    killer.start()
+    try:
+        with pytest.raises(BulkJobError, match=r"failed on shard-00000-000000000000-000000000020\.parquet"):
+            embed_corpus(str(path), str(tmp_path / "out"), BulkConfig(model=str(tiny_model_dir), workers=1),
+                         progress=False)
+    finally:
+        done.set()
+        killer.join()
+    assert not list((tmp_path / "out").glob("shard-*"))
+
+
 @pytest.mark.real_weights
 def test_real_weights_match_encoder(ray_cluster, real_encoder, shared_data, tmp_path):
     with open(shared_data / "STSBenchmark" / "sts.tsv") as f:

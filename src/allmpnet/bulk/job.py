@@ -7,7 +7,7 @@ the driver or the object store, so memory stays flat however large the corpus is
 
 The pool is plain Ray actors rather than a Ray Data pipeline: the job is a queue of shard names, and Ray
 Data's executor, with the three actors of its own it starts per job (stats, autoscaling, actor locations),
-cost 2 s of start-up and slowed the encoding beside it (bulk.md, "what it costs").
+cost 2 s of start-up per job (docs/bulk.md, Benchmark).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ ON_BAD = ("fail", "skip")
 # a shard's time, and "waiting": the actor's time between ready (or its previous shard) and this shard's start,
 # which is the driver's round trip
 PHASES = ("waiting", "read", "tokenize", "encode", "write")
+SHARD_RETRIES = 3  # runs of a shard after the first whose worker process died (killed, out of memory, node lost)
 
 
 @dataclass
@@ -245,19 +246,22 @@ def _run_pool(ray, pending: list[ShardSpec], out: OutputDir, config: BulkConfig,
               result: BulkResult, layout) -> None:
     """Each actor is handed one shard at a time, the next as soon as it reports the last, so that the final
     shards never queue behind a busy actor while another idles. An actor whose process or node is lost is
-    restarted by Ray (it loads the model again) and the shard it held is run again; shards are written whole
-    or not at all, so a rerun shard replaces nothing."""
+    restarted by Ray (it loads the model again) and the shard it held is run again (up to SHARD_RETRIES
+    times); shards are written whole or not at all, so a rerun shard replaces nothing."""
+    # a shard whose worker dies this many times (one too large for the node's memory, say) fails the job,
+    # named, rather than restarting workers forever
     worker = ray.remote(ShardWorker).options(num_cpus=layout.cpus_per_worker,
                                              num_gpus=layout.gpus_per_worker or None,
-                                             max_restarts=-1, max_task_retries=-1)
+                                             max_restarts=-1, max_task_retries=SHARD_RETRIES)
     worker_config = asdict(config) | {"workers": layout.workers, "cpus_per_worker": layout.cpus_per_worker}
     actors = [worker.remote(worker_config, out.uri, layout.threads)
               for _ in range(min(layout.workers, len(pending)))]
     queue = deque(pending)
-    running = {}  # the shard's result ref -> the actor embedding it
+    running = {}  # the shard's result ref -> (the actor embedding it, the shard's name)
 
     def hand(actor) -> None:
-        running[actor.embed_shard.remote(queue.popleft().to_dict())] = actor
+        spec = queue.popleft()
+        running[actor.embed_shard.remote(spec.to_dict())] = (actor, spec.name)
 
     try:
         for actor in actors:
@@ -265,8 +269,8 @@ def _run_pool(ray, pending: list[ShardSpec], out: OutputDir, config: BulkConfig,
         with tqdm(total=sum(s.rows for s in pending), desc="embedding", unit="row", disable=not progress) as bar:
             while running:
                 (ref,), _ = ray.wait(list(running), num_returns=1)
-                actor = running.pop(ref)
-                entry = _shard_report(ray, ref)
+                actor, shard = running.pop(ref)
+                entry = _shard_report(ray, ref, shard)
                 if entry.get("error"):
                     raise BulkJobError(f"worker {entry['worker']} failed on {entry['shard']}: {entry['error']}")
                 _absorb(result, entry)
@@ -282,15 +286,16 @@ def _run_pool(ray, pending: list[ShardSpec], out: OutputDir, config: BulkConfig,
             ray.kill(actor, no_restart=True)
 
 
-def _shard_report(ray, ref) -> dict:
-    """A shard's report; Ray's own failures (an actor that could not start, a lost node that cannot be replaced)
-    as one BulkJobError naming the cause."""
+def _shard_report(ray, ref, shard: str) -> dict:
+    """A shard's report; Ray's own failures (an actor that could not start, a worker that died on the shard more
+    than SHARD_RETRIES times) as one BulkJobError naming the shard and the cause."""
     import ray.exceptions
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as e:
         causes = [line.strip() for line in str(e).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
-        raise BulkJobError(f"the Ray job failed: {causes[-1] if causes else str(e).splitlines()[0]}") from e
+        raise BulkJobError(f"the Ray job failed on {shard}: {causes[-1] if causes else str(e).splitlines()[0]}") \
+            from e
 
 
 def _check_resources(available: dict, layout, strict: bool) -> None:

@@ -48,6 +48,7 @@ WEIGHT_NAME = re.compile(r"^model\.network\.(encoder\.layer\.(\d+)\.(.+))\.weigh
 SMOOTHING = {"qkv": 0.5, "o": 0.5, "up": 0.5, "down": 0.5}  # SmoothQuant alpha per projection
 SPIKY_ROW_RATIO = 25.0  # a row whose largest |x| exceeds this many times its mean |x| is spiky
 ROUTED = ("qkv", "up", "down")  # the projections whose spiky rows get a residual pass
+ZERO_POINT_FILL = helper.make_tensor("fill", TensorProto.UINT8, [1], [128])  # uint8 activations' zero point, per row
 
 
 def projection(layer_name: str) -> str:
@@ -103,9 +104,9 @@ class GraphEditor:
         """128 per row (uint8, (M,)) of the packed (M, C) tokens x: QuantizeLinear's per-row zero points, made once
         (every projection's input has the same rows)."""
         if "zero_points" not in self.shared:
-            fill = helper.make_tensor("fill", TensorProto.UINT8, [1], [128])
             self.preamble += [helper.make_node("Shape", [x], ["int8/rows"], start=0, end=1),
-                              helper.make_node("ConstantOfShape", ["int8/rows"], ["int8/zero_points"], value=fill)]
+                              helper.make_node("ConstantOfShape", ["int8/rows"], ["int8/zero_points"],
+                                               value=ZERO_POINT_FILL)]
             self.shared["zero_points"] = "int8/zero_points"
         return self.shared["zero_points"]
 
@@ -161,7 +162,6 @@ def quantized_gemm(editor: GraphEditor, node: onnx.NodeProto, weight: np.ndarray
         # is added back, ~14-bit activations for them (our kernels route them to int16)
         k = editor.initializers[node.input[1]].dims[1]
         limit = editor.shared_constant(f"route_{k}", np.array(route / k, dtype=np.float32))
-        fill = helper.make_tensor("fill", TensorProto.UINT8, [1], [128])
         spiky, spiky_index, spiky_zero_points = f"{p}/spiky", f"{p}/spiky_index", f"{p}/spiky_zero_points"
         nodes += [
             helper.make_node("ReduceSum", [f"{p}/abs", one], [f"{p}/sum_abs"], keepdims=0),
@@ -172,7 +172,7 @@ def quantized_gemm(editor: GraphEditor, node: onnx.NodeProto, weight: np.ndarray
                              [spiky]),
             helper.make_node("Unsqueeze", [spiky, one], [spiky_index]),
             helper.make_node("Shape", [spiky], [f"{p}/spiky_shape"]),
-            helper.make_node("ConstantOfShape", [f"{p}/spiky_shape"], [spiky_zero_points], value=fill),
+            helper.make_node("ConstantOfShape", [f"{p}/spiky_shape"], [spiky_zero_points], value=ZERO_POINT_FILL),
             helper.make_node("Gather", [x, spiky], [f"{p}/x_spiky"], axis=0),
             helper.make_node("Gather", [f"{p}/q", spiky], [f"{p}/q_spiky"], axis=0),
             helper.make_node("Gather", [f"{p}/row_scale", spiky], [f"{p}/s_spiky"], axis=0),

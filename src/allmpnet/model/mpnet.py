@@ -354,7 +354,9 @@ def split_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def weights_left_uninitialised() -> Iterator[None]:
     """Modules built inside keep their weights as allocated (nn.Linear, nn.Embedding and nn.LayerNorm skip their
     random or constant fills): for a model whose every weight is loaded next, the fills were 0.4 s of each load.
-    load_checked's strict load is what guarantees that no weight is left as allocated."""
+    load_checked's strict load is what guarantees that no weight is left as allocated. nn.init's functions are
+    swapped for the block's few milliseconds, process-wide (as transformers' no_init_weights does): build no other
+    model in another thread meanwhile."""
     names = ("kaiming_uniform_", "uniform_", "normal_", "zeros_", "ones_")
     saved = {name: getattr(nn.init, name) for name in names}
     for name in names:
